@@ -1,0 +1,44 @@
+"""Typed errors. Every message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DatasetNotFoundError",
+    "NonFiniteError",
+    "SplitcemError",
+    "UnknownNameError",
+]
+
+
+class SplitcemError(Exception):
+    """Base class of all errors raised on purpose by splitcem."""
+
+
+class ConfigError(SplitcemError, ValueError):
+    """A configuration value or key is invalid (the message names it)."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A registry lookup used a name that is not registered (the message lists the known ones)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(SplitcemError, ValueError):
+    """A dataset exists but cannot be used as is (corrupt file, empty class folder, ...)."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A dataset was not found where it was looked for (the message says where and how to get it)."""
+
+
+class NonFiniteError(SplitcemError, FloatingPointError):
+    """A loss or a tensor became NaN or infinite (the message names the step)."""
+
+
+class CheckpointError(SplitcemError, RuntimeError):
+    """A checkpoint is missing, corrupt or does not match the run it should resume."""

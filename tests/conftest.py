@@ -1,0 +1,61 @@
+"""Shared fixtures. Tests run on the CPU, single-threaded, with fixed seeds.
+
+Tests that need real data from ``../shared/datasets`` skip with a reason on a user's machine
+without it, but fail under CI (``CI=true``), where the data must be found.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = Path(os.environ.get("SPLITCEM_SHARED", REPO.parent / "shared")) / "datasets"
+CIFAR_TAR = SHARED_DATASETS / "cifar10-jpeg.tar.gz"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def need(path: Path, how: str) -> Path:
+    """Return ``path`` if it exists; otherwise skip (user machine) or fail (CI)."""
+    if path.exists():
+        return path
+    msg = f"{path} not found ({how})"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must have the shared data: {msg}")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One decoded-array cache for the whole session (decoding CIFAR takes seconds)."""
+    return tmp_path_factory.mktemp("splitcem-cache")
+
+
+@pytest.fixture(scope="session")
+def cifar_tar() -> Path:
+    return need(CIFAR_TAR, "the shared CIFAR-10 JPEG archive; see ../shared/datasets/README.md")
+
+
+@pytest.fixture(scope="session")
+def cifar_splits(cifar_tar, cache_dir):
+    """A few hundred real CIFAR-10 images: 512 train, 256 test (230 aux / 26 eval)."""
+    from splitcem.data import make_splits
+
+    return make_splits(
+        "cifar10", root=cifar_tar, seed=0, limit_train=512, limit_test=256, cache_dir=cache_dir
+    )
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    return need(FASHION_DIR, "apt-get install dataset-fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
