@@ -1,0 +1,387 @@
+"""What every model inversion attack shares: the target, the result, the registry, the loop.
+
+An attack is a curious server that wants the client's input x back from what it receives.
+
+* :class:`AttackTarget` wraps the deployed client pipeline: ``observe(x)`` is exactly what
+  leaves the client (encoder, then the defense stack in eval mode, i.e. the deployed
+  transform with fresh randomness), ``clean(x)`` the encoder's output before any defense,
+  and ``frozen()`` a context for white-box attacks that differentiate through the encoder.
+* :class:`Attack` is the ABC. Its ``run`` is a template method the subclasses do not
+  override: it observes the held-out (victim) images' features once, lets the attack
+  ``fit`` on the auxiliary set, then asks it to ``reconstruct`` images from the victim
+  features **only** (``reconstruct`` never sees the victim images), and scores them with
+  :mod:`splitcem.metrics`. Every attack declares the access it ``requires``
+  (:data:`~splitcem.attacks.threat.ACCESS_LEVELS`); the suite skips attacks the threat
+  model does not allow.
+* Attacks are registered by name (``@register_attack("decoder")``) and created from config
+  dicts through :func:`create_attack`; unknown names or parameters are errors that list
+  what exists.
+
+Runs are reproducible: ``run`` forks the global RNG (the defenses' noise uses it) and seeds
+it with the attack's ``seed``, so attacks with the same seed see identical victim features
+and the caller's RNG state is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from splitcem._registry import Registry
+from splitcem.attacks.threat import ACCESS_LEVELS, Access, check_access
+from splitcem.data.dataset import ArrayDataset
+from splitcem.data.info import DatasetInfo
+from splitcem.defenses.base import Defense, DefenseStack
+from splitcem.errors import ConfigError, DataError, NonFiniteError
+from splitcem.metrics import ImageMetrics
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackResult",
+    "AttackTarget",
+    "create_attack",
+    "iterate_images",
+    "list_attacks",
+    "register_attack",
+]
+
+ATTACKS: Registry[Attack] = Registry("attack")
+
+#: number of held-out images kept (originals and reconstructions) for figures
+NUM_KEPT = 16
+
+
+def register_attack(name: str, *, force: bool = False) -> Callable[[Any], Any]:
+    """Decorator: register an :class:`Attack` subclass or a factory function returning one.
+
+    Named variants are factory functions with explicit keyword arguments (timm style),
+    e.g. ``decoder_strong`` is a ``DecoderAttack`` with other defaults.
+    """
+
+    def deco(fn: Any) -> Any:
+        if isinstance(fn, type) and issubclass(fn, Attack):
+            fn.name = name
+        return ATTACKS.register(name, force=force)(fn)
+
+    return deco
+
+
+def create_attack(name: str, /, **params: Any) -> Attack:
+    """Build the attack registered under ``name``; unknown names or parameters raise
+    :class:`~splitcem.errors.ConfigError` listing what is accepted."""
+    attack = ATTACKS.create(name, **params)
+    attack.name = name  # variants built by factory functions report their registered name
+    return attack
+
+
+def list_attacks() -> list[str]:
+    """Names of all registered attacks, sorted."""
+    return ATTACKS.names()
+
+
+def _modes(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for mod in modules for m in mod.modules()]
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put modules in eval mode and restore every submodule's own mode afterwards."""
+    saved = _modes(modules)
+    try:
+        for mod in modules:
+            mod.eval()
+        yield
+    finally:
+        for m, was_training in saved:
+            m.training = was_training
+
+
+class AttackTarget:
+    """The deployed client pipeline an attacker faces.
+
+    Args:
+        client: The client encoder, (B, C, H, W) normalised images -> (B, Cz, Hz, Wz).
+        defenses: A :class:`DefenseStack`, an iterable of :class:`Defense`, or ``None``.
+        info: The dataset's :class:`DatasetInfo` (for (de)normalisation and image shape).
+        device: Where attacks run. The client and defenses are moved there (``.to`` is
+            in place, as for any module).
+    """
+
+    def __init__(
+        self,
+        client: nn.Module,
+        defenses: DefenseStack | Iterable[Defense] | None,
+        info: DatasetInfo,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.client = client.to(self.device)
+        if defenses is None:
+            defenses = DefenseStack()
+        elif not isinstance(defenses, DefenseStack):
+            defenses = DefenseStack(defenses)
+        self.defenses = defenses.to(self.device)
+        self.info = info
+        self._feature_shape: tuple[int, ...] | None = None
+
+    @property
+    def noise_sigma(self) -> float:
+        """Total std of the Gaussian noise the deployed defenses add (0 if none)."""
+        return self.defenses.noise_sigma
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the inputs."""
+        return (self.info.channels, self.info.image_size, self.info.image_size)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """(Cz, Hz, Wz) of what the server receives (found by one forward pass)."""
+        if self._feature_shape is None:
+            x = torch.zeros(1, *self.image_shape, device=self.device)
+            self._feature_shape = tuple(self.observe(x).shape[1:])
+        return self._feature_shape
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> Tensor:
+        """What the server receives for normalised inputs x (B, C, H, W): the deployed
+        transform ``defenses(client(x))`` in eval mode, with fresh randomness per call."""
+        with _eval_mode(self.client, self.defenses):
+            return self.defenses.transform(self.client(x))
+
+    @torch.no_grad()
+    def clean(self, x: Tensor) -> Tensor:
+        """The encoder's output before any defense (white-box access)."""
+        with _eval_mode(self.client):
+            return self.client(x)
+
+    @torch.no_grad()
+    def transform(self, z_clean: Tensor) -> Tensor:
+        """Apply the deployed defense stack (eval mode) to clean features (white-box)."""
+        with _eval_mode(self.defenses):
+            return self.defenses.transform(z_clean)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[nn.Module]:
+        """Yield the client in eval mode with gradients off for its parameters, so a
+        white-box attack can differentiate w.r.t. the *input*; everything is restored."""
+        params = list(self.client.parameters())
+        req = [p.requires_grad for p in params]
+        try:
+            with _eval_mode(self.client):
+                for p in params:
+                    p.requires_grad_(False)
+                yield self.client
+        finally:
+            for p, r in zip(params, req, strict=True):
+                p.requires_grad_(r)
+
+    def to01(self, x: Tensor) -> Tensor:
+        """Normalised images -> [0, 1] (clamped)."""
+        return self.info.denormalize(x)
+
+
+def iterate_images(
+    ds: ArrayDataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    uint8_on_device: Tensor | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (x_norm, x01) float32 (B, C, H, W) batches of ``ds`` on ``device``.
+
+    The whole uint8 array is moved to the device once (pass it back in through
+    ``uint8_on_device`` to reuse it across epochs); batches are converted there, which is
+    4x less transfer than float and keeps the loop free of host work. No augmentation: an
+    attacker has no reason to augment, and metrics need the exact images.
+    """
+    imgs = uint8_on_device if uint8_on_device is not None else images_to_device(ds, device)
+    n = imgs.shape[0]
+    order = (
+        torch.randperm(n, generator=generator).to(device) if shuffle
+        else torch.arange(n, device=device)
+    )
+    mean = torch.tensor(ds.info.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(ds.info.std, device=device).view(1, -1, 1, 1)
+    for i in range(0, n, batch_size):
+        x01 = imgs[order[i:i + batch_size]].permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
+        yield (x01 - mean) / std, x01
+
+
+def images_to_device(ds: ArrayDataset, device: torch.device) -> Tensor:
+    """(N, H, W, C) uint8 images of ``ds`` as one tensor on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(ds.images)).to(device)
+
+
+@dataclass
+class AttackResult:
+    """One attack's outcome on the held-out set.
+
+    ``metrics`` are means over all held-out images of per-image MSE / SSIM / PSNR;
+    ``originals`` / ``reconstructions`` the first few held-out images, (K, C, H, W) in
+    [0, 1] on the CPU (for figures); ``extra`` attack-specific diagnostics (loss curves,
+    phase times, parameters), JSON-serialisable.
+    """
+
+    name: str
+    metrics: dict[str, float]
+    originals: Tensor
+    reconstructions: Tensor
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no images)."""
+        return {"name": self.name, "metrics": dict(self.metrics),
+                "seconds": round(self.seconds, 3), "extra": self.extra}
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Fork the global RNG(s) the defenses draw from, seed them, restore afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class Attack(ABC):
+    """Base class of model inversion attacks.
+
+    Subclasses implement :meth:`reconstruct` and usually :meth:`fit`, set ``requires`` to
+    the least access they need, and take their hyperparameters as keyword arguments
+    (validated in ``__init__`` with :class:`~splitcem.errors.ConfigError`).
+    """
+
+    name: str = ""
+    #: the least access the attack needs: "outputs" < "query" < "whitebox"
+    requires: ClassVar[Access] = "query"
+
+    def __init__(self, *, seed: int = 0, batch_size: int = 256) -> None:
+        self.seed = int(seed)
+        self.batch_size = _positive_int("batch_size", batch_size)
+
+    # ---- what subclasses implement ----------------------------------------------------
+    def fit(self, target: AttackTarget, aux: ArrayDataset, *, progress: bool = True
+            ) -> dict[str, Any]:
+        """Learn from the auxiliary set (default: nothing). Returns diagnostics for
+        ``AttackResult.extra``."""
+        return {}
+
+    @abstractmethod
+    def reconstruct(self, target: AttackTarget, z: Tensor) -> Tensor:
+        """Observed features (B, Cz, Hz, Wz) -> reconstructed images (B, C, H, W) in [0, 1]."""
+
+    def hparams(self) -> dict[str, Any]:
+        """Scalar hyperparameters, for reports."""
+        return {k: v for k, v in vars(self).items()
+                if not k.startswith("_") and isinstance(v, int | float | str | bool)}
+
+    # ---- the template ------------------------------------------------------------------
+    def run(
+        self,
+        target: AttackTarget,
+        aux: ArrayDataset,
+        heldout: ArrayDataset,
+        *,
+        progress: bool = True,
+    ) -> AttackResult:
+        """Fit on ``aux``, reconstruct ``heldout`` from its observed features, score.
+
+        Returns:
+            An :class:`AttackResult` with mean MSE / SSIM / PSNR over ``heldout``.
+        """
+        if len(heldout) == 0:
+            raise DataError(f"attack {self.name!r}: the held-out set is empty; nothing to score")
+        if len(aux) == 0 and type(self).fit is not Attack.fit:
+            raise DataError(f"attack {self.name!r}: the auxiliary set is empty; it needs "
+                            "images to learn from (check the threat model's splits)")
+        device = target.device
+        t0 = time.perf_counter()
+        with _seeded(self.seed, device):
+            # the victim's features: observed once, before the attack touches the RNG
+            z_victim = [target.observe(x) for x, _ in
+                        iterate_images(heldout, batch_size=self.batch_size, device=device)]
+            torch.manual_seed(self.seed + 1)
+            t_fit = time.perf_counter()
+            extra = dict(self.fit(target, aux, progress=progress))
+            extra["fit_seconds"] = round(time.perf_counter() - t_fit, 3)
+            t_rec = time.perf_counter()
+            meter = ImageMetrics()
+            kept_o: list[Tensor] = []
+            kept_r: list[Tensor] = []
+            batches = iterate_images(heldout, batch_size=self.batch_size, device=device)
+            for z, (_, x01) in zip(z_victim, batches, strict=True):
+                r = self.reconstruct(target, z).detach().float()
+                if r.shape != x01.shape:
+                    raise NonFiniteError(  # a programming error in the attack, stated plainly
+                        f"attack {self.name!r} returned shape {tuple(r.shape)} for images "
+                        f"{tuple(x01.shape)}")
+                meter.update(r.clamp(0, 1), x01)
+                if sum(len(k) for k in kept_o) < NUM_KEPT:
+                    kept_o.append(x01.cpu())
+                    kept_r.append(r.clamp(0, 1).cpu())
+            extra["reconstruct_seconds"] = round(time.perf_counter() - t_rec, 3)
+        extra.setdefault("params", self.hparams())
+        extra["heldout_images"] = len(heldout)
+        extra["aux_images"] = len(aux)
+        return AttackResult(
+            name=self.name or type(self).__name__,
+            metrics=meter.compute(),
+            originals=torch.cat(kept_o)[:NUM_KEPT],
+            reconstructions=torch.cat(kept_r)[:NUM_KEPT],
+            seconds=time.perf_counter() - t0,
+            extra=extra,
+        )
+
+
+# ---- small validators shared by the attacks ---------------------------------------------
+
+
+def _positive_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _nonneg_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
+    return int(v)
+
+
+def _nonneg_float(name: str, v: Any, *, positive: bool = False) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {v!r}") from None
+    if not np.isfinite(f) or f < 0 or (positive and f == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigError(f"{name} must be a finite number {bound}, got {v!r}")
+    return f
+
+
+def _choice(name: str, v: Any, options: Sequence[str]) -> str:
+    if v not in options:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, options))}; got {v!r}")
+    return str(v)
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    """Raise NonFiniteError if a scalar loss is NaN / inf. Sync point (``.item()``)."""
+    if not torch.isfinite(t).all().item():
+        raise NonFiniteError(f"{what} became NaN or infinite; lower the learning rate")
+
+
+__all__ += ["ACCESS_LEVELS", "check_access"]

@@ -1,0 +1,211 @@
+"""Run configuration: YAML in, typed and validated objects out.
+
+Experiment files only override defaults (nanoGPT's configurator rule, with a real parser):
+an unknown key or a value of the wrong type is a :class:`~splitcem.errors.ConfigError` that
+names the key. Defense and attack parameters are checked against the registered factory's
+signature when the objects are built (:func:`splitcem.experiment.build_defenses`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from splitcem.errors import ConfigError
+
+__all__ = [
+    "AttackConfig",
+    "CEMConfig",
+    "DataConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class DataConfig(_Strict):
+    """Which images, how many, and how they are split (DESIGN.md section 2)."""
+
+    name: str = "cifar10"
+    root: str | None = None  # None: search the default places (see splitcem.data)
+    limit_train: int | None = Field(None, gt=0)
+    limit_test: int | None = Field(None, gt=0)
+    aux_fraction: float = Field(0.9, gt=0, lt=1)
+    augment: bool = True
+    cache_dir: str | None = None
+
+
+class ModelConfig(_Strict):
+    """Arguments of :func:`splitcem.models.create_split_model` (minus what the data fixes)."""
+
+    arch: str = "vgg11_bn"
+    cut: int = Field(4, ge=1)
+    bottleneck_channels: int | None = Field(8, ge=1)
+    bottleneck_stride: int = Field(1, ge=1)
+    bottleneck_relu: bool = False
+    activation: str = "sigmoid"
+    client_width: float = Field(1.0, gt=0)
+    server_width: float = Field(1.0, gt=0)
+
+
+class TrainConfig(_Strict):
+    """SGD with momentum, linear warm-up, then x``gamma`` at each milestone epoch."""
+
+    epochs: int = Field(240, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    milestones: list[int] = Field(default_factory=lambda: [60, 120, 180, 210])
+    gamma: float = Field(0.2, gt=0)
+    amp: bool = False  # mixed precision; only used on CUDA
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    eval_every: int = Field(1, ge=1)
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        if sorted(v) != v or any(m < 1 for m in v):
+            raise ValueError(f"milestones must be increasing positive epochs, got {v}")
+        return v
+
+
+class CEMConfig(_Strict):
+    """The CEM regulariser (splitcem.cem); ``lambda: 0`` keeps only its entropy estimates."""
+
+    lam: float = Field(0.0, ge=0, alias="lambda")
+    clusters: int = Field(5, ge=1)
+    form: Literal["paper", "reference"] = "paper"
+    tau: float | None = Field(None, gt=0)
+    bank: Literal["epoch", "pass"] = "epoch"
+    warmup_epochs: int = Field(1, ge=0)
+    lr_scaling: bool = False
+    max_iter: int = Field(50, ge=1)
+    h_x: float | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the registered ``cem`` defense."""
+        return self.model_dump(by_alias=False)
+
+
+class AttackConfig(_Strict):
+    """Which attacks run after training, and under which threat model."""
+
+    threat: str = "inference"
+    attacks: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "decoder"}])
+    show: int = Field(8, ge=1)  # images per grid
+
+    @field_validator("attacks")
+    @classmethod
+    def _named(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, spec in enumerate(v):
+            if not isinstance(spec, dict) or "name" not in spec:
+                raise ValueError(f"attack #{i} needs a 'name' key, got {spec!r}")
+        return v
+
+
+class RunConfig(_Strict):
+    """One run: data, split model, defenses (+ CEM), training and attacks."""
+
+    name: str = "run"
+    seed: int = 125
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    defenses: list[dict[str, Any]] = Field(default_factory=list)
+    cem: CEMConfig | None = None
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+
+    @field_validator("defenses")
+    @classmethod
+    def _named(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, spec in enumerate(v):
+            if not isinstance(spec, dict) or "name" not in spec:
+                raise ValueError(f"defense #{i} needs a 'name' key, got {spec!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup(self) -> RunConfig:
+        if self.train.warmup_epochs >= self.train.epochs and self.train.warmup_epochs > 0:
+            raise ValueError(
+                f"train.warmup_epochs ({self.train.warmup_epochs}) must be < train.epochs "
+                f"({self.train.epochs})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved config, as written to a run directory (``lambda`` by name)."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (check the spelling; see splitcem/config.py)")
+        else:
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        nxt = d.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+        d = nxt
+    d[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config dict."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        key, val = ov.split("=", 1)
+        _set_path(out, key.strip(), yaml.safe_load(val))
+    return out
+
+
+def load_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Read a YAML file (or a dict) into a validated :class:`RunConfig`.
+
+    Example:
+        >>> cfg = load_config({"train": {"epochs": 2}, "defenses": [{"name": "noise"}]})
+        >>> cfg.train.epochs
+        2
+    """
+    if isinstance(source, dict):
+        raw, where = source, "(dict)"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        where = str(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {where} must be a mapping at the top level")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, where)) from None

@@ -1,0 +1,256 @@
+"""A config in, a results record out: data -> split model -> defenses -> train -> attacks -> report.
+
+Every run lives in one directory::
+
+    RUN_DIR/config.yaml            the fully resolved config
+    RUN_DIR/checkpoints/last.pt    written atomically each epoch (resume with --resume)
+    RUN_DIR/metrics.json           training history, test accuracy, attack metrics, CEM bounds
+    RUN_DIR/reconstructions.png    originals (top row) against each attack's reconstructions
+    RUN_DIR/summary.md             a short human-readable summary
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from splitcem import report
+from splitcem._io import load_checkpoint, write_json, write_text
+from splitcem.config import RunConfig, load_config
+from splitcem.data import DataSplits, make_splits
+from splitcem.defenses import DefenseStack, create_defense
+from splitcem.errors import CheckpointError, ConfigError
+from splitcem.models import SplitModel, create_split_model
+from splitcem.train import LAST, Trainer, resolve_device
+
+__all__ = [
+    "Prepared",
+    "attack_run",
+    "build_defenses",
+    "build_model",
+    "prepare",
+    "run_experiment",
+    "train_run",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+
+
+def build_model(cfg: RunConfig, splits: DataSplits) -> SplitModel:
+    """The split model the config describes, sized for the dataset's images and classes."""
+    info = splits.train.info
+    return create_split_model(
+        cfg.model.arch, num_classes=info.num_classes, in_channels=info.channels,
+        image_size=info.image_size, **cfg.model.model_dump(exclude={"arch"}),
+    )
+
+
+def build_defenses(cfg: RunConfig) -> DefenseStack:
+    """The config's defenses in order, with CEM (if configured) appended last."""
+    import splitcem.cem  # noqa: F401  (registers "cem")
+
+    items = []
+    for spec in cfg.defenses:
+        params = {k: v for k, v in spec.items() if k != "name"}
+        items.append(create_defense(spec["name"], **params))
+    if cfg.cem is not None:
+        items.append(create_defense("cem", **cfg.cem.kwargs()))
+    return DefenseStack(items)
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built from its config."""
+
+    cfg: RunConfig
+    splits: DataSplits
+    model: SplitModel
+    stack: DefenseStack
+    device: torch.device
+
+
+def prepare(cfg: RunConfig, *, device: str | torch.device | None = None) -> Prepared:
+    """Load the data and build the (seeded) model and defenses for ``cfg``."""
+    dev = resolve_device(device if device is not None else cfg.device)
+    d = cfg.data
+    splits = make_splits(
+        d.name, root=d.root, seed=cfg.seed, aux_fraction=d.aux_fraction,
+        limit_train=d.limit_train, limit_test=d.limit_test, cache_dir=d.cache_dir,
+    )
+    torch.manual_seed(cfg.seed)  # model initialisation depends only on the seed
+    model = build_model(cfg, splits)
+    stack = build_defenses(cfg)
+    return Prepared(cfg, splits, model, stack, dev)
+
+
+def _read_metrics(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    p = run_dir / METRICS_FILE
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        log.warning("%s is not valid JSON; starting a fresh record", p)
+        return {}
+
+
+def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    ckpt = run_dir / "checkpoints" / LAST
+    if ckpt.exists() and not (resume or overwrite):
+        raise ConfigError(
+            f"{run_dir} already holds a run (checkpoint {ckpt}); pass --resume to continue "
+            "it, --overwrite to start again there, or --out to use another directory"
+        )
+    if resume and (run_dir / CONFIG_FILE).is_file():
+        old = load_config(run_dir / CONFIG_FILE)
+        if old.to_dict() != cfg.to_dict():
+            raise ConfigError(
+                f"--resume: the config differs from {run_dir / CONFIG_FILE}; resume with that "
+                "config (splitcem train RUN_DIR/config.yaml --resume) or use a new --out"
+            )
+
+
+def train_run(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Train the run ``cfg`` describes into ``run_dir``; returns the results record."""
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir, cfg, resume, overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    p = prepare(cfg, device=device)
+    log.info("training %s on %s: %s", cfg.name, p.device, p.stack.describe())
+    trainer = Trainer(
+        p.model, p.stack, p.splits, cfg.train, device=p.device, seed=cfg.seed,
+        run_dir=run_dir, progress=progress, augment=cfg.data.augment,
+        meta={"name": cfg.name},
+    )
+    result = trainer.fit(resume=resume)
+    record = _read_metrics(run_dir) if resume else {}
+    record.update({
+        "name": cfg.name,
+        "device": str(p.device),
+        "dataset": cfg.data.name,
+        "defenses": p.stack.describe(),
+        "client_parameters": sum(q.numel() for q in p.model.client.parameters()),
+        "feature_shape": list(p.model.feature_shape),
+        "train": {
+            "test_accuracy": result.test_accuracy,
+            "test_loss": result.test_loss,
+            "seconds": result.seconds,
+            "epochs": len(result.history),
+            "history": result.history,
+        },
+    })
+    last = result.history[-1] if result.history else {}
+    cem = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("cem/")}
+    if cem:
+        record["cem"] = cem
+    record.pop("attacks", None)  # attacks of an older model no longer apply
+    write_json(run_dir / METRICS_FILE, record)
+    report.write_summary(run_dir, record, cfg)
+    return record
+
+
+def load_trained(
+    run_dir: str | Path, *, device: str | torch.device | None = None
+) -> Prepared:
+    """Rebuild a trained run (config + last checkpoint) for attacking or serving."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{run_dir} is not a run directory (no {CONFIG_FILE}); train one with "
+            "splitcem train CONFIG --out DIR"
+        )
+    cfg = load_config(run_dir / CONFIG_FILE)
+    p = prepare(cfg, device=device)
+    state = load_checkpoint(run_dir / "checkpoints" / LAST, p.device)
+    if int(state["epoch"]) < cfg.train.epochs:
+        log.warning("%s: training stopped at epoch %d of %d; attacking that model "
+                    "(finish it with --resume)", run_dir, state["epoch"], cfg.train.epochs)
+    try:
+        p.model.load_state_dict(state["model"])
+        p.stack.load_state_dict(state["defenses"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{run_dir}: checkpoint does not match its config: {e}") from e
+    p.model.to(p.device).eval()
+    p.stack.to(p.device).eval()
+    return p
+
+
+def attack_run(
+    run_dir: str | Path,
+    *,
+    attacks: list[dict[str, Any]] | None = None,
+    all_attacks: bool = False,
+    threat: str | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Attack a trained run's features; adds ``attacks`` to its metrics.json and summary.
+
+    Args:
+        run_dir: A directory written by :func:`train_run`.
+        attacks: Attack specs (``{"name": ..., **params}``); default: the config's.
+        all_attacks: Run every registered attack that the threat model allows, and
+            record the worst case for the defender.
+        threat: Threat model name; default: the config's.
+    """
+    from splitcem.attacks import AttackTarget, list_attacks, run_attacks
+
+    run_dir = Path(run_dir)
+    p = load_trained(run_dir, device=device)
+    cfg = p.cfg
+    specs = attacks if attacks is not None else list(cfg.attack.attacks)
+    if all_attacks:
+        named = {s["name"] for s in specs}
+        specs = specs + [{"name": n} for n in list_attacks() if n not in named]
+    target = AttackTarget(p.model.client, p.stack, p.splits.train.info, p.device)
+    t0 = time.perf_counter()
+    rep = run_attacks(target, p.splits, specs, threat=threat or cfg.attack.threat,
+                      progress=progress)
+    record = _read_metrics(run_dir)
+    record["attacks"] = rep.to_dict()
+    record["attacks"]["seconds"] = time.perf_counter() - t0
+    write_json(run_dir / METRICS_FILE, record)
+    report.save_reconstructions(run_dir, rep, show=cfg.attack.show)
+    report.write_summary(run_dir, record, cfg)
+    return record
+
+
+def run_experiment(
+    cfg: RunConfig | str | Path,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    attack: bool = True,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Train, attack and report one run; returns its results record (metrics.json)."""
+    if not isinstance(cfg, RunConfig):
+        cfg = load_config(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
+    record = train_run(cfg, run_dir, resume=resume, overwrite=overwrite, progress=progress,
+                       device=device)
+    if attack and cfg.attack.attacks:
+        record = attack_run(run_dir, progress=progress, device=device)
+    return record

@@ -1,0 +1,20 @@
+"""Split models: VGG-BN and ResNet-20 cut into a client encoder and a server tail.
+
+``create_split_model(arch, num_classes=..., cut=..., ...)`` is the entry point; ``arch`` is
+one of ``list_models()``. Importing this package registers the built-in architectures.
+"""
+
+from splitcem.models import resnet, vgg  # noqa: F401  (register the architectures)
+from splitcem.models.backbone import Backbone
+from splitcem.models.registry import MODELS, list_models, register_model
+from splitcem.models.split import ACTIVATIONS, SplitModel, create_split_model
+
+__all__ = [
+    "ACTIVATIONS",
+    "MODELS",
+    "Backbone",
+    "SplitModel",
+    "create_split_model",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,216 @@
+"""Human-facing outputs of runs: summary.md, image grids, comparison tables and plots.
+
+Everything here reads the results record (metrics.json) rather than live objects, so a
+report can be re-made from any finished run directory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from splitcem._io import atomic_write, write_text
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from splitcem.config import RunConfig
+
+__all__ = [
+    "attack_rows",
+    "comparison_table",
+    "plot_frontier",
+    "save_image_grid",
+    "save_reconstructions",
+    "write_summary",
+]
+
+GRID_FILE = "reconstructions.png"
+SUMMARY_FILE = "summary.md"
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.{digits}f}"
+    return "-" if v is None else str(v)
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def attack_rows(record: dict[str, Any]) -> list[tuple[str, float, float, float, float]]:
+    """(attack, mse, ssim, psnr, seconds) per attack in a results record, worst case last."""
+    att = record.get("attacks") or {}
+    rows = []
+    for name, r in (att.get("results") or {}).items():
+        if r.get("skipped"):
+            continue
+        m = r.get("metrics", r)
+        rows.append((name, m.get("mse"), m.get("ssim"), m.get("psnr"), r.get("seconds")))
+    worst = att.get("worst") or {}
+    if worst and len(rows) > 1:
+        rows.append((
+            "worst case",
+            (worst.get("mse") or {}).get("value"),
+            (worst.get("ssim") or {}).get("value"),
+            (worst.get("psnr") or {}).get("value"),
+            None,
+        ))
+    return rows
+
+
+def write_summary(run_dir: str | Path, record: dict[str, Any], cfg: RunConfig) -> Path:
+    """Write ``summary.md``: what was run, accuracy, attack table, CEM bounds, images."""
+    run_dir = Path(run_dir)
+    tr = record.get("train", {})
+    lines = [
+        f"# {record.get('name', cfg.name)}",
+        "",
+        f"- data: {cfg.data.name}; model: {cfg.model.arch} cut {cfg.model.cut}, "
+        f"features {record.get('feature_shape')}, "
+        f"{record.get('client_parameters', 0):,} client parameters",
+        f"- defenses: {record.get('defenses', '-')}",
+        f"- training: {tr.get('epochs', 0)} epochs in {_fmt(tr.get('seconds', float('nan')), 1)} s"
+        f" on {record.get('device', '?')}",
+        f"- **test accuracy (under the deployed defense): "
+        f"{_fmt(100 * tr.get('test_accuracy', float('nan')), 2)}%**",
+    ]
+    cem = record.get("cem") or {}
+    if cem:
+        lines.append("- CEM estimates (last epoch): " + ", ".join(
+            f"{k} = {_fmt(v)}" for k, v in cem.items() if isinstance(v, int | float)
+        ))
+    rows = attack_rows(record)
+    if rows:
+        threat = (record.get("attacks") or {}).get("threat", "")
+        lines += ["", f"## Model inversion attacks {f'({threat})' if threat else ''}", "",
+                  _markdown_table(["attack", "MSE", "SSIM", "PSNR (dB)", "seconds"], rows)]
+        skipped = {
+            n: r.get("reason", "") for n, r in ((record.get("attacks") or {}).get("results")
+                                                or {}).items() if r.get("skipped")
+        }
+        if skipped:
+            lines += ["", "Skipped: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())]
+        if (run_dir / GRID_FILE).exists():
+            lines += ["", f"![reconstructions]({GRID_FILE})",
+                      "", "Top row: originals; below: one row per attack."]
+    return write_text(run_dir / SUMMARY_FILE, "\n".join(lines) + "\n")
+
+
+def save_image_grid(rows: dict[str, Tensor], path: str | Path, *, show: int = 8) -> Path:
+    """Save labelled rows of [0, 1] images (each (N, C, H, W)) as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    n = min(show, *(int(t.shape[0]) for t in rows.values()))
+    fig, axes = plt.subplots(len(names), n, figsize=(1.2 * n + 1.2, 1.3 * len(names)),
+                             squeeze=False)
+    for r, name in enumerate(names):
+        imgs = rows[name][:n].detach().float().clamp(0, 1).cpu()
+        for c in range(n):
+            ax = axes[r][c]
+            img = imgs[c].permute(1, 2, 0).numpy()
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img,
+                      cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+
+    def _save(p: Path) -> None:
+        fig.savefig(p, format="png", dpi=100)
+
+    try:
+        return atomic_write(path, _save)
+    finally:
+        plt.close(fig)
+
+
+def save_reconstructions(run_dir: str | Path, attack_report: Any, *, show: int = 8) -> Path | None:
+    """One grid for the run: originals on top, then each attack's reconstructions."""
+    results = [r for r in getattr(attack_report, "results", []) if
+               getattr(r, "reconstructions", None) is not None]
+    if not results:
+        return None
+    rows = {"original": results[0].originals}
+    for r in results:
+        rows[r.name] = r.reconstructions
+    return save_image_grid(rows, Path(run_dir) / GRID_FILE, show=show)
+
+
+def comparison_table(records: Sequence[dict[str, Any]], *, baseline: str | None = None) -> str:
+    """Markdown table comparing runs: accuracy and the worst-case attack metrics.
+
+    With ``baseline`` (a run name), adds the MSE change relative to it in percent.
+    """
+    base_mse = None
+    if baseline is not None:
+        for rec in records:
+            if rec.get("name") == baseline:
+                base_mse = _attack_metric(rec, "mse")
+    header = ["run", "defenses", "test acc (%)", "MSE", "SSIM", "PSNR", "I(x;z) bound (bits)"]
+    if base_mse:
+        header.append("MSE vs baseline")
+    rows = []
+    for rec in records:
+        mse = _attack_metric(rec, "mse")
+        row = [
+            rec.get("name"), rec.get("defenses", "-"),
+            100 * (rec.get("train") or {}).get("test_accuracy", float("nan")),
+            mse, _attack_metric(rec, "ssim"), _attack_metric(rec, "psnr"),
+            (rec.get("cem") or {}).get("mi_bound_bits", float("nan")),
+        ]
+        if base_mse:
+            row.append(f"{100 * (mse / base_mse - 1):+.1f}%" if mse == mse else "-")
+        rows.append(row)
+    return _markdown_table(header, rows)
+
+
+def _attack_metric(rec: dict[str, Any], metric: str) -> float:
+    """The worst case for the defender if several attacks ran, else the only attack's value."""
+    att = rec.get("attacks") or {}
+    worst = (att.get("worst") or {}).get(metric)
+    if worst and worst.get("value") is not None:
+        return float(worst["value"])
+    for r in (att.get("results") or {}).values():
+        m = r.get("metrics", r)
+        if m.get(metric) is not None:
+            return float(m[metric])
+    return float("nan")
+
+
+def plot_frontier(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Accuracy against attack MSE, one point per run (up and right is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for rec in records:
+        acc = 100 * (rec.get("train") or {}).get("test_accuracy", float("nan"))
+        mse = _attack_metric(rec, "mse")
+        marker = "s" if (rec.get("cem") or {}).get("lambda", 0) else "o"
+        ax.scatter([mse], [acc], marker=marker)
+        ax.annotate(str(rec.get("name")), (mse, acc), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("attack MSE (higher = more private)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("utility vs inversion robustness")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    finally:
+        plt.close(fig)

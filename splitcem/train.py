@@ -1,0 +1,361 @@
+"""The one training loop: a split model, a defense stack (noise, filters, CEM, ...) and data.
+
+Every defense plugs in through :class:`~splitcem.defenses.DefenseStack` hooks, so there is
+exactly one loop for all of them (no per-defense copies):
+
+    z_clean = client(x); z_sent = stack.transform(z_clean); logits = server(z_sent)
+    loss = CE(logits, y) + stack.loss(ctx)          # L = L_task + L_D + lambda * L_C
+
+Checkpoints are written atomically at the end of every epoch and hold everything needed to
+continue bit-for-bit: weights, optimizer, defense state, RNG states and history. The data
+order and augmentation of epoch e are a pure function of (seed, e) (see
+:class:`splitcem.data.BatchLoader`), so ``resume=True`` after a kill gives the same final
+weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from splitcem._io import load_checkpoint, save_checkpoint
+from splitcem.config import TrainConfig
+from splitcem.data import ArrayDataset, BatchLoader, DataSplits
+from splitcem.defenses import DefenseStack, EpochContext, SetupContext, StepContext
+from splitcem.errors import CheckpointError, ConfigError, NonFiniteError
+from splitcem.models import SplitModel
+
+__all__ = ["TrainResult", "Trainer", "evaluate", "lr_factor", "resolve_device", "train"]
+
+log = logging.getLogger(__name__)
+
+LAST = "last.pt"
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} requested but CUDA is not available; use cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {spec!r} requested but MPS is not available; use cpu or auto")
+    return dev
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at global ``step``: linear warm-up, then x gamma per milestone."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    epoch = step // steps_per_epoch
+    return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+
+
+@dataclass
+class TrainResult:
+    """What training produced: per-epoch history and the final test metrics."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    test_accuracy: float = float("nan")
+    test_loss: float = float("nan")
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+
+
+@torch.no_grad()
+def evaluate(
+    model: SplitModel,
+    stack: DefenseStack,
+    ds: ArrayDataset,
+    *,
+    device: torch.device,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Accuracy and loss on ``ds`` under the deployed defense (noise included), in eval mode."""
+    was = model.training, stack.training
+    model.eval()
+    stack.eval()
+    loader = BatchLoader(ds, batch_size=batch_size, shuffle=False, augment=False, device=device)
+    correct = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
+    for x, y in loader:
+        logits = model.server(stack.transform(model.client(x))).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was[0])
+    stack.train(was[1])
+    n = max(len(ds), 1)
+    return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}  # host sync, once
+
+
+class Trainer:
+    """Trains ``model`` with ``stack`` on ``splits.train``; evaluates on ``splits.test``.
+
+    Args:
+        model: The split model (moved to ``device``).
+        stack: Defenses applied to the client's features (may be empty).
+        splits: Data; only ``train`` and ``test`` are used here.
+        cfg: Optimiser, schedule and epoch settings.
+        device: Where to train. Mixed precision (bfloat16 autocast) only on CUDA with ``cfg.amp``.
+        seed: Seeds weights' RNG use during training, data order and augmentation.
+        run_dir: Where ``checkpoints/last.pt`` is written each epoch (None: no checkpoints).
+        progress: Show tqdm progress bars.
+        on_epoch_end: Optional callback ``(epoch_record) -> None`` (e.g. to stop early in tests).
+    """
+
+    def __init__(
+        self,
+        model: SplitModel,
+        stack: DefenseStack,
+        splits: DataSplits,
+        cfg: TrainConfig,
+        *,
+        device: torch.device,
+        seed: int = 125,
+        run_dir: str | Path | None = None,
+        progress: bool = True,
+        augment: bool = True,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model.to(device)
+        self.stack = stack.to(device)
+        self.splits = splits
+        self.cfg = cfg
+        self.device = device
+        self.seed = seed
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.progress = progress
+        self.callback = on_epoch_end
+        self.meta = meta or {}
+        self.loader = BatchLoader(
+            splits.train, batch_size=cfg.batch_size, shuffle=True, augment=augment,
+            device=device, seed=seed, drop_last=len(splits.train) > cfg.batch_size,
+        )
+        if len(self.loader) == 0:
+            raise ConfigError(
+                f"the training set ({len(splits.train)} images) gives no batch of "
+                f"{cfg.batch_size}; lower train.batch_size or raise data.limit_train"
+            )
+        # One optimizer over the split model only: defenses with parameters of their own
+        # (a simulated attacker) step them themselves, inside their loss hook.
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.amp = bool(cfg.amp and device.type == "cuda")
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        info = splits.train.info
+        self.stack.setup(
+            SetupContext(
+                model=model, num_classes=info.num_classes, device=device,
+                noise_sigma=stack.noise_sigma, train_size=len(splits.train),
+                steps_per_epoch=len(self.loader), epochs=cfg.epochs,
+                feature_shape=tuple(model.feature_shape), mean=tuple(info.mean),
+                std=tuple(info.std),
+            )
+        )
+
+    # ----------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / "checkpoints" / LAST if self.run_dir else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "model_config": getattr(self.model, "config", None),
+            "defenses": self.stack.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "train_config": self.cfg.model_dump(),
+            "seed": self.seed,
+            "meta": self.meta,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("train_config") != self.cfg.model_dump() or state.get("seed") != self.seed:
+            raise CheckpointError(
+                "the checkpoint was written by a run with other training settings or seed; "
+                "resume with the run's own config.yaml, or start a new run directory"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.stack.load_state_dict(state["defenses"])
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"checkpoint does not match this model / defense stack: {e}"
+            ) from e
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    def save(self) -> None:
+        if self.checkpoint_path is not None:
+            save_checkpoint(self.checkpoint_path, self.state_dict())
+
+    # ----------------------------------------------------------------- loop
+    def _set_lr(self) -> float:
+        lr = self.cfg.lr * lr_factor(self.step, len(self.loader), self.cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _eval_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return iter(
+            BatchLoader(self.splits.train, batch_size=max(256, self.cfg.batch_size),
+                        shuffle=False, augment=False, device=self.device)
+        )
+
+    def train_epoch(self) -> dict[str, Any]:
+        """One pass over the training set; returns the epoch's record."""
+        model, stack, opt = self.model, self.stack, self.optimizer
+        model.train()
+        stack.train()
+        self.loader.set_epoch(self.epoch)
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.amp else contextlib.nullcontext()
+        )
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        extra_sums: dict[str, Tensor] = {}
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        lr = self._set_lr()
+        for i, (x, y) in enumerate(bar):
+            lr = self._set_lr()
+            with autocast:
+                z_clean = model.client(x)  # (B, C, H, W)
+                z_sent = stack.transform(z_clean)
+                logits = model.server(z_sent)
+                task = F.cross_entropy(
+                    logits.float(), y, label_smoothing=self.cfg.label_smoothing
+                )
+            ctx = StepContext(x=x, y=y, z_clean=z_clean.float(), z_sent=z_sent.float(),
+                              model=model, epoch=self.epoch, step=self.step, lr=lr)
+            extra, terms = stack.loss(ctx)
+            loss = task if extra is None else task + extra
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            self.step += 1
+            seen += y.numel()
+            loss_sum += task.detach() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            for k, v in terms.items():
+                extra_sums[k] = extra_sums.get(k, 0) + v.float() * y.numel()
+            if (i + 1) % 25 == 0 or i + 1 == len(self.loader):
+                # host sync every 25 steps (not every step): the finiteness check and the bar
+                avg = loss_sum.item() / seen
+                if not math.isfinite(avg) or not torch.isfinite(loss).item():
+                    raise NonFiniteError(
+                        f"training loss became non-finite in epoch {self.epoch + 1}, at or "
+                        f"before step {self.step} (lr {lr:.3g}); lower train.lr or the "
+                        "defense weights, or enable fewer defenses to find the culprit"
+                    )
+                bar.set_postfix(loss=f"{avg:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                lr=f"{lr:.3g}")
+        bar.close()
+        train_s = time.perf_counter() - t0
+        record: dict[str, Any] = {
+            "epoch": self.epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum.item() / seen,
+            "train_accuracy": correct.item() / seen,
+            "train_seconds": train_s,
+            "images_per_second": seen / train_s,
+        }
+        for k, v in extra_sums.items():
+            record[f"loss/{k}"] = float(v) / seen
+        t1 = time.perf_counter()
+        record.update(stack.on_epoch_end(EpochContext(
+            model=model, epoch=self.epoch, device=self.device,
+            train_batches=self._eval_batches, metrics=record,
+        )))
+        record["epoch_end_seconds"] = time.perf_counter() - t1
+        return record
+
+    def fit(self, *, resume: bool = False) -> TrainResult:
+        """Train for ``cfg.epochs`` epochs (continuing a checkpoint when ``resume``)."""
+        if resume:
+            if self.checkpoint_path is None or not self.checkpoint_path.is_file():
+                where = self.checkpoint_path or "(no run directory)"
+                raise CheckpointError(f"--resume: no checkpoint at {where}; start without --resume")
+            self.load_state_dict(load_checkpoint(self.checkpoint_path, self.device))
+            log.info("resumed from %s at epoch %d", self.checkpoint_path, self.epoch)
+        t0 = time.perf_counter()
+        outer = tqdm(total=self.cfg.epochs, initial=self.epoch, desc="training",
+                     disable=not self.progress, dynamic_ncols=True)
+        while self.epoch < self.cfg.epochs:
+            record = self.train_epoch()
+            last = self.epoch + 1 == self.cfg.epochs
+            if last or (self.epoch + 1) % self.cfg.eval_every == 0:
+                ev = evaluate(self.model, self.stack, self.splits.test, device=self.device)
+                record["test_accuracy"], record["test_loss"] = ev["accuracy"], ev["loss"]
+            self.history.append(record)
+            self.epoch += 1
+            self.save()  # atomic; RNG state is captured after evaluation
+            outer.update(1)
+            outer.set_postfix(test_acc=f"{record.get('test_accuracy', float('nan')):.3f}")
+            if self.callback is not None:
+                self.callback(record)
+        outer.close()
+        last_rec = self.history[-1] if self.history else {}
+        return TrainResult(
+            history=self.history,
+            test_accuracy=float(last_rec.get("test_accuracy", float("nan"))),
+            test_loss=float(last_rec.get("test_loss", float("nan"))),
+            seconds=time.perf_counter() - t0,
+            checkpoint=self.checkpoint_path,
+        )
+
+
+def train(
+    model: SplitModel,
+    stack: DefenseStack,
+    splits: DataSplits,
+    cfg: TrainConfig,
+    *,
+    device: torch.device | str = "auto",
+    seed: int = 125,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    augment: bool = True,
+) -> TrainResult:
+    """Train ``model`` with the defenses in ``stack``; see :class:`Trainer`."""
+    torch.manual_seed(seed)
+    trainer = Trainer(model, stack, splits, cfg, device=resolve_device(device), seed=seed,
+                      run_dir=run_dir, progress=progress, augment=augment)
+    return trainer.fit(resume=resume)
