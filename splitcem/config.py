@@ -160,14 +160,26 @@ def _format_errors(e: ValidationError, source: str) -> str:
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
-def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_path(d: Any, dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c``-style paths; integer parts index lists (``defenses.0.sigma``)."""
     keys = dotted.split(".")
-    for k in keys[:-1]:
-        nxt = d.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
-        d = nxt
-    d[keys[-1]] = value
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(d, list):
+            if not k.isdigit() or int(k) >= len(d):
+                raise ConfigError(f"override {dotted!r}: {k!r} is not an index of a list "
+                                  f"of {len(d)}")
+            if last:
+                d[int(k)] = value
+            else:
+                d = d[int(k)]
+        elif isinstance(d, dict):
+            if last:
+                d[k] = value
+            else:
+                d = d.setdefault(k, {})
+        else:
+            raise ConfigError(f"override {dotted!r}: {k!r} is inside a value, not a section")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -56,13 +56,13 @@ def build_model(cfg: RunConfig, splits: DataSplits) -> SplitModel:
 
 def build_defenses(cfg: RunConfig) -> DefenseStack:
     """The config's defenses in order, with CEM (if configured) appended last."""
-    import splitcem.cem  # noqa: F401  (registers "cem")
-
     items = []
     for spec in cfg.defenses:
         params = {k: v for k, v in spec.items() if k != "name"}
         items.append(create_defense(spec["name"], **params))
     if cfg.cem is not None:
+        import splitcem.cem  # noqa: F401  (registers "cem")
+
         items.append(create_defense("cem", **cfg.cem.kwargs()))
     return DefenseStack(items)
 

@@ -59,3 +59,34 @@ def fashion_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_config(cifar_tar, cache_dir):
+    """Factory of small real run configs: 256 CIFAR-10 training images, quarter widths.
+
+    ``tiny_config(**sections)`` merges each given section into the defaults, e.g.
+    ``tiny_config(defenses=[{"name": "noise", "sigma": 0.1}], cem={"lambda": 0.1})``.
+    """
+    from splitcem.config import load_config
+
+    def make(**sections):
+        raw = {
+            "name": "tiny",
+            "seed": 0,
+            "device": "cpu",
+            "data": {"name": "cifar10", "root": str(cifar_tar), "limit_train": 256,
+                     "limit_test": 128, "cache_dir": str(cache_dir)},
+            "model": {"client_width": 0.25, "server_width": 0.25},
+            "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "warmup_epochs": 1,
+                      "milestones": [2]},
+            "attack": {"attacks": [{"name": "decoder", "epochs": 2, "width": 16, "depth": 1}]},
+        }
+        for key, val in sections.items():
+            if isinstance(val, dict) and isinstance(raw.get(key), dict):
+                raw[key] = {**raw[key], **val}
+            else:
+                raw[key] = val
+        return load_config(raw)
+
+    return make

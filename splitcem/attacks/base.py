@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from splitcem._registry import Registry
-from splitcem.attacks.threat import ACCESS_LEVELS, Access, check_access
+from splitcem.attacks.threat import Access
 from splitcem.data.dataset import ArrayDataset
 from splitcem.data.info import DatasetInfo
 from splitcem.defenses.base import Defense, DefenseStack
@@ -283,6 +283,10 @@ class Attack(ABC):
     def reconstruct(self, target: AttackTarget, z: Tensor) -> Tensor:
         """Observed features (B, Cz, Hz, Wz) -> reconstructed images (B, C, H, W) in [0, 1]."""
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Extra diagnostics gathered while reconstructing (merged into ``extra``)."""
+        return {}
+
     def hparams(self) -> dict[str, Any]:
         """Scalar hyperparameters, for reports."""
         return {k: v for k, v in vars(self).items()
@@ -325,7 +329,7 @@ class Attack(ABC):
             for z, (_, x01) in zip(z_victim, batches, strict=True):
                 r = self.reconstruct(target, z).detach().float()
                 if r.shape != x01.shape:
-                    raise NonFiniteError(  # a programming error in the attack, stated plainly
+                    raise RuntimeError(  # a bug in the attack, not a user error
                         f"attack {self.name!r} returned shape {tuple(r.shape)} for images "
                         f"{tuple(x01.shape)}")
                 meter.update(r.clamp(0, 1), x01)
@@ -333,6 +337,7 @@ class Attack(ABC):
                     kept_o.append(x01.cpu())
                     kept_r.append(r.clamp(0, 1).cpu())
             extra["reconstruct_seconds"] = round(time.perf_counter() - t_rec, 3)
+            extra.update(self.diagnostics())
         extra.setdefault("params", self.hparams())
         extra["heldout_images"] = len(heldout)
         extra["aux_images"] = len(aux)
@@ -383,5 +388,3 @@ def _check_finite(t: Tensor, what: str) -> None:
     if not torch.isfinite(t).all().item():
         raise NonFiniteError(f"{what} became NaN or infinite; lower the learning rate")
 
-
-__all__ += ["ACCESS_LEVELS", "check_access"]

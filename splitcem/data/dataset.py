@@ -52,8 +52,9 @@ class ArrayDataset:
         return len(self.labels)
 
     def subset(self, indices: np.ndarray | list[int]) -> ArrayDataset:
-        """A new dataset holding the rows ``indices`` (copied, in that order)."""
-        idx = np.asarray(indices, dtype=np.int64)
+        """A new dataset holding the rows ``indices`` (copied, in that order; or a bool mask)."""
+        idx = np.asarray(indices)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
         return ArrayDataset(self.images[idx], self.labels[idx], self.info)
 
     def class_counts(self) -> np.ndarray:

@@ -55,11 +55,11 @@ def _check_empty(tree: FileTree, folder: str, classes: dict[str, list[str]]) -> 
     depth = len(PurePosixPath(folder).parts) if folder else 0
     for d in sorted(tree.dirs):
         parts = PurePosixPath(d).parts
-        if len(parts) == depth + 1 and (not folder or d.startswith(folder + "/")):
-            if parts[-1] not in classes:
-                raise DataError(f"class folder {tree.where(d)} holds no image "
-                                f"(accepted: {', '.join(IMAGE_EXTENSIONS)}); remove it or add "
-                                "images")
+        inside = len(parts) == depth + 1 and (not folder or d.startswith(folder + "/"))
+        if inside and parts[-1] not in classes:
+            raise DataError(f"class folder {tree.where(d)} holds no image "
+                            f"(accepted: {', '.join(IMAGE_EXTENSIONS)}); remove it or add "
+                            "images")
 
 
 def read_image_folder(tree: FileTree, *, mode: str | None = None, size: int | None = None

@@ -3,7 +3,14 @@
 Importing this package registers the built-in defenses.
 """
 
-from splitcem.defenses import noise  # noqa: F401  (registers "noise")
+from splitcem.defenses import (
+    adversarial,  # noqa: F401  (registers "adversarial")
+    filters,  # noqa: F401  (registers "dropout", "topk")
+    ldp,  # noqa: F401  (registers "ldp")
+    noise,  # noqa: F401  (registers "noise")
+    nopeek,  # noqa: F401  (registers "nopeek")
+    patrol,  # noqa: F401  (registers "patrol")
+)
 from splitcem.defenses.base import (
     DEFENSES,
     Defense,

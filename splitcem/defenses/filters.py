@@ -105,7 +105,9 @@ class TopK(Defense):
         super().__init__()
         ratio = float(ratio)
         if not 0.0 < ratio <= 1.0:
-            raise ConfigError(f"topk ratio (share of features kept) must be in (0, 1], got {ratio!r}")
+            raise ConfigError(
+                f"topk ratio (share of features kept) must be in (0, 1], got {ratio!r}"
+            )
         self.ratio = ratio
 
     def transform(self, z: Tensor) -> Tensor:

@@ -1,0 +1,40 @@
+# Two commands matter: `make demo` (set up, then run the embedded default job) and
+# `make test` (set up, then run the test suite). Both work on a fresh machine with Python.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch 2.13.0 is on local disk on CPU machines; on a CUDA machine the same
+# pin gets the CUDA build. An environment that already has torch keeps it.
+TORCH_SPEC ?= torch==2.13.0
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+# Fashion-MNIST from Debian (the demo's default data; tests use it too).
+data:
+	@test -d $(FASHION) || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; }
+
+demo: setup data
+	$(BIN)/splitcem demo
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs

@@ -1,0 +1,359 @@
+"""Learning-based inversion: a residual decoder trained to map features back to images.
+
+``ResDecoder`` is the paper's "res_normN8C64" attack network (DESIGN.md section 2);
+defenses that simulate an attacker (adversarial training) reuse it. Three registered
+attacks train it:
+
+* ``decoder``: the paper's attack. Query access: each epoch the attacker submits its
+  auxiliary images to the deployed client and trains on what comes back, so the features
+  carry the defense exactly as deployed (noise, dropout, top-k, pruning: the reference
+  implementation applied only the noise) and a **fresh noise draw every epoch** (one query
+  per image per epoch). MSE on images in [0, 1], Adam 1e-3, weight decay 1e-4, cosine to
+  1e-5, 50 epochs, batch 256.
+* ``decoder_strong``: the same attack, wider (96) and deeper (12 blocks), trained longer
+  with MSE + 0.1 * (1 - SSIM) (perceptual-free: no downloaded weights).
+* ``decoder_adaptive``: a defense-aware attacker (white-box): it computes the clean
+  features itself and applies the known defense stack (eval mode, as deployed) ``draws``
+  times per image and step, i.e. several fresh noise / mask draws per image, which averages
+  the gradient over the defense's randomness instead of fitting one draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from splitcem.attacks.base import (
+    Attack,
+    AttackTarget,
+    _check_finite,
+    _nonneg_float,
+    _positive_int,
+    images_to_device,
+    iterate_images,
+    register_attack,
+)
+from splitcem.data.dataset import ArrayDataset
+from splitcem.errors import ConfigError
+from splitcem.metrics import _ssim_per_image
+
+__all__ = [
+    "AdaptiveDecoderAttack",
+    "DecoderAttack",
+    "MeanImageAttack",
+    "ResBlock",
+    "ResDecoder",
+    "decoder_strong",
+    "total_variation",
+    "train_decoder",
+]
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus a shortcut
+    (1x1 conv when the channel count changes, identity otherwise)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin), nn.ReLU(inplace=False), nn.Conv2d(cin, cout, 3, padding=1),
+            nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, padding=1),
+        )
+        self.shortcut = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, cin, H, W) -> (B, cout, H, W)
+        return self.shortcut(x) + self.body(x)
+
+
+class ResDecoder(nn.Module):
+    """Features (B, C_z, s, s) -> images (B, C, S, S) in [0, 1] ("res_normN8C64").
+
+    block(C_z -> width), ``depth`` x block(width -> width), one stride-2 transposed conv
+    (3x3, padding 1, output_padding 1) + BN + ReLU per doubling of the resolution,
+    block(width -> C), sigmoid. When S / s is not a power of two (7 -> 32), the last
+    doubling that fits is followed by a bilinear resize to S before the output block, so
+    the output block still smooths the resized map.
+
+    Args:
+        in_channels: C_z, feature channels.
+        in_size: s, feature height = width.
+        out_channels: C, image channels.
+        out_size: S, image height = width.
+        width: Channels of the hidden blocks (paper: 64).
+        depth: Number of width -> width blocks (paper: 8).
+
+    Example:
+        >>> ResDecoder(8, 8, 3, 32, width=16, depth=1)(torch.rand(2, 8, 8, 8)).shape
+        torch.Size([2, 3, 32, 32])
+    """
+
+    def __init__(self, in_channels: int, in_size: int, out_channels: int, out_size: int, *,
+                 width: int = 64, depth: int = 8) -> None:
+        super().__init__()
+        for k, v in (("in_channels", in_channels), ("in_size", in_size),
+                     ("out_channels", out_channels), ("out_size", out_size), ("width", width)):
+            _positive_int(k, v)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ConfigError(f"decoder depth must be an integer >= 0, got {depth!r}")
+        self.out_size = out_size
+        ups = 0
+        while in_size * 2 ** (ups + 1) <= out_size:
+            ups += 1
+        self.resize = in_size * 2 ** ups != out_size
+        layers: list[nn.Module] = [ResBlock(in_channels, width)]
+        layers += [ResBlock(width, width) for _ in range(depth)]
+        for _ in range(ups):
+            layers += [nn.ConvTranspose2d(width, width, 3, stride=2, padding=1, output_padding=1),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        self.trunk = nn.Sequential(*layers)
+        self.head = ResBlock(width, out_channels)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.trunk(z)  # (B, width, s * 2^ups, s * 2^ups)
+        if self.resize:
+            h = F.interpolate(h, size=(self.out_size, self.out_size), mode="bilinear",
+                              align_corners=False)
+        return torch.sigmoid(self.head(h))  # (B, C, S, S)
+
+    @classmethod
+    def for_target(cls, target: AttackTarget, *, width: int = 64, depth: int = 8) -> ResDecoder:
+        """A decoder sized for ``target``'s feature and image shapes, on its device."""
+        cz, hz, wz = target.feature_shape
+        if hz != wz:
+            raise ConfigError(f"ResDecoder needs square features, got {hz}x{wz}")
+        c, s, _ = target.image_shape
+        return cls(cz, hz, c, s, width=width, depth=depth).to(target.device)
+
+
+def total_variation(x: Tensor) -> Tensor:
+    """Anisotropic TV per image, mean |dx| + mean |dy|: (B, C, H, W) -> (B,)."""
+    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().flatten(1).mean(1)
+    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().flatten(1).mean(1)
+    return dh + dw
+
+
+def reconstruction_loss(r: Tensor, x01: Tensor, *, ssim_weight: float = 0.0,
+                        tv_weight: float = 0.0) -> Tensor:
+    """Batch loss: MSE + ssim_weight * (1 - SSIM) + tv_weight * TV(r), means over images."""
+    loss = F.mse_loss(r, x01)
+    if ssim_weight:
+        loss = loss + ssim_weight * (1 - _ssim_per_image(r, x01).mean())
+    if tv_weight:
+        loss = loss + tv_weight * total_variation(r).mean()
+    return loss
+
+
+def _autocast(device: torch.device, amp: bool):
+    # bf16 autocast on CUDA only: CPU autocast is slower for convs here, MPS lacks parts
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=amp and device.type == "cuda")
+
+
+def train_decoder(
+    decoder: nn.Module,
+    target: AttackTarget,
+    aux: ArrayDataset,
+    features: Callable[[Tensor], Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    lr_min: float = 1e-5,
+    ssim_weight: float = 0.0,
+    tv_weight: float = 0.0,
+    amp: bool = False,
+    progress: bool = True,
+    desc: str = "decoder",
+) -> list[float]:
+    """Train ``decoder`` on (features(x), x01) pairs of the auxiliary set.
+
+    ``features`` maps normalised images (B, C, H, W) to what the attacker gets for them,
+    (K * B, Cz, Hz, Wz) for K draws per image stacked along the batch (the targets are
+    repeated to match). Adam with weight decay, cosine schedule per step down to ``lr_min``.
+
+    Returns:
+        The mean training loss of each epoch.
+    """
+    device = target.device
+    steps = epochs * -(-len(aux) // batch_size)
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=lr_min)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+    imgs = images_to_device(aux, device)
+    curve: list[float] = []
+    decoder.train()
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        total = torch.zeros((), device=device)
+        n = 0
+        for x, x01 in iterate_images(aux, batch_size=batch_size, device=device, shuffle=True,
+                                     generator=gen, uint8_on_device=imgs):
+            z = features(x)  # (K * B, Cz, Hz, Wz), no grad
+            k = z.shape[0] // x.shape[0]
+            tgt = x01.repeat(k, 1, 1, 1) if k > 1 else x01
+            with _autocast(device, amp):
+                r = decoder(z)
+            loss = reconstruction_loss(r.float(), tgt, ssim_weight=ssim_weight,
+                                       tv_weight=tv_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach() * x.shape[0]
+            n += x.shape[0]
+        _check_finite(total, f"{desc} training loss")  # one sync per epoch
+        curve.append(total.item() / max(1, n))
+        bar.set_postfix(loss=f"{curve[-1]:.4f}")
+    decoder.eval()
+    return curve
+
+
+@torch.no_grad()
+def decode(decoder: nn.Module, z: Tensor, *, amp: bool = False) -> Tensor:
+    """Run a trained decoder in eval mode: (B, Cz, Hz, Wz) -> (B, C, H, W) in [0, 1]."""
+    decoder.eval()
+    with _autocast(z.device, amp):
+        return decoder(z).float()
+
+
+@register_attack("decoder")
+class DecoderAttack(Attack):
+    """The paper's decoder attack: a ResDecoder trained on (observed features, image)
+    pairs of the auxiliary set, scored on the held-out set's observed features.
+
+    Query access: features come from ``target.observe`` (the deployed defense in eval
+    mode), re-queried every epoch, so noise is fresh each epoch.
+
+    Args:
+        epochs, batch_size, lr, weight_decay, lr_min: Adam + cosine schedule (paper: 50,
+            256, 1e-3, 1e-4, 1e-5).
+        width, depth: Decoder size (paper: 64, 8).
+        ssim_weight, tv_weight: Optional extra loss terms (0 = the paper's plain MSE).
+        amp: bfloat16 autocast on CUDA.
+        seed: Seeds the noise of the queries and the shuffling.
+    """
+
+    requires = "query"
+
+    def __init__(self, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 64,
+                 depth: int = 8, ssim_weight: float = 0.0, tv_weight: float = 0.0,
+                 amp: bool = False, seed: int = 0) -> None:
+        super().__init__(seed=seed, batch_size=batch_size)
+        self.epochs = _positive_int("epochs", epochs)
+        self.lr = _nonneg_float("lr", lr, positive=True)
+        self.weight_decay = _nonneg_float("weight_decay", weight_decay)
+        self.lr_min = _nonneg_float("lr_min", lr_min)
+        self.width = _positive_int("width", width)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ConfigError(f"depth must be an integer >= 0, got {depth!r}")
+        self.depth = depth
+        self.ssim_weight = _nonneg_float("ssim_weight", ssim_weight)
+        self.tv_weight = _nonneg_float("tv_weight", tv_weight)
+        self.amp = bool(amp)
+        self.decoder: ResDecoder | None = None
+
+    def _features(self, target: AttackTarget) -> Callable[[Tensor], Tensor]:
+        return target.observe
+
+    def fit(self, target: AttackTarget, aux: ArrayDataset, *, progress: bool = True
+            ) -> dict[str, Any]:
+        self.decoder = ResDecoder.for_target(target, width=self.width, depth=self.depth)
+        curve = train_decoder(
+            self.decoder, target, aux, self._features(target), epochs=self.epochs,
+            batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+            lr_min=self.lr_min, ssim_weight=self.ssim_weight, tv_weight=self.tv_weight,
+            amp=self.amp, progress=progress, desc=self.name or "decoder",
+        )
+        return {"train_loss": [round(v, 6) for v in curve],
+                "decoder_params": sum(p.numel() for p in self.decoder.parameters())}
+
+    def reconstruct(self, target: AttackTarget, z: Tensor) -> Tensor:
+        if self.decoder is None:
+            raise ConfigError("the decoder is not trained; call fit() (or run()) first")
+        return decode(self.decoder, z, amp=self.amp)
+
+
+@register_attack("decoder_strong")
+def decoder_strong(*, epochs: int = 100, batch_size: int = 128, lr: float = 1e-3,
+                   weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 96,
+                   depth: int = 12, ssim_weight: float = 0.1, tv_weight: float = 0.0,
+                   amp: bool = False, seed: int = 0) -> DecoderAttack:
+    """A wider, deeper decoder trained longer with MSE + 0.1 (1 - SSIM) (query access)."""
+    return DecoderAttack(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         lr_min=lr_min, width=width, depth=depth, ssim_weight=ssim_weight,
+                         tv_weight=tv_weight, amp=amp, seed=seed)
+
+
+@register_attack("decoder_adaptive")
+class AdaptiveDecoderAttack(DecoderAttack):
+    """A defense-aware decoder: trained on features produced exactly as the deployed
+    defense produces them (``target.defenses`` in eval mode, applied by the attacker to
+    the clean features), with ``draws`` fresh noise / mask draws per image and step.
+
+    Needs white-box access (clean features and the defense's configuration). With no
+    randomness in the defense, draws > 1 would only repeat the batch, so it uses one.
+
+    Args:
+        draws: Fresh defense draws per image per step (the step's batch is
+            ``batch_size * draws`` feature maps).
+        Others: as :class:`DecoderAttack`.
+    """
+
+    requires = "whitebox"
+
+    def __init__(self, *, draws: int = 4, epochs: int = 50, batch_size: int = 128,
+                 lr: float = 1e-3, weight_decay: float = 1e-4, lr_min: float = 1e-5,
+                 width: int = 64, depth: int = 8, ssim_weight: float = 0.0,
+                 tv_weight: float = 0.0, amp: bool = False, seed: int = 0) -> None:
+        super().__init__(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         lr_min=lr_min, width=width, depth=depth, ssim_weight=ssim_weight,
+                         tv_weight=tv_weight, amp=amp, seed=seed)
+        self.draws = _positive_int("draws", draws)
+
+    def _features(self, target: AttackTarget) -> Callable[[Tensor], Tensor]:
+        k = self.draws if _is_random(target) else 1
+
+        def features(x: Tensor) -> Tensor:
+            z = target.clean(x)  # (B, Cz, Hz, Wz)
+            return target.transform(z.repeat(k, 1, 1, 1) if k > 1 else z)  # (k*B, ...)
+
+        return features
+
+
+def _is_random(target: AttackTarget) -> bool:
+    """Whether the deployed transform is stochastic (two observations of one input differ)."""
+    x = torch.zeros(1, *target.image_shape, device=target.device)
+    z = target.clean(x)
+    return not torch.equal(target.transform(z), target.transform(z))
+
+
+@register_attack("mean_image")
+class MeanImageAttack(Attack):
+    """The trivial baseline: always answer the mean auxiliary image. Needs only outputs
+    (it ignores them); any attack worth the name must beat it."""
+
+    requires = "outputs"
+
+    def __init__(self, *, seed: int = 0, batch_size: int = 256) -> None:
+        super().__init__(seed=seed, batch_size=batch_size)
+        self.mean: Tensor | None = None
+
+    def fit(self, target: AttackTarget, aux: ArrayDataset, *, progress: bool = True
+            ) -> dict[str, Any]:
+        total = torch.zeros(*target.image_shape, device=target.device, dtype=torch.float64)
+        for _, x01 in iterate_images(aux, batch_size=self.batch_size, device=target.device):
+            total += x01.sum(0, dtype=torch.float64)
+        self.mean = (total / len(aux)).float()  # (C, H, W)
+        return {}
+
+    def reconstruct(self, target: AttackTarget, z: Tensor) -> Tensor:
+        if self.mean is None:
+            raise ConfigError("the mean image is not computed; call fit() (or run()) first")
+        return self.mean.expand(z.shape[0], *self.mean.shape)

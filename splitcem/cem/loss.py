@@ -1,0 +1,247 @@
+"""The CEM loss L_C, both forms, as pure functions of a batch and the fitted mixture.
+
+Per batch (DESIGN.md section 1):
+
+1. each sample is assigned to the nearest stored centroid *of its own class* (no gradient);
+2. per (class, cluster) the batch estimate of the spread is the mean squared deviation of
+   its samples from that stored centroid (as the reference does; it is defined for a single
+   sample, has low variance with the ~2 samples a cluster gets per batch, and its gradient
+   pulls each sample towards its centroid);
+3. the batch estimate b is blended with the stored variance v of the cluster,
+   ``v_mix = l b + (1 - l) v``, ``l = min(blend_scale * n / N, 0.99)``, n = samples of
+   the cluster in the batch, N = samples of the cluster at the last fit (= pi_ck * L with L
+   the samples of the class per epoch, the reference's formula);
+4. the forms:
+
+   * ``paper``: per class ``sum_k pi_ck * mean_d log(v_mix_ckd + sigma^2)`` (the term of the
+     mixture entropy bound the encoder controls, divided by D), averaged over the classes
+     present in the batch. Clusters of a present class without samples in the batch enter
+     with their stored variance (a constant: the value stays an estimate of the bound term,
+     the gradient is unchanged). With ``tau`` the per-dimension term becomes the hinge
+     ``relu(log(v + sigma^2) - log(tau sigma^2 + sigma^2))``: a dimension stops being
+     pushed once its variance is below ``tau * sigma^2``.
+   * ``reference``: per present (class, cluster) a *scalar* variance (mean over the
+     dimensions), ``pi_ck * relu(log(v_mix + gamma) - log(tau sigma^2 + gamma))`` with
+     gamma = 0.01, summed over the present clusters and classes and divided by the number
+     of classes present -- the live reference code, with ``pi`` and ``v`` taken from the
+     sample's own class (the reference indexed them by a class counter into a per-sample
+     table, i.e. from the wrong class).
+
+Everything is one vectorised pass: segment sums with ``index_add`` over the flat
+(class, cluster) index, then a gather back to the samples. Each sample's term is divided by
+its cluster's batch count, so summing over samples sums over present clusters. Samples of
+classes without a fitted mixture (``fitted`` False) are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "REFERENCE_GAMMA",
+    "assign_own_class",
+    "cem_loss",
+    "objective_from_stats",
+    "paper_loss",
+    "reference_loss",
+]
+
+#: the constant the reference adds inside the logarithm of its hinge
+REFERENCE_GAMMA = 0.01
+
+Form = Literal["paper", "reference"]
+
+
+@torch.no_grad()
+def assign_own_class(z: Tensor, y: Tensor, centroids: Tensor) -> Tensor:
+    """Nearest centroid of each sample's own class: ``(B, D), (B,), (C, K, D) -> (B,)``."""
+    mu = centroids[y]  # (B, K, D)
+    return (z.unsqueeze(1) - mu).pow(2).sum(-1).argmin(1)  # (B,)
+
+
+def _segments(
+    z: Tensor, y: Tensor, centroids: Tensor, counts: Tensor, fitted: Tensor, blend_scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Shared first half of both forms.
+
+    Returns ``seg`` (B,) flat (class, cluster) index, ``dev`` (B, D) squared deviations from
+    the own centroid (graph to z; 0 for ignored samples), ``valid`` (B,) float, ``n_seg``
+    (C*K,) batch samples per cluster, ``blend`` (B,) the weight l of each sample's cluster,
+    ``present`` (C,) bool classes present in the batch.
+    """
+    c, k, d = centroids.shape
+    with torch.no_grad():
+        valid = fitted[y].to(z.dtype)  # (B,)
+        kk = assign_own_class(z.detach(), y, centroids)  # (B,)
+        seg = y * k + kk  # (B,)
+        n_seg = torch.zeros(c * k, dtype=z.dtype, device=z.device).index_add_(
+            0, seg, valid
+        )  # (C*K,)
+        present = torch.zeros(c, dtype=z.dtype, device=z.device).index_add_(0, y, valid) > 0  # (C,)
+        n_i = n_seg[seg]  # (B,)
+        fit_n = counts.reshape(c * k)[seg].to(z.dtype).clamp_min(1.0)  # (B,) N of the cluster
+        blend = (blend_scale * n_i / fit_n).clamp_max(0.99)  # (B,)
+    mu = centroids.reshape(c * k, d)[seg]  # (B, D) own centroid (a constant)
+    dev = (z - mu).pow(2) * valid.unsqueeze(-1)  # (B, D) graph to z
+    return seg, dev, valid, n_seg, blend, present
+
+
+def paper_loss(
+    z: Tensor,
+    y: Tensor,
+    *,
+    centroids: Tensor,
+    pi: Tensor,
+    var: Tensor,
+    counts: Tensor,
+    fitted: Tensor,
+    sigma: float,
+    tau: float | None = None,
+    blend_scale: float = 10.0,
+    stored_terms: Tensor | None = None,
+) -> Tensor:
+    """``paper`` form of L_C (see the module docstring); a scalar with a graph to ``z``.
+
+    Args:
+        z: (B, D) clean features (flattened), graph to the encoder.
+        y: (B,) labels.
+        centroids: (C, K, D); pi: (C, K); var: (C, K, D); counts: (C, K) samples per
+            cluster at the fit; fitted: (C,) bool.
+        sigma: Std of the noise added to the features (> 0).
+        tau: Optional hinge threshold, as a multiple of sigma^2.
+        blend_scale: The 10 in ``l = min(10 n / N, 0.99)``.
+        stored_terms: Optional precomputed ``_dim_term(var)`` (C, K) for the clusters absent
+            from the batch (saves a log over (C, K, D) per step).
+    """
+    if not sigma > 0:
+        raise ValueError(f"the paper form needs sigma > 0, got {sigma!r}")
+    c, k, d = centroids.shape
+    s2 = float(sigma) ** 2
+    seg, dev, valid, n_seg, blend, present = _segments(z, y, centroids, counts, fitted, blend_scale)
+    n_i = n_seg[seg].clamp_min(1.0)  # (B,)
+    # per-dimension batch variance of the sample's cluster: segment sum, gathered back
+    seg_sum = torch.zeros(c * k, d, dtype=dev.dtype, device=dev.device).index_add(
+        0, seg, dev
+    )  # (C*K, D)
+    b = seg_sum[seg] / n_i.unsqueeze(-1)  # (B, D)
+    v_mix = (
+        blend.unsqueeze(-1) * b + (1.0 - blend.unsqueeze(-1)) * var.reshape(c * k, d)[seg]
+    )  # (B, D)
+    t = _dim_term(v_mix, s2, tau)  # (B,)
+    w = pi.reshape(c * k)[seg].to(t.dtype)  # (B,)
+    batch_part = (w * t * valid / n_i).sum()
+    if stored_terms is None:
+        stored_terms = _dim_term(var, s2, tau)  # (C, K)
+    absent = present.unsqueeze(1) & (n_seg.view(c, k) == 0)  # (C, K) clusters of present classes
+    stored_part = (pi * stored_terms * absent).sum()
+    n_present = present.sum().clamp_min(1)
+    return (batch_part + stored_part) / n_present
+
+
+def _dim_term(v: Tensor, s2: float, tau: float | None) -> Tensor:
+    """``mean_d log(v + sigma^2)`` (or its hinge at tau sigma^2): ``(..., D) -> (...)``."""
+    t = torch.log(v + s2)
+    if tau is not None:
+        t = torch.relu(t - math.log(tau * s2 + s2))
+    return t.mean(-1)
+
+
+def reference_loss(
+    z: Tensor,
+    y: Tensor,
+    *,
+    centroids: Tensor,
+    pi: Tensor,
+    var: Tensor,
+    counts: Tensor,
+    fitted: Tensor,
+    sigma: float,
+    tau: float = 0.125,
+    blend_scale: float = 10.0,
+    gamma: float = REFERENCE_GAMMA,
+) -> Tensor:
+    """``reference`` form of L_C (scalar variances, hinge; see the module docstring).
+
+    Arguments as :func:`paper_loss`; ``var`` is (C, K, D) (its mean over D is the stored
+    scalar variance) or already (C, K).
+    """
+    c, k, d = centroids.shape
+    seg, dev, valid, n_seg, blend, present = _segments(z, y, centroids, counts, fitted, blend_scale)
+    n_i = n_seg[seg].clamp_min(1.0)  # (B,)
+    # scalar batch variance per cluster: mean over its samples and all dimensions
+    seg_sum = torch.zeros(c * k, dtype=dev.dtype, device=dev.device).index_add(
+        0, seg, dev.sum(-1)
+    )  # (C*K,)
+    b = seg_sum[seg] / (n_i * d)  # (B,)
+    v_ref = var.mean(-1) if var.dim() == 3 else var  # (C, K)
+    v_mix = blend * b + (1.0 - blend) * v_ref.reshape(c * k)[seg]  # (B,)
+    threshold = math.log(tau * float(sigma) ** 2 + gamma)
+    t = torch.relu(torch.log(v_mix + gamma) - threshold)  # (B,)
+    w = pi.reshape(c * k)[seg].to(t.dtype)
+    return (w * t * valid / n_i).sum() / present.sum().clamp_min(1)
+
+
+def cem_loss(
+    z: Tensor,
+    y: Tensor,
+    *,
+    form: Form,
+    centroids: Tensor,
+    pi: Tensor,
+    var: Tensor,
+    counts: Tensor,
+    fitted: Tensor,
+    sigma: float,
+    tau: float | None = None,
+    blend_scale: float = 10.0,
+    stored_terms: Tensor | None = None,
+) -> Tensor:
+    """Dispatch to :func:`paper_loss` or :func:`reference_loss` (``tau=None`` -> 0.125 there).
+
+    ``z`` may be (B, C, H, W); it is flattened. Computed in float32 at least.
+    """
+    z = z.flatten(1)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    common = dict(
+        centroids=centroids,
+        pi=pi,
+        var=var,
+        counts=counts,
+        fitted=fitted,
+        sigma=sigma,
+        blend_scale=blend_scale,
+    )
+    if form == "paper":
+        return paper_loss(z, y, tau=tau, stored_terms=stored_terms, **common)
+    if form == "reference":
+        return reference_loss(z, y, tau=0.125 if tau is None else tau, **common)
+    raise ValueError(f"unknown CEM form {form!r}; use 'paper' or 'reference'")
+
+
+def objective_from_stats(
+    pi: Tensor, var: Tensor, sigma: float, *, form: Form, tau: float | None, class_mask: Tensor
+) -> Tensor:
+    """L_C evaluated on fitted statistics alone (a whole-bank "batch" with l = 1).
+
+    ``paper``: mean over the classes in ``class_mask`` (C,) of ``sum_k pi_ck mean_d
+    log(v_ckd + sigma^2)`` (hinged with ``tau``); ``reference``: the same classes, scalar
+    variances and the gamma hinge. Used for the per-epoch ``l_c`` metric.
+    """
+    s2 = float(sigma) ** 2
+    if form == "paper":
+        per = (pi * _dim_term(var, s2, tau)).sum(-1)  # (C,)
+    else:
+        t = 0.125 if tau is None else tau
+        per = (
+            pi
+            * torch.relu(
+                torch.log(var.mean(-1) + REFERENCE_GAMMA) - math.log(t * s2 + REFERENCE_GAMMA)
+            )
+        ).sum(-1)  # (C,)
+    m = class_mask.to(per.dtype)
+    return (per * m).sum() / m.sum().clamp_min(1)

@@ -1,0 +1,288 @@
+"""Model inversion attacks on real CIFAR-10 images at tiny size.
+
+The target is a randomly initialised VGG11-BN client at width 0.25 (random conv encoders are
+quite invertible); the attacker uses the training-time threat model (learns from the 512
+training images, scored on 64 test images). Sizes are chosen so the file runs in well under a
+minute on one core.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+import splitcem.attacks as attacks_pkg
+from splitcem.attacks import (
+    ACCESS_LEVELS,
+    AttackResult,
+    AttackTarget,
+    ResDecoder,
+    ThreatModel,
+    all_attack_specs,
+    create_attack,
+    list_attacks,
+    run_attacks,
+    worst_case,
+)
+from splitcem.attacks.suite import parse_specs
+from splitcem.defenses import DefenseStack, create_defense
+from splitcem.errors import ConfigError, DataError, UnknownNameError
+from splitcem.models import create_split_model
+
+# tiny decoder settings shared by the decoder-based attacks
+DEC = {"epochs": 3, "width": 16, "depth": 1, "batch_size": 32}
+THREAT = ThreatModel(setting="training", access="whitebox", heldout_limit=64)
+
+
+@pytest.fixture(scope="module")
+def client():
+    torch.manual_seed(0)
+    return create_split_model("vgg11_bn", num_classes=10, client_width=0.25,
+                              server_width=0.25).client
+
+
+@pytest.fixture(scope="module")
+def target(client, cifar_splits):
+    return AttackTarget(client, None, cifar_splits.train.info)
+
+
+@pytest.fixture(scope="module")
+def report(target, cifar_splits):
+    """One suite run shared by the tests below (the expensive part of this file)."""
+    specs = [
+        {"name": "mean_image"},
+        {"name": "decoder", **DEC},
+        {"name": "rmle", "init": "mean", "steps": 100, "lr": 0.1, "tv_weight": 0.05,
+         "batch_size": 64},
+        {"name": "gan", "init_from": "decoder", "epochs": 2, "n_critic": 2,
+         "critic_width": 16, "batch_size": 32},
+    ]
+    return run_attacks(target, cifar_splits, specs, threat=THREAT, progress=False)
+
+
+# ---- every attack beats the trivial baseline on an undefended encoder ----------------------
+
+
+@pytest.mark.parametrize("label", ["decoder", "rmle", "gan"])
+def test_attack_beats_mean_image(report, label):
+    base = report.results["mean_image"].metrics
+    got = report.results[label].metrics
+    assert got["mse"] < 0.9 * base["mse"], (label, got, base)
+    assert got["ssim"] > base["ssim"] and got["psnr"] > base["psnr"]
+
+
+def test_adaptive_decoder_beats_mean_image_under_noise(client, cifar_splits):
+    """The defense-aware decoder against the noise defense, with two draws per image."""
+    t = AttackTarget(client, [create_defense("noise", sigma=0.1)], cifar_splits.train.info)
+    aux, held = THREAT.select(cifar_splits)
+    base = create_attack("mean_image").run(t, aux, held, progress=False).metrics
+    a = create_attack("decoder_adaptive", draws=2, **{**DEC, "batch_size": 16})
+    got = a.run(t, aux, held, progress=False).metrics
+    assert got["mse"] < 0.9 * base["mse"] and got["ssim"] > base["ssim"]
+
+
+def test_rmle_feature_loss_decreases_monotonically(report):
+    curve = report.results["rmle"].extra["feature_loss_curve"]
+    assert len(curve) >= 20
+    first = curve[:20]
+    assert all(b < a for a, b in itertools.pairwise(first)), first
+    assert first[-1] < 0.5 * first[0]
+
+
+def test_gan_losses_finite_and_no_divergence(report):
+    ex = report.results["gan"].extra
+    for k in ("critic_loss", "generator_loss", "wasserstein", "gen_mse"):
+        assert ex[k] and all(math.isfinite(v) for v in ex[k]), (k, ex[k])
+    assert ex["generator_steps"] >= 2
+    # fine-tuning from the decoder must not wreck the reconstruction
+    assert report.results["gan"].metrics["mse"] < 1.5 * report.results["decoder"].metrics["mse"]
+
+
+def test_worst_case_picks_best_per_metric(report):
+    for metric, pick in report.worst.items():
+        vals = {k: r.metrics[metric] for k, r in report.results.items()}
+        best = min(vals.values()) if metric == "mse" else max(vals.values())
+        assert pick["value"] == best and vals[pick["attack"]] == best
+    d = json.loads(json.dumps(report.to_dict()))
+    assert set(d) == {"threat", "attacks", "skipped", "worst"}
+    assert "| **worst case** |" in report.table()
+
+
+def test_worst_case_mixes_attacks():
+    e = torch.zeros(0)
+    rs = {
+        "a": AttackResult("a", {"mse": 0.02, "ssim": 0.4, "psnr": 18.0}, e, e, 1.0),
+        "b": AttackResult("b", {"mse": 0.03, "ssim": 0.5, "psnr": 17.0}, e, e, 1.0),
+        "c": AttackResult("c", {"mse": 0.02, "ssim": 0.1, "psnr": 19.0}, e, e, 1.0),
+    }
+    w = worst_case(rs)
+    assert {k: v["attack"] for k, v in w.items()} == {"mse": "a", "ssim": "b", "psnr": "c"}
+    assert worst_case({}) == {}
+
+
+def test_inapplicable_attack_skipped_with_reason(target, cifar_splits):
+    threat = ThreatModel(setting="training", access="query", heldout_limit=16, aux_limit=64)
+    specs = [{"name": "mean_image"}, {"name": "rmle", "steps": 1, "init": "mean"},
+             {"name": "decoder_adaptive", "epochs": 1, "width": 8, "depth": 0}]
+    rep = run_attacks(target, cifar_splits, specs, threat=threat, progress=False)
+    assert list(rep.results) == ["mean_image"]
+    assert set(rep.skipped) == {"rmle", "decoder_adaptive"}
+    assert all("whitebox" in why and "query" in why for why in rep.skipped.values())
+    assert rep.worst["mse"]["attack"] == "mean_image"
+
+
+# ---- registry contract: every registered attack, tiny, on real images ---------------------
+
+TINY = {
+    "mean_image": {},
+    "decoder": {"epochs": 1, "width": 8, "depth": 0, "batch_size": 32},
+    "decoder_strong": {"epochs": 1, "width": 8, "depth": 0, "batch_size": 32},
+    "decoder_adaptive": {"epochs": 1, "width": 8, "depth": 0, "batch_size": 32, "draws": 2},
+    "rmle": {"steps": 3, "init": "mean", "batch_size": 16},
+    "gan": {"pretrain_epochs": 1, "epochs": 1, "n_critic": 1, "width": 8, "depth": 0,
+            "critic_width": 8, "batch_size": 32},
+}
+
+
+def test_every_registered_attack_has_a_tiny_config():
+    assert set(TINY) == set(list_attacks())
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_attack_contract(name, cifar_splits, client):
+    t = AttackTarget(client, [create_defense("noise", sigma=0.05)], cifar_splits.train.info)
+    aux, held = cifar_splits.train.subset(range(64)), cifar_splits.test.subset(range(20))
+    a = create_attack(name, **TINY[name])
+    assert a.name == name and a.requires in ACCESS_LEVELS
+    r = a.run(t, aux, held, progress=False)
+    assert r.name == name
+    assert r.originals.shape == r.reconstructions.shape == (16, 3, 32, 32)
+    assert r.reconstructions.device.type == "cpu"
+    assert r.reconstructions.min() >= 0 and r.reconstructions.max() <= 1
+    assert set(r.metrics) == {"mse", "ssim", "psnr"}
+    assert all(math.isfinite(v) for v in r.metrics.values()) and r.seconds > 0
+    json.dumps(r.to_dict())
+    # same seed -> same result; the caller's RNG state is untouched
+    state = torch.get_rng_state()
+    again = create_attack(name, **TINY[name]).run(t, aux, held, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    for k, v in r.metrics.items():
+        assert again.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (k, name)
+
+
+def test_same_victim_features_for_every_attack(cifar_splits, client):
+    """Attacks with the same seed score against the same noisy victim features."""
+    t = AttackTarget(client, [create_defense("noise", sigma=0.1)], cifar_splits.train.info)
+    held = cifar_splits.test.subset(range(8))
+    seen = []
+
+    class Spy(attacks_pkg.MeanImageAttack):
+        def reconstruct(self, target, z):
+            seen.append(z.clone())
+            return super().reconstruct(target, z)
+
+    for _ in range(2):
+        Spy().run(t, cifar_splits.train.subset(range(8)), held, progress=False)
+    assert torch.equal(seen[0], seen[1])
+
+
+# ---- specs, threat models, target -------------------------------------------------------
+
+
+def test_spec_errors():
+    with pytest.raises(UnknownNameError, match=r"known: .*decoder"):
+        parse_specs([{"name": "nope"}])
+    with pytest.raises(ConfigError, match=r"no parameter.*'epoch'.*accepted"):
+        parse_specs([{"name": "decoder", "epoch": 3}])
+    with pytest.raises(ConfigError, match="'name' key"):
+        parse_specs([{"epochs": 3}])
+    with pytest.raises(ConfigError, match="used twice"):
+        parse_specs([{"name": "decoder"}, {"name": "decoder"}])
+    with pytest.raises(ConfigError, match="earlier attack"):
+        parse_specs([{"name": "gan", "init_from": "decoder"}])
+    with pytest.raises(ConfigError, match="cannot start from"):
+        parse_specs([{"name": "decoder"}, {"name": "mean_image", "init_from": "decoder"}])
+    with pytest.raises(ConfigError, match="list"):
+        parse_specs({"name": "decoder"})
+    with pytest.raises(ConfigError, match="epochs"):
+        create_attack("decoder", epochs=0)
+    with pytest.raises(ConfigError, match="init"):
+        create_attack("rmle", init="zeros")
+    labels = [lab for lab, _, _ in parse_specs(
+        [{"name": "decoder"}, {"name": "decoder", "label": "decoder_wide", "width": 128}])]
+    assert labels == ["decoder", "decoder_wide"]
+    specs = all_attack_specs()
+    assert {s["name"] for s in specs} == set(list_attacks())
+    assert [lab for lab, _, _ in parse_specs(specs)]  # the --all list is valid
+
+
+def test_threat_model(cifar_splits):
+    aux, held = ThreatModel().select(cifar_splits)
+    assert (len(aux), len(held)) == (len(cifar_splits.aux), len(cifar_splits.eval))
+    aux, held = ThreatModel(setting="training", aux_limit=100).select(cifar_splits)
+    assert (len(aux), len(held)) == (100, len(cifar_splits.test))
+    assert ThreatModel(access="query").allows("whitebox") is not None
+    assert ThreatModel(access="query").allows("outputs") is None
+    assert ThreatModel.from_dict({"setting": "training"}).setting == "training"
+    with pytest.raises(ConfigError, match="access"):
+        ThreatModel(access="root")
+    with pytest.raises(ConfigError, match="no key"):
+        ThreatModel.from_dict({"acess": "query"})
+    with pytest.raises(ConfigError, match="heldout_limit"):
+        ThreatModel(heldout_limit=0)
+
+
+def test_target_observe_restores_modes_and_applies_defense(client, cifar_splits):
+    stack = DefenseStack([create_defense("noise", sigma=0.1)])
+    t = AttackTarget(client, stack, cifar_splits.train.info)
+    client.train()
+    x = torch.randn(4, 3, 32, 32)
+    z1, z2 = t.observe(x), t.observe(x)
+    assert client.training and stack.training  # restored
+    assert all(m.training for m in client.modules())
+    assert z1.shape == (4, *t.feature_shape) == (4, 8, 8, 8) and not z1.requires_grad
+    assert not torch.equal(z1, z2)  # fresh noise per query
+    assert torch.equal(t.clean(x), t.clean(x))  # eval mode: deterministic
+    assert t.noise_sigma == pytest.approx(0.1)
+    with t.frozen() as c:
+        assert not c.training and not any(p.requires_grad for p in c.parameters())
+    assert all(p.requires_grad for p in client.parameters()) and client.training
+    client.eval()
+
+
+def test_empty_sets_raise(target, cifar_splits):
+    empty = cifar_splits.test.subset([])
+    with pytest.raises(DataError, match="held-out"):
+        create_attack("mean_image").run(target, cifar_splits.train, empty, progress=False)
+    with pytest.raises(DataError, match="auxiliary"):
+        create_attack("mean_image").run(target, empty, cifar_splits.test, progress=False)
+
+
+@pytest.mark.parametrize(("cz", "s", "c", "size"), [(8, 8, 3, 32), (8, 7, 1, 28), (4, 7, 3, 32),
+                                                    (8, 16, 3, 64), (8, 4, 3, 32), (8, 12, 3, 48)])
+def test_res_decoder_shapes_and_grads(cz, s, c, size):
+    dec = ResDecoder(cz, s, c, size, width=8, depth=2)
+    out = dec(torch.randn(2, cz, s, s))
+    assert out.shape == (2, c, size, size) and out.min() >= 0 and out.max() <= 1
+    out.mean().backward()
+    assert all(p.grad is not None for p in dec.parameters())
+
+
+def test_res_decoder_paper_layout():
+    """res_normN8C64 for 8x8x8 -> 32x32x3: 1 + 8 + 1 blocks and two transposed convs."""
+    dec = ResDecoder(8, 8, 3, 32)
+    assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in dec.modules()) == 2
+    assert sum(type(m).__name__ == "ResBlock" for m in dec.modules()) == 10
+    assert not dec.resize
+    with pytest.raises(ConfigError, match="depth"):
+        ResDecoder(8, 8, 3, 32, depth=-1)
+
+
+def test_public_surface():
+    ns: dict = {}
+    exec("from splitcem.attacks import *", ns)
+    assert all(n in ns for n in attacks_pkg.__all__)

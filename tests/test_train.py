@@ -1,0 +1,161 @@
+"""The training loop: schedule, learning on real data, noise at evaluation, NaN, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from splitcem._io import load_checkpoint
+from splitcem.config import TrainConfig
+from splitcem.defenses import Defense, DefenseStack, create_defense
+from splitcem.errors import CheckpointError, NonFiniteError
+from splitcem.experiment import prepare
+from splitcem.train import Trainer, evaluate, lr_factor, resolve_device
+
+
+def test_lr_schedule_warmup_then_steps():
+    cfg = TrainConfig(epochs=10, lr=0.1, warmup_epochs=2, milestones=[4, 8], gamma=0.2)
+    spe = 5
+    f = [lr_factor(s, spe, cfg) for s in range(10 * spe)]
+    assert f[0] == pytest.approx(1 / 10) and f[9] == pytest.approx(1.0)  # linear warm-up
+    assert all(a < b for a, b in zip(f[:9], f[1:10], strict=True))
+    assert f[3 * spe] == 1.0 and f[4 * spe] == pytest.approx(0.2) and f[8 * spe] == pytest.approx(0.04)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def _trainer(cfg, run_dir=None, stack=None, **kw):
+    p = prepare(cfg)
+    return Trainer(p.model, stack if stack is not None else p.stack, p.splits, cfg.train,
+                   device=p.device, seed=cfg.seed, run_dir=run_dir, progress=False, **kw)
+
+
+@pytest.fixture
+def learned(tiny_config):
+    """A tiny model trained enough to beat chance clearly (1024 images, 3 epochs)."""
+    cfg = tiny_config(train={"epochs": 3, "milestones": [2], "batch_size": 32},
+                      data={"limit_train": 1024})
+    tr = _trainer(cfg)
+    return tr, tr.fit()
+
+
+def test_learns_on_real_data(learned):
+    _, res = learned
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert res.test_accuracy > 0.2  # 10 classes: chance is 0.1
+    assert {"lr", "test_accuracy", "images_per_second"} <= set(res.history[-1])
+
+
+def test_accuracy_is_reported_under_noise(learned):
+    tr, _ = learned
+    clean = evaluate(tr.model, DefenseStack(), tr.splits.test, device=tr.device)
+    loud = evaluate(tr.model, DefenseStack([create_defense("noise", sigma=5.0)]),
+                    tr.splits.test, device=tr.device)
+    assert clean["accuracy"] > loud["accuracy"] + 0.05
+
+
+class _NaNLoss(Defense):
+    def loss(self, ctx):
+        return ctx.z_clean.sum() * float("nan")
+
+
+def test_nan_loss_names_the_step(tiny_config):
+    tr = _trainer(tiny_config(), stack=DefenseStack([_NaNLoss()]))
+    with pytest.raises(NonFiniteError, match=r"epoch 1.*step \d+"):
+        tr.fit()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_matches_uninterrupted(tiny_config, tmp_path):
+    """Crash after epoch 2 of 4, resume, and get bit-identical weights (noise defense on)."""
+    cfg = tiny_config(train={"epochs": 4, "milestones": [3]},
+                      defenses=[{"name": "noise", "sigma": 0.1}])
+    torch.manual_seed(0)
+    full = _trainer(cfg)
+    full.fit()
+
+    def crash(rec):
+        if rec["epoch"] == 2:
+            raise _Crash
+
+    torch.manual_seed(123)  # the RNG state at crash time must not matter
+    with pytest.raises(_Crash):
+        _trainer(cfg, run_dir=tmp_path, on_epoch_end=crash).fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
+    torch.manual_seed(999)
+    resumed = _trainer(cfg, run_dir=tmp_path)
+    res = resumed.fit(resume=True)
+    assert len(res.history) == 4
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_resume_errors(tiny_config, tmp_path):
+    cfg = tiny_config()
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        _trainer(cfg, run_dir=tmp_path).fit(resume=True)
+    ck = tmp_path / "checkpoints" / "last.pt"
+    ck.parent.mkdir(parents=True)
+    ck.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        _trainer(cfg, run_dir=tmp_path).fit(resume=True)
+    ck.unlink()
+    _trainer(cfg, run_dir=tmp_path).fit()
+    other = tiny_config(train={"lr": 0.01})
+    with pytest.raises(CheckpointError, match="other training settings"):
+        _trainer(other, run_dir=tmp_path).fit(resume=True)
+
+
+def _cli(args):
+    return [sys.executable, "-m", "splitcem.cli", *args]
+
+
+def test_sigkill_mid_run_then_resume(tiny_config, tmp_path):
+    """A real kill (SIGKILL) of `splitcem train` mid-way; `--resume` finishes it with the
+    same final weights as an uninterrupted run of the same command."""
+    cfg = tiny_config(train={"epochs": 6, "milestones": [4]}, data={"limit_train": 512},
+                      defenses=[{"name": "noise", "sigma": 0.1}])
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    base = ["train", str(cfg_path), "-q", "--set", "device=cpu"]
+
+    full_dir, kill_dir = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cli([*base, "--out", str(full_dir)]), env=env, check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen(_cli([*base, "--out", str(kill_dir)]), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = kill_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not ck.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(ck)["epoch"]
+    assert 1 <= killed_at < 6, f"the kill came too late (epoch {killed_at}); test is void"
+    done = subprocess.run(_cli([*base, "--out", str(kill_dir), "--resume"]), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = load_checkpoint(full_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(ck)
+    assert a["epoch"] == b["epoch"] == 6
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
