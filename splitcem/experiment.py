@@ -149,6 +149,8 @@ def train_run(
         "device": str(p.device),
         "dataset": cfg.data.name,
         "defenses": p.stack.describe(),
+        "noise_sigma": p.stack.noise_sigma,
+        "cem_lambda": cfg.cem.lam if cfg.cem is not None else 0.0,
         "client_parameters": sum(q.numel() for q in p.model.client.parameters()),
         "feature_shape": list(p.model.feature_shape),
         "train": {
@@ -200,7 +202,7 @@ def attack_run(
     *,
     attacks: list[dict[str, Any]] | None = None,
     all_attacks: bool = False,
-    threat: str | None = None,
+    threat: str | dict[str, Any] | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
@@ -211,20 +213,25 @@ def attack_run(
         attacks: Attack specs (``{"name": ..., **params}``); default: the config's.
         all_attacks: Run every registered attack that the threat model allows, and
             record the worst case for the defender.
-        threat: Threat model name; default: the config's.
+        threat: Threat model (a setting name or a ThreatModel mapping); default: the config's.
     """
-    from splitcem.attacks import AttackTarget, list_attacks, run_attacks
+    from splitcem.attacks import AttackTarget, ThreatModel, all_attack_specs, run_attacks
 
     run_dir = Path(run_dir)
     p = load_trained(run_dir, device=device)
     cfg = p.cfg
     specs = attacks if attacks is not None else list(cfg.attack.attacks)
     if all_attacks:
-        named = {s["name"] for s in specs}
-        specs = specs + [{"name": n} for n in list_attacks() if n not in named]
+        # the config's attacks keep their parameters; every other registered attack is added
+        named = {s.get("label", s["name"]) for s in specs}
+        specs = specs + [s for s in all_attack_specs() if s["name"] not in named]
+    if threat is None:
+        tm = cfg.attack.threat_dict()
+    else:
+        tm = {"setting": threat} if isinstance(threat, str) else dict(threat)
     target = AttackTarget(p.model.client, p.stack, p.splits.train.info, p.device)
     t0 = time.perf_counter()
-    rep = run_attacks(target, p.splits, specs, threat=threat or cfg.attack.threat,
+    rep = run_attacks(target, p.splits, specs, threat=ThreatModel.from_dict(tm),
                       progress=progress)
     record = _read_metrics(run_dir)
     record["attacks"] = rep.to_dict()

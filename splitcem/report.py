@@ -49,9 +49,7 @@ def attack_rows(record: dict[str, Any]) -> list[tuple[str, float, float, float, 
     """(attack, mse, ssim, psnr, seconds) per attack in a results record, worst case last."""
     att = record.get("attacks") or {}
     rows = []
-    for name, r in (att.get("results") or {}).items():
-        if r.get("skipped"):
-            continue
+    for name, r in (att.get("attacks") or {}).items():
         m = r.get("metrics", r)
         rows.append((name, m.get("mse"), m.get("ssim"), m.get("psnr"), r.get("seconds")))
     worst = att.get("worst") or {}
@@ -89,13 +87,11 @@ def write_summary(run_dir: str | Path, record: dict[str, Any], cfg: RunConfig) -
         ))
     rows = attack_rows(record)
     if rows:
-        threat = (record.get("attacks") or {}).get("threat", "")
-        lines += ["", f"## Model inversion attacks {f'({threat})' if threat else ''}", "",
+        threat = (record.get("attacks") or {}).get("threat") or {}
+        desc = ", ".join(f"{k} {v}" for k, v in threat.items() if v is not None)
+        lines += ["", f"## Model inversion attacks ({desc or 'default threat model'})", "",
                   _markdown_table(["attack", "MSE", "SSIM", "PSNR (dB)", "seconds"], rows)]
-        skipped = {
-            n: r.get("reason", "") for n, r in ((record.get("attacks") or {}).get("results")
-                                                or {}).items() if r.get("skipped")
-        }
+        skipped = (record.get("attacks") or {}).get("skipped") or {}
         if skipped:
             lines += ["", "Skipped: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())]
         if (run_dir / GRID_FILE).exists():
@@ -139,8 +135,8 @@ def save_image_grid(rows: dict[str, Tensor], path: str | Path, *, show: int = 8)
 
 def save_reconstructions(run_dir: str | Path, attack_report: Any, *, show: int = 8) -> Path | None:
     """One grid for the run: originals on top, then each attack's reconstructions."""
-    results = [r for r in getattr(attack_report, "results", []) if
-               getattr(r, "reconstructions", None) is not None]
+    results = [r for r in getattr(attack_report, "results", {}).values() if
+               getattr(r, "reconstructions", None) is not None and r.reconstructions.numel()]
     if not results:
         return None
     rows = {"original": results[0].originals}
@@ -183,7 +179,7 @@ def _attack_metric(rec: dict[str, Any], metric: str) -> float:
     worst = (att.get("worst") or {}).get(metric)
     if worst and worst.get("value") is not None:
         return float(worst["value"])
-    for r in (att.get("results") or {}).values():
+    for r in (att.get("attacks") or {}).values():
         m = r.get("metrics", r)
         if m.get(metric) is not None:
             return float(m[metric])
@@ -201,7 +197,7 @@ def plot_frontier(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     for rec in records:
         acc = 100 * (rec.get("train") or {}).get("test_accuracy", float("nan"))
         mse = _attack_metric(rec, "mse")
-        marker = "s" if (rec.get("cem") or {}).get("lambda", 0) else "o"
+        marker = "s" if rec.get("cem_lambda") else "o"
         ax.scatter([mse], [acc], marker=marker)
         ax.annotate(str(rec.get("name")), (mse, acc), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")

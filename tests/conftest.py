@@ -31,9 +31,13 @@ def need(path: Path, how: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """One decoded-array cache for the whole session (decoding CIFAR takes seconds)."""
-    return tmp_path_factory.mktemp("splitcem-cache")
+def cache_dir() -> Path:
+    """The user's decoded-array cache, shared across sessions (decoding CIFAR takes seconds).
+
+    Safe to share: entries are keyed on the source file's path, size and mtime, and are
+    written atomically; tests of the cache itself use their own temporary folders.
+    """
+    return Path(os.environ.get("SPLITCEM_CACHE", Path.home() / ".cache" / "splitcem"))
 
 
 @pytest.fixture(scope="session")

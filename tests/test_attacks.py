@@ -80,7 +80,7 @@ def test_adaptive_decoder_beats_mean_image_under_noise(client, cifar_splits):
     t = AttackTarget(client, [create_defense("noise", sigma=0.1)], cifar_splits.train.info)
     aux, held = THREAT.select(cifar_splits)
     base = create_attack("mean_image").run(t, aux, held, progress=False).metrics
-    a = create_attack("decoder_adaptive", draws=2, **{**DEC, "batch_size": 16})
+    a = create_attack("decoder_adaptive", draws=2, **DEC)
     got = a.run(t, aux, held, progress=False).metrics
     assert got["mse"] < 0.9 * base["mse"] and got["ssim"] > base["ssim"]
 

@@ -90,7 +90,8 @@ def test_class_mixture_equals_flat_mixture():
 
 def test_mutual_information_of_one_gaussian_is_the_channel_capacity():
     v, sigma, d = 0.04, 0.1, 512
-    h_z = mixture_entropy_bound(torch.tensor([1.0]), torch.full((1, d), v, dtype=torch.float64), sigma)
+    var = torch.full((1, d), v, dtype=torch.float64)
+    h_z = mixture_entropy_bound(torch.tensor([1.0]), var, sigma)
     mi = mutual_information_bound(h_z, sigma, d)
     assert math.isclose(mi, 0.5 * d * math.log(1 + v / sigma**2), rel_tol=1e-9)
     assert math.isclose(noise_entropy(sigma, d), 0.5 * d * (LOG_2PI_E + 2 * math.log(sigma)))

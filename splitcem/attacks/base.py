@@ -145,10 +145,11 @@ class AttackTarget:
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
-        """(Cz, Hz, Wz) of what the server receives (found by one forward pass)."""
+        """(Cz, Hz, Wz) of what the server receives (found by one forward pass of the
+        encoder; defense transforms keep the shape, and skipping them draws no randomness)."""
         if self._feature_shape is None:
             x = torch.zeros(1, *self.image_shape, device=self.device)
-            self._feature_shape = tuple(self.observe(x).shape[1:])
+            self._feature_shape = tuple(self.clean(x).shape[1:])
         return self._feature_shape
 
     @torch.no_grad()

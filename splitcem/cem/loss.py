@@ -60,34 +60,44 @@ Form = Literal["paper", "reference"]
 def assign_own_class(z: Tensor, y: Tensor, centroids: Tensor) -> Tensor:
     """Nearest centroid of each sample's own class: ``(B, D), (B,), (C, K, D) -> (B,)``."""
     mu = centroids[y]  # (B, K, D)
-    return (z.unsqueeze(1) - mu).pow(2).sum(-1).argmin(1)  # (B,)
+    # ||z - mu||^2 up to the per-sample constant ||z||^2: one bmm instead of a (B, K, D) diff
+    cross = torch.bmm(mu, z.unsqueeze(-1)).squeeze(-1)  # (B, K)
+    return (mu.pow(2).sum(-1) - 2.0 * cross).argmin(1)  # (B,)
 
 
 def _segments(
     z: Tensor, y: Tensor, centroids: Tensor, counts: Tensor, fitted: Tensor, blend_scale: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Shared first half of both forms.
 
-    Returns ``seg`` (B,) flat (class, cluster) index, ``dev`` (B, D) squared deviations from
-    the own centroid (graph to z; 0 for ignored samples), ``valid`` (B,) float, ``n_seg``
-    (C*K,) batch samples per cluster, ``blend`` (B,) the weight l of each sample's cluster,
-    ``present`` (C,) bool classes present in the batch.
+    Returns ``seg`` (B,) flat (class, cluster) index, ``cid`` (B,) the same segments
+    renumbered 0..B-1 (so segment sums need only B rows, not C*K), ``dev`` (B, D) squared
+    deviations from the own centroid (graph to z; 0 for ignored samples), ``n_i`` (B,)
+    batch samples in each sample's cluster, ``n_seg`` (C*K,) batch samples per cluster,
+    ``blend`` (B,) the weight l of each sample's cluster, ``present`` (C,) bool classes
+    present in the batch.
     """
     c, k, d = centroids.shape
+    b = z.shape[0]
     with torch.no_grad():
         valid = fitted[y].to(z.dtype)  # (B,)
         kk = assign_own_class(z.detach(), y, centroids)  # (B,)
         seg = y * k + kk  # (B,)
-        n_seg = torch.zeros(c * k, dtype=z.dtype, device=z.device).index_add_(
-            0, seg, valid
-        )  # (C*K,)
-        present = torch.zeros(c, dtype=z.dtype, device=z.device).index_add_(0, y, valid) > 0  # (C,)
-        n_i = n_seg[seg]  # (B,)
+        # compact segment ids without a host sync (torch.unique would need one on a GPU):
+        # sort, mark the first of each run, cumulative sum
+        seg_sorted, order = seg.sort()
+        first = torch.ones_like(seg_sorted, dtype=torch.bool)  # (B,)
+        first[1:] = seg_sorted[1:] != seg_sorted[:-1]
+        cid = torch.empty_like(seg)
+        cid[order] = first.long().cumsum(0) - 1  # (B,) in [0, B)
+        n_i = torch.zeros(b, dtype=z.dtype, device=z.device).index_add_(0, cid, valid)[cid]
+        n_seg = torch.zeros(c * k, dtype=z.dtype, device=z.device).index_add_(0, seg, valid)
+        present = torch.zeros(c, dtype=z.dtype, device=z.device).index_add_(0, y, valid) > 0
         fit_n = counts.reshape(c * k)[seg].to(z.dtype).clamp_min(1.0)  # (B,) N of the cluster
         blend = (blend_scale * n_i / fit_n).clamp_max(0.99)  # (B,)
     mu = centroids.reshape(c * k, d)[seg]  # (B, D) own centroid (a constant)
     dev = (z - mu).pow(2) * valid.unsqueeze(-1)  # (B, D) graph to z
-    return seg, dev, valid, n_seg, blend, present
+    return seg, cid, dev, n_i, n_seg, blend, present
 
 
 def paper_loss(
@@ -121,16 +131,16 @@ def paper_loss(
         raise ValueError(f"the paper form needs sigma > 0, got {sigma!r}")
     c, k, d = centroids.shape
     s2 = float(sigma) ** 2
-    seg, dev, valid, n_seg, blend, present = _segments(z, y, centroids, counts, fitted, blend_scale)
-    n_i = n_seg[seg].clamp_min(1.0)  # (B,)
+    seg, cid, dev, n_i, n_seg, blend, present = _segments(
+        z, y, centroids, counts, fitted, blend_scale
+    )
+    valid = n_i > 0  # (B,) samples of fitted classes (the others have n_i = 0, dev = 0)
+    n_i = n_i.clamp_min(1.0)
     # per-dimension batch variance of the sample's cluster: segment sum, gathered back
-    seg_sum = torch.zeros(c * k, d, dtype=dev.dtype, device=dev.device).index_add(
-        0, seg, dev
-    )  # (C*K, D)
-    b = seg_sum[seg] / n_i.unsqueeze(-1)  # (B, D)
-    v_mix = (
-        blend.unsqueeze(-1) * b + (1.0 - blend.unsqueeze(-1)) * var.reshape(c * k, d)[seg]
-    )  # (B, D)
+    seg_sum = torch.zeros_like(dev).index_add_(0, cid, dev)  # (B, D) rows: compact segments
+    b = seg_sum[cid] / n_i.unsqueeze(-1)  # (B, D)
+    bl = blend.unsqueeze(-1)  # (B, 1)
+    v_mix = bl * b + (1.0 - bl) * var.reshape(c * k, d)[seg]  # (B, D)
     t = _dim_term(v_mix, s2, tau)  # (B,)
     w = pi.reshape(c * k)[seg].to(t.dtype)  # (B,)
     batch_part = (w * t * valid / n_i).sum()
@@ -170,13 +180,14 @@ def reference_loss(
     scalar variance) or already (C, K).
     """
     c, k, d = centroids.shape
-    seg, dev, valid, n_seg, blend, present = _segments(z, y, centroids, counts, fitted, blend_scale)
-    n_i = n_seg[seg].clamp_min(1.0)  # (B,)
+    seg, cid, dev, n_i, _n_seg, blend, present = _segments(
+        z, y, centroids, counts, fitted, blend_scale
+    )
+    valid = n_i > 0  # (B,) samples of fitted classes
+    n_i = n_i.clamp_min(1.0)
     # scalar batch variance per cluster: mean over its samples and all dimensions
-    seg_sum = torch.zeros(c * k, dtype=dev.dtype, device=dev.device).index_add(
-        0, seg, dev.sum(-1)
-    )  # (C*K,)
-    b = seg_sum[seg] / (n_i * d)  # (B,)
+    seg_sum = torch.zeros_like(n_i).index_add_(0, cid, dev.sum(-1))  # (B,) compact segments
+    b = seg_sum[cid] / (n_i * d)  # (B,)
     v_ref = var.mean(-1) if var.dim() == 3 else var  # (C, K)
     v_mix = blend * b + (1.0 - blend) * v_ref.reshape(c * k)[seg]  # (B,)
     threshold = math.log(tau * float(sigma) ** 2 + gamma)

@@ -154,7 +154,8 @@ class Defense(nn.Module):
         """Hyperparameters for reports (public, scalar attributes set in ``__init__``)."""
         return {
             k: v for k, v in vars(self).items()
-            if not k.startswith("_") and k != "training" and isinstance(v, int | float | str | bool)
+            if not k.startswith("_") and k not in ("training", "noise_sigma")
+            and isinstance(v, int | float | str | bool)
         }
 
 
