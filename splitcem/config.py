@@ -18,6 +18,7 @@ from splitcem.errors import ConfigError
 
 __all__ = [
     "AttackConfig",
+    "AugmentConfig",
     "CEMConfig",
     "DataConfig",
     "ModelConfig",
@@ -32,6 +33,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
+class AugmentConfig(_Strict):
+    """Training augmentation (splitcem.data.Augment); the paper uses all three."""
+
+    crop_pad: int = Field(4, ge=0)
+    flip: bool = True
+    rotation: float = Field(15.0, ge=0)
+
+
 class DataConfig(_Strict):
     """Which images, how many, and how they are split (DESIGN.md section 2)."""
 
@@ -40,7 +49,8 @@ class DataConfig(_Strict):
     limit_train: int | None = Field(None, gt=0)
     limit_test: int | None = Field(None, gt=0)
     aux_fraction: float = Field(0.9, gt=0, lt=1)
-    augment: bool = True
+    #: true: the paper's crop + flip + rotation 15; false: none; or an AugmentConfig mapping
+    augment: bool | AugmentConfig = True
     cache_dir: str | None = None
 
 
@@ -58,7 +68,7 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """SGD with momentum, linear warm-up, then x``gamma`` at each milestone epoch."""
+    """SGD with momentum, linear warm-up, then step (x``gamma`` per milestone) or cosine decay."""
 
     epochs: int = Field(240, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -66,6 +76,8 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     warmup_epochs: int = Field(0, ge=0)
+    #: "step": x gamma at each milestone epoch; "cosine": cosine decay to 0 after warm-up
+    schedule: Literal["step", "cosine"] = "step"
     milestones: list[int] = Field(default_factory=lambda: [60, 120, 180, 210])
     gamma: float = Field(0.2, gt=0)
     amp: bool = False  # mixed precision; only used on CUDA

@@ -23,7 +23,7 @@ import yaml
 from splitcem import report
 from splitcem._io import load_checkpoint, write_json, write_text
 from splitcem.config import RunConfig, load_config
-from splitcem.data import DataSplits, make_splits
+from splitcem.data import Augment, DataSplits, make_splits
 from splitcem.defenses import DefenseStack, create_defense
 from splitcem.errors import CheckpointError, ConfigError
 from splitcem.models import SplitModel, create_split_model
@@ -31,6 +31,7 @@ from splitcem.train import LAST, Trainer, resolve_device
 
 __all__ = [
     "Prepared",
+    "augmentation",
     "attack_run",
     "build_defenses",
     "build_model",
@@ -65,6 +66,12 @@ def build_defenses(cfg: RunConfig) -> DefenseStack:
 
         items.append(create_defense("cem", **cfg.cem.kwargs()))
     return DefenseStack(items)
+
+
+def augmentation(cfg: RunConfig) -> bool | Augment:
+    """The training augmentation the config asks for (``True``: the paper's default)."""
+    a = cfg.data.augment
+    return a if isinstance(a, bool) else Augment(**a.model_dump())
 
 
 @dataclass
@@ -139,7 +146,7 @@ def train_run(
     log.info("training %s on %s: %s", cfg.name, p.device, p.stack.describe())
     trainer = Trainer(
         p.model, p.stack, p.splits, cfg.train, device=p.device, seed=cfg.seed,
-        run_dir=run_dir, progress=progress, augment=cfg.data.augment,
+        run_dir=run_dir, progress=progress, augment=augmentation(cfg),
         meta={"name": cfg.name},
     )
     result = trainer.fit(resume=resume)

@@ -63,10 +63,15 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` at global ``step``: linear warm-up, then x gamma per milestone."""
+    """Multiplier of ``cfg.lr`` at global ``step``: linear warm-up, then the schedule
+    (x gamma per milestone epoch, or a cosine from 1 to 0 over the remaining steps)."""
     warm = cfg.warmup_epochs * steps_per_epoch
     if step < warm:
         return (step + 1) / warm
+    if cfg.schedule == "cosine":
+        total = cfg.epochs * steps_per_epoch
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
     epoch = step // steps_per_epoch
     return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
 

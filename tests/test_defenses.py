@@ -35,7 +35,7 @@ from splitcem.models import create_split_model
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.247, 0.243, 0.261)
 
-# hyperparameters under which a defense's loss term is active from the first step, so the
+# small settings under which a defense's loss term is active from the first step, so the
 # gradient check has something to check (defaults may switch it on later, e.g. pretraining)
 ACTIVE = {"adversarial": {"threshold": 0.0, "pretrain_epochs": 0, "width": 8, "depth": 0}}
 # defenses whose loss must send a gradient to the encoder (when ACTIVE)
@@ -74,7 +74,7 @@ def build(name: str, seed: int = 0, **kw):
 
 @pytest.mark.parametrize("name", list_defenses())
 def test_contract_transform(name):
-    model, d = build(name)
+    model, d = build(name, **ACTIVE.get(name, {}))
     x, y = batch()
     for train in (True, False):
         d.train(train)

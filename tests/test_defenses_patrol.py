@@ -97,7 +97,7 @@ def test_remaining_parameters_keep_training():
     model.train()
     x, y = next(batches()())
     F.cross_entropy(model(x), y).backward()
-    conv, bn = prunable_layers(model.client, "last")[0]
+    conv, _ = prunable_layers(model.client, "last")[0]
     dead = d.masks()[0] == 0
     assert conv.weight.grad[~dead].abs().sum() > 0
     assert conv.weight.grad[dead].abs().sum() == 0  # silenced channels learn nothing
@@ -137,16 +137,17 @@ def test_masks_in_state_dict_and_baked_into_model():
 
 def test_taylor_importance_matches_manual_computation():
     model, d = pruned_setup()
-    conv, bn = prunable_layers(model.client, "last")[0]
+    _, bn = prunable_layers(model.client, "last")[0]
     model.eval()
     expected = torch.zeros(bn.num_features)
+    acts: list[torch.Tensor] = []
+    h = bn.register_forward_hook(lambda m, i, o: acts.append(o))
     for x, y in list(batches()())[:2]:
-        acts = []
-        h = bn.register_forward_hook(lambda m, i, o: acts.append(o))
+        acts.clear()
         loss = F.cross_entropy(model(x), y, reduction="sum")
-        h.remove()
         (g,) = torch.autograd.grad(loss, acts[0])
         expected += (acts[0] * g).mean(dim=(2, 3)).abs().sum(0)
+    h.remove()
     model.train()
     got = d._importance(epoch_ctx(model, 1))[0]
     torch.testing.assert_close(got, expected)

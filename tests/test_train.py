@@ -29,6 +29,14 @@ def test_lr_schedule_warmup_then_steps():
     assert f[3 * spe] == 1.0 and f[4 * spe] == pytest.approx(0.2) and f[8 * spe] == pytest.approx(0.04)
 
 
+def test_cosine_schedule():
+    cfg = TrainConfig(epochs=4, lr=0.1, warmup_epochs=1, schedule="cosine")
+    f = [lr_factor(s, 10, cfg) for s in range(40)]
+    assert f[9] == 1.0 and f[10] == pytest.approx(1.0)
+    assert f[25] == pytest.approx(0.5) and f[-1] < 0.01
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+
+
 def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")

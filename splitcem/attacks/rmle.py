@@ -50,10 +50,15 @@ class RMLEAttack(Attack):
         steps: Adam steps per batch of victim images.
         lr: Adam learning rate (on the sigmoid logits, or on pixels for ``clamp``).
         tv_weight: Weight of the total-variation prior (mean |dx| + mean |dy| per image).
-        init: ``"mean"`` (mean auxiliary image), ``"random"`` (uniform) or ``"decoder"``.
+        init: ``"mean"`` (mean auxiliary image), ``"random"`` (uniform) or ``"decoder"``
+            (implied when the suite hands over a decoder through ``init_from``).
         param: ``"sigmoid"`` (x = sigmoid(w)) or ``"clamp"`` (project onto [0, 1]).
         decoder_epochs, decoder_width, decoder_depth: The decoder trained for
             ``init="decoder"`` (query access to observed features, as ``decoder``).
+        stop_at_noise: When the deployed defense adds Gaussian noise of known total std
+            sigma (white-box), stop a batch once its mean squared feature residual is
+            <= sigma^2: the true image's own residual is about sigma^2, so fitting further
+            only fits the noise (Morozov's discrepancy principle). Checked every 10 steps.
         batch_size: Victim images optimised together.
         seed: Seeds the random initialisation and the decoder training.
     """
@@ -62,8 +67,8 @@ class RMLEAttack(Attack):
 
     def __init__(self, *, steps: int = 300, lr: float = 0.05, tv_weight: float = 0.05,
                  init: str = "decoder", param: str = "sigmoid", decoder_epochs: int = 50,
-                 decoder_width: int = 64, decoder_depth: int = 8, batch_size: int = 256,
-                 seed: int = 0) -> None:
+                 decoder_width: int = 64, decoder_depth: int = 8, stop_at_noise: bool = True,
+                 batch_size: int = 256, seed: int = 0) -> None:
         super().__init__(seed=seed, batch_size=batch_size)
         self.steps = _nonneg_int("steps", steps)
         self.lr = _nonneg_float("lr", lr, positive=True)
@@ -73,15 +78,18 @@ class RMLEAttack(Attack):
         self.decoder_epochs = _positive_int("decoder_epochs", decoder_epochs)
         self.decoder_width = _positive_int("decoder_width", decoder_width)
         self.decoder_depth = _nonneg_int("decoder_depth", decoder_depth)
+        self.stop_at_noise = bool(stop_at_noise)
         #: a trained decoder to start from (set by the suite's ``init_from``); not trained here
         self.init_decoder: nn.Module | None = None
         self._mean: Tensor | None = None
         self._curve: list[float] = []
+        self._steps_run: list[int] = []
 
     def fit(self, target: AttackTarget, aux: ArrayDataset, *, progress: bool = True
             ) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         self._curve = []  # reconstruct() records the first batch's curve
+        self._steps_run = []
         if self.init == "mean":
             total = torch.zeros(*target.image_shape, device=target.device, dtype=torch.float64)
             for _, x01 in iterate_images(aux, batch_size=self.batch_size, device=target.device):
@@ -99,7 +107,7 @@ class RMLEAttack(Attack):
 
     def _x0(self, target: AttackTarget, z: Tensor) -> Tensor:
         b = z.shape[0]
-        if self.init == "decoder":
+        if self.init == "decoder" or self.init_decoder is not None:  # init_from implies it
             if self.init_decoder is None:
                 raise ConfigError("rmle init='decoder' needs a decoder; call fit() first")
             return decode(self.init_decoder, z)
@@ -121,8 +129,10 @@ class RMLEAttack(Attack):
         opt = torch.optim.Adam([w], lr=self.lr)
         record = not self._curve  # keep the first batch's curve only
         feat_losses: list[Tensor] = []
+        floor = target.noise_sigma ** 2 if self.stop_at_noise else 0.0
+        self._steps_run.append(self.steps)
         with torch.enable_grad(), target.frozen() as client:
-            for _ in range(self.steps):
+            for step in range(self.steps):
                 x01 = torch.sigmoid(w) if self.param == "sigmoid" else w
                 feat = (client((x01 - mean) / std) - z).flatten(1).pow(2).mean(1)  # (B,)
                 loss = feat + self.tv_weight * total_variation(x01) if self.tv_weight else feat
@@ -134,6 +144,10 @@ class RMLEAttack(Attack):
                         w.clamp_(0, 1)
                 if record and len(feat_losses) < _CURVE_STEPS:
                     feat_losses.append(feat.detach().mean())
+                # sync point every 10 steps: the discrepancy-principle stop
+                if floor > 0 and step % 10 == 9 and feat.detach().mean().item() <= floor:
+                    self._steps_run[-1] = step + 1
+                    break
         if record and feat_losses:
             curve = torch.stack(feat_losses)
             _check_finite(curve, "rmle feature-matching loss")  # sync once per batch
@@ -142,4 +156,5 @@ class RMLEAttack(Attack):
             return torch.sigmoid(w) if self.param == "sigmoid" else w.clamp(0, 1)
 
     def diagnostics(self) -> dict[str, Any]:
-        return {"feature_loss_curve": [round(v, 8) for v in self._curve]}
+        return {"feature_loss_curve": [round(v, 8) for v in self._curve],
+                "steps_per_batch": list(self._steps_run)}

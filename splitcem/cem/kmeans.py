@@ -9,9 +9,9 @@ a host sync per iteration; here all classes are fitted together:
 * seeding is greedy k-means++ (the scikit-learn variant: a few candidates per step, keep the
   one that lowers the potential most), batched over classes; it is sequential over the K
   seeds by definition, so there is a loop of K small batched steps;
-* Lloyd iterations stop early once no assignment changes; the check is a host sync, so it
-  runs at iterations 1 and 2 (a warm start converges there) and then every
-  ``check_every`` iterations;
+* Lloyd iterations stop early once no assignment changes (or at most a fraction ``tol``);
+  the check is a host sync, so it runs at iterations 1 and 2 (a warm start often converges
+  there) and then every ``check_every`` iterations;
 * clusters that lose all their points are re-seeded at the points farthest from their
   centroid (distinct points for several empty clusters of one class);
 * a warm start (last epoch's centroids) replaces the seeding for the classes that have one;
@@ -68,21 +68,26 @@ def pad_by_class(z: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor
     mask = torch.zeros(num_classes, m, dtype=torch.bool, device=z.device)  # (C, M)
     if n:
         order = torch.argsort(y, stable=True)  # (N,)
-        ys = y[order]
         starts = torch.cumsum(counts, 0) - counts  # (C,) first row of each class
-        rank = torch.arange(n, device=z.device) - starts[ys]  # (N,) position within its class
-        x[ys, rank] = z[order]
-        mask[ys, rank] = True
+        rank = torch.empty_like(y)
+        rank[order] = torch.arange(n, device=z.device) - starts[y[order]]  # (N,) row in class
+        x[y, rank] = z  # one scatter of the rows, no sorted copy of z
+        mask[y, rank] = True
     return x, mask
 
 
 def _sqdist(x: Tensor, c: Tensor, x_sq: Tensor | None = None) -> Tensor:
     """Squared Euclidean distances ``(C, M, D), (C, K, D) -> (C, M, K)`` via one bmm."""
     if x_sq is None:
-        x_sq = (x * x).sum(-1)  # (C, M)
+        x_sq = _sq_norms(x)  # (C, M)
     c_sq = (c * c).sum(-1)  # (C, K)
     d = x_sq.unsqueeze(-1) + c_sq.unsqueeze(1) - 2.0 * torch.bmm(x, c.transpose(1, 2))
     return d.clamp_min_(0.0)  # (C, M, K); rounding can make tiny distances negative
+
+
+def _sq_norms(x: Tensor) -> Tensor:
+    """Squared norms along the last dim without materialising ``x * x`` (a copy of x)."""
+    return torch.linalg.vector_norm(x, dim=-1).square()
 
 
 def _gather_points(x: Tensor, idx: Tensor) -> Tensor:
@@ -111,7 +116,7 @@ def kmeans_plusplus(
         return x.new_zeros(c, k, d)
     trials = n_local_trials or 2 + int(math.log(k))
     if x_sq is None:
-        x_sq = (x * x).sum(-1)  # (C, M)
+        x_sq = _sq_norms(x)  # (C, M)
     valid = mask.to(x.dtype)  # (C, M)
     # a class without points draws uniformly among its padding (ignored by the caller)
     uniform = torch.where(mask.any(1, keepdim=True), valid, torch.ones_like(valid))  # (C, M)
@@ -143,6 +148,7 @@ def batched_kmeans(
     init_valid: Tensor | None = None,
     n_init: int = 1,
     max_iter: int = 50,
+    tol: float = 0.0,
     check_every: int = 5,
     generator: torch.Generator | None = None,
     n_local_trials: int | None = None,
@@ -159,6 +165,8 @@ def batched_kmeans(
             keeps its run with the lowest inertia (scikit-learn's ``n_init``). The restarts
             loop over runs, each batched over the seeded classes.
         max_iter: Maximum number of centroid updates per run.
+        tol: Stop once at most this fraction of the (real) points changed cluster since the
+            previous iteration; 0 (default) waits for no change at all (the reference).
         check_every: Early-stop check period (each check is one host sync).
         generator: Random generator for the seeding (on ``x``'s device).
         n_local_trials: Candidates per k-means++ step (default ``2 + log K``).
@@ -177,15 +185,15 @@ def batched_kmeans(
     """
     if x.dim() != 3:
         raise ValueError(f"x must be (C, M, D), got shape {tuple(x.shape)}")
-    if k < 1 or max_iter < 0 or check_every < 1 or n_init < 1:
+    if k < 1 or max_iter < 0 or check_every < 1 or n_init < 1 or not 0 <= tol < 1:
         raise ValueError(
-            "need k >= 1, n_init >= 1, max_iter >= 0, check_every >= 1; "
-            f"got {k}, {n_init}, {max_iter}, {check_every}"
+            "need k >= 1, n_init >= 1, max_iter >= 0, 0 <= tol < 1, check_every >= 1; "
+            f"got {k}, {n_init}, {max_iter}, {tol}, {check_every}"
         )
     c, m, d = x.shape
     if mask is None:
         mask = torch.ones(c, m, dtype=torch.bool, device=x.device)
-    x_sq = (x * x).sum(-1)  # (C, M)
+    x_sq = _sq_norms(x)  # (C, M)
     seed_kw = dict(generator=generator, n_local_trials=n_local_trials)
 
     cold: Tensor | None = None  # (C,) bool, classes seeded with k-means++
@@ -201,7 +209,7 @@ def batched_kmeans(
             seeds = kmeans_plusplus(x, mask, k, x_sq=x_sq, **seed_kw)
             centroids = torch.where(init_valid.view(c, 1, 1), centroids, seeds)
             cold = ~init_valid.to(torch.bool)
-    res = _lloyd(x, mask, x_sq, centroids, max_iter, check_every)
+    res = _lloyd(x, mask, x_sq, centroids, max_iter, tol, check_every)
 
     if n_init > 1 and cold is not None:
         # restarts only for the seeded classes: a subset gathered once (host sync)
@@ -209,7 +217,7 @@ def batched_kmeans(
         xs, ms, sq = x[idx], mask[idx], x_sq[idx]
         for _ in range(n_init - 1):  # loop over runs, each batched over classes
             seeds = kmeans_plusplus(xs, ms, k, x_sq=sq, **seed_kw)
-            run = _lloyd(xs, ms, sq, seeds, max_iter, check_every)
+            run = _lloyd(xs, ms, sq, seeds, max_iter, tol, check_every)
             better = run.inertia < res.inertia[idx]  # (C',)
             b1, b2 = better.view(-1, 1), better.view(-1, 1, 1)
             res.centroids[idx] = torch.where(b2, run.centroids, res.centroids[idx])
@@ -222,13 +230,20 @@ def batched_kmeans(
 
 
 def _lloyd(
-    x: Tensor, mask: Tensor, x_sq: Tensor, centroids: Tensor, max_iter: int, check_every: int
+    x: Tensor,
+    mask: Tensor,
+    x_sq: Tensor,
+    centroids: Tensor,
+    max_iter: int,
+    tol: float,
+    check_every: int,
 ) -> KMeansResult:
     """Lloyd iterations from ``centroids`` (C, K, D), with early stop and re-seeding."""
     m = x.shape[1]
     k = centroids.shape[1]
     valid = mask.to(x.dtype)  # (C, M)
     kk = min(k, m)  # farthest-point candidates available per class
+    allowed = tol * mask.sum()  # () changed points tolerated (a device scalar: no sync)
     prev: Tensor | None = None
     n_iter = 0
     converged = False
@@ -238,9 +253,10 @@ def _lloyd(
         if it == max_iter:
             break  # final assignment to the last centroids
         check = prev is not None and (it <= 2 or it % check_every == 0)
-        # host sync (only on check iterations): stop once no real point changed cluster
-        if check and not bool(((assign != prev) & mask).any()):
-            converged = True  # then no centroid moves either: a fixed point
+        # host sync (only on check iterations): stop once (almost) no real point changed
+        # cluster; with none changed, no centroid moves either: a fixed point
+        if check and bool(((assign != prev) & mask).sum() <= allowed):
+            converged = True
             break
         prev = assign
         onehot = F.one_hot(assign, k).to(x.dtype) * valid.unsqueeze(-1)  # (C, M, K)
@@ -267,12 +283,14 @@ def _lloyd(
 
 
 def cluster_stats(
-    x: Tensor, mask: Tensor, centroids: Tensor, assign: Tensor
+    x: Tensor, mask: Tensor, centroids: Tensor, assign: Tensor, *, overwrite_x: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Mixture statistics of a clustering: weights, per-dimension variances and counts.
 
     Args:
         x: (C, M, D) points; mask: (C, M); centroids: (C, K, D); assign: (C, M).
+        overwrite_x: Square ``x`` in place for the second moments instead of allocating a
+            copy of its size (for callers whose ``x`` is scratch, like the CEM refit).
 
     Returns:
         ``pi`` (C, K): fraction of the class's points in each cluster (rows of classes
@@ -285,11 +303,11 @@ def cluster_stats(
     counts = onehot.sum(1)  # (C, K)
     oh_t = onehot.transpose(1, 2)  # (C, K, M)
     s1 = torch.bmm(oh_t, x)  # (C, K, D) sum of x
-    s2 = torch.bmm(oh_t, x * x)  # (C, K, D) sum of x^2
+    sq = x.square_() if overwrite_x else x.square()  # (C, M, D)
+    s2 = torch.bmm(oh_t, sq)  # (C, K, D) sum of x^2
     n = counts.unsqueeze(-1)  # (C, K, 1)
     # sum (x - c)^2 = s2 - 2 c s1 + n c^2, exact for any c; clamp the rounding below 0
-    var = ((s2 - 2.0 * centroids * s1 + n * centroids * centroids) / n.clamp_min(1.0)).clamp_min(
-        0.0
-    )
+    var = (s2 - 2.0 * centroids * s1 + n * centroids * centroids) / n.clamp_min(1.0)
+    var = var.clamp_min(0.0)
     pi = counts / counts.sum(1, keepdim=True).clamp_min(1.0)  # (C, K)
     return pi, var, counts

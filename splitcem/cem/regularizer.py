@@ -90,6 +90,11 @@ class CEM(Defense):
         h_x: Optional h(x) in nats of the whole input in [0, 1] pixel units (a *lower*
             bound or an estimate); enables the ``mse_lower_bound`` metric.
         blend_scale: The 10 in the blending weight ``l = min(10 n / (pi L), 0.99)``.
+        kmeans_tol: Lloyd stops once at most this fraction of the points changed cluster
+            (default 0.1%: the last few flips barely move the variances; 0 = the reference's
+            "no change at all", which on real features often runs to ``max_iter``).
+        n_init: k-means++ restarts for classes fitted for the first time (best inertia kept);
+            later epochs warm-start from the previous centroids and need none.
         seed: Seed of the k-means++ seeding (per epoch ``seed + epoch``: resume-exact).
     """
 
@@ -106,6 +111,8 @@ class CEM(Defense):
         max_iter: int = 50,
         h_x: float | None = None,
         blend_scale: float = 10.0,
+        kmeans_tol: float = 1e-3,
+        n_init: int = 3,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -140,6 +147,10 @@ class CEM(Defense):
                 raise ConfigError(f"cem h_x must be finite, got {h_x!r}")
         self.h_x = h_x
         self.blend_scale = _check_float("blend_scale", blend_scale, positive=True)
+        self.kmeans_tol = _check_float("kmeans_tol", kmeans_tol)
+        if self.kmeans_tol >= 1:
+            raise ConfigError(f"cem kmeans_tol must be < 1 (a fraction), got {kmeans_tol!r}")
+        self.n_init = _check_int("n_init", n_init, 1)
         self.seed = _check_int("seed", seed, 0)
 
         # run facts, known after setup()
@@ -156,7 +167,6 @@ class CEM(Defense):
         self._bank_y: Tensor | None = None  # (capacity,)
         self._bank_n = 0
         self._first_bad_step: Tensor | None = None  # device scalar, -1 while all finite
-        self._last_step = -1
 
         # the fitted mixture: persistent buffers, so it goes into checkpoints
         self.register_buffer("centroids", torch.zeros(0, self.clusters, 0))  # (C, K, D)
@@ -210,7 +220,6 @@ class CEM(Defense):
             return None
         z = ctx.z_clean.flatten(1)  # (B, D), graph to the encoder
         y = ctx.y
-        self._last_step = int(ctx.step)
         if not self._input_dim:
             self._input_dim = int(ctx.x[0].numel())  # shape only: no sync
         self._check_finite(z.detach(), ctx.epoch, ctx.step)
@@ -254,7 +263,8 @@ class CEM(Defense):
             if bool(bad):
                 raise NonFiniteError(self._nonfinite_msg(epoch, step))
             return
-        assert self._first_bad_step is not None
+        if self._first_bad_step is None or self._first_bad_step.device != t.device:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=t.device)
         self._first_bad_step.masked_fill_(bad & (self._first_bad_step < 0), step)
 
     @staticmethod
@@ -286,7 +296,7 @@ class CEM(Defense):
     def _get_stored_terms(self) -> Tensor | None:
         if self.form != "paper":
             return None
-        if self._stored_terms is None:
+        if self._stored_terms is None or self._stored_terms.device != self.var.device:
             self._stored_terms = _dim_term(self.var, self._sigma**2, self.tau)  # (C, K)
         return self._stored_terms
 
@@ -357,11 +367,13 @@ class CEM(Defense):
             k,
             init=self.centroids,
             init_valid=self.fitted,
+            n_init=self.n_init,
             max_iter=self.max_iter,
+            tol=self.kmeans_tol,
             generator=gen,
         )
-        pi, var, counts = cluster_stats(x, mask, res.centroids, res.assign)
-        seen = mask.any(1)  # (C,) classes with samples in this fit
+        seen = mask.any(1)  # (C,) classes with samples in this fit; x is scratch
+        pi, var, counts = cluster_stats(x, mask, res.centroids, res.assign, overwrite_x=True)
         s = seen.view(c, 1)
         self.centroids.copy_(torch.where(s.unsqueeze(-1), res.centroids, self.centroids))
         self.pi.copy_(torch.where(s, pi, self.pi))

@@ -128,6 +128,7 @@ class AdversarialTraining(Defense):
         self.decoder: nn.Module | None = None  # built in setup (needs the feature shape)
         self._opt: torch.optim.Optimizer | None = None
         self._pending_opt_state: dict[str, Any] | None = None
+        self._pending_decoder_state: dict[str, Tensor] | None = None
         self._mean: Tensor | None = None
         self._std: Tensor | None = None
         self._stats: Tensor | None = None  # (3,) sums over the epoch: ssim, penalty, batches
@@ -151,6 +152,9 @@ class AdversarialTraining(Defense):
                 f"{in_ch} input channels"
             )
         self.decoder = ResDecoder(cz, hz, in_ch, int(size), width=self.width, depth=self.depth)
+        if self._pending_decoder_state is not None:  # state loaded before setup
+            self.decoder.load_state_dict(self._pending_decoder_state)
+            self._pending_decoder_state = None
         self.decoder.to(ctx.device)
         self._opt = torch.optim.Adam(self.decoder.parameters(), lr=self.lr)
         if self._pending_opt_state is not None:  # state loaded before setup
@@ -161,6 +165,17 @@ class AdversarialTraining(Defense):
         self._mean = torch.tensor(mean, device=ctx.device).view(1, -1, 1, 1)
         self._std = torch.tensor(std, device=ctx.device).view(1, -1, 1, 1)
         self._stats = torch.zeros(3, device=ctx.device)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Loaded before setup (e.g. to attack a trained run): no decoder exists yet, so keep
+        # its weights for setup() instead of failing on "unexpected keys".
+        if self.decoder is None:
+            key = prefix + "decoder."
+            self._pending_decoder_state = {
+                k[len(key):]: v for k, v in state_dict.items() if k.startswith(key)
+            } or None
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(key)}
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"optimizer": self._opt.state_dict() if self._opt is not None else None}
@@ -209,6 +224,7 @@ class AdversarialTraining(Defense):
                 self._opt.zero_grad(set_to_none=True)
                 dloss.backward()
                 self._opt.step()
+            self._opt.zero_grad(set_to_none=True)  # free them; the penalty adds none
             # 2) the encoder penalty against the updated decoder; its parameters are frozen so
             # the graph (and the trainer's backward) reaches the encoder only
             penalty: Tensor | None = None

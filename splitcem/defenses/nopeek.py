@@ -78,10 +78,10 @@ class NoPeek(Defense):
     Args:
         weight: Loss weight alpha >= 0. The reference code passes its defense strength
             (``AT_regularization_strength``, 0.3 in ``run_exp.sh``); the NoPeek paper sweeps
-            0.1 to 0.5. Default 0.5. 0 disables the term.
+            0.1 to 0.5. Default 0.3 (the reference's). 0 disables the term.
     """
 
-    def __init__(self, *, weight: float = 0.5) -> None:
+    def __init__(self, *, weight: float = 0.3) -> None:
         super().__init__()
         weight = float(weight)
         if not (weight >= 0 and math.isfinite(weight)):

@@ -128,6 +128,16 @@ class PatrolPruning(Defense):
                 self.register_buffer(name, torch.ones(conv.out_channels, device=ctx.device))
             self._handles.append(point.register_forward_hook(self._make_hook(i)))
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Loaded before setup (e.g. to attack a trained run): create the mask buffers from the
+        # state so the load succeeds; setup() keeps them (the model's weights carry the
+        # pruning already, see _bake).
+        for k, v in state_dict.items():
+            name = k[len(prefix):]
+            if k.startswith(prefix) and name.startswith("mask") and not hasattr(self, name):
+                self.register_buffer(name, torch.ones_like(v))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def masks(self) -> list[Tensor]:
         """The 0/1 channel masks (C_i,), one per masked layer."""
         return [getattr(self, f"mask{i}") for i in range(len(self._layers))]
