@@ -28,7 +28,9 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Callable[..., T]] = {}
 
-    def register(self, name: str, *, force: bool = False) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(
+        self, name: str, *, force: bool = False
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator registering ``fn`` under ``name``; a duplicate raises unless ``force``."""
 
         def deco(fn: Callable[..., T]) -> Callable[..., T]:

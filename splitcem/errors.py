@@ -33,7 +33,8 @@ class DataError(SplitcemError, ValueError):
 
 
 class DatasetNotFoundError(DataError, FileNotFoundError):
-    """A dataset was not found where it was looked for (the message says where and how to get it)."""
+    """A dataset was not found where it was looked for (the message says where and how to
+    get it)."""
 
 
 class NonFiniteError(SplitcemError, FloatingPointError):

@@ -27,12 +27,12 @@ from splitcem.data import Augment, DataSplits, make_splits
 from splitcem.defenses import DefenseStack, create_defense
 from splitcem.errors import CheckpointError, ConfigError
 from splitcem.models import SplitModel, create_split_model
-from splitcem.train import LAST, Trainer, resolve_device
+from splitcem.train import LAST, Trainer, resolve_device, setup_context
 
 __all__ = [
     "Prepared",
-    "augmentation",
     "attack_run",
+    "augmentation",
     "build_defenses",
     "build_model",
     "prepare",
@@ -191,6 +191,9 @@ def load_trained(
     cfg = load_config(run_dir / CONFIG_FILE)
     p = prepare(cfg, device=device)
     state = load_checkpoint(run_dir / "checkpoints" / LAST, p.device)
+    p.model.to(p.device)
+    p.stack.to(p.device)
+    p.stack.setup(setup_context(p.model, p.stack, p.splits, cfg.train, device=p.device))
     if int(state["epoch"]) < cfg.train.epochs:
         log.warning("%s: training stopped at epoch %d of %d; attacking that model "
                     "(finish it with --resume)", run_dir, state["epoch"], cfg.train.epochs)

@@ -36,7 +36,16 @@ from splitcem.defenses import DefenseStack, EpochContext, SetupContext, StepCont
 from splitcem.errors import CheckpointError, ConfigError, NonFiniteError
 from splitcem.models import SplitModel
 
-__all__ = ["TrainResult", "Trainer", "evaluate", "lr_factor", "resolve_device", "train"]
+__all__ = [
+    "TrainResult",
+    "Trainer",
+    "evaluate",
+    "lr_factor",
+    "resolve_device",
+    "setup_context",
+    "steps_per_epoch",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +83,27 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
     epoch = step // steps_per_epoch
     return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+
+
+def steps_per_epoch(train_size: int, batch_size: int) -> int:
+    """Optimizer steps per epoch (the last partial batch is dropped when there is a full one)."""
+    return train_size // batch_size if train_size > batch_size else 1 if train_size else 0
+
+
+def setup_context(
+    model: SplitModel, stack: DefenseStack, splits: DataSplits, cfg: TrainConfig, *,
+    device: torch.device,
+) -> SetupContext:
+    """What the defenses are told when attached: used for training and for reloading a run
+    (defenses create their buffers in ``setup``, so it must run before ``load_state_dict``)."""
+    info = splits.train.info
+    return SetupContext(
+        model=model, num_classes=info.num_classes, device=device,
+        noise_sigma=stack.noise_sigma, train_size=len(splits.train),
+        steps_per_epoch=steps_per_epoch(len(splits.train), cfg.batch_size),
+        epochs=cfg.epochs, feature_shape=tuple(model.feature_shape),
+        mean=tuple(info.mean), std=tuple(info.std),
+    )
 
 
 @dataclass
@@ -171,16 +201,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        info = splits.train.info
-        self.stack.setup(
-            SetupContext(
-                model=model, num_classes=info.num_classes, device=device,
-                noise_sigma=stack.noise_sigma, train_size=len(splits.train),
-                steps_per_epoch=len(self.loader), epochs=cfg.epochs,
-                feature_shape=tuple(model.feature_shape), mean=tuple(info.mean),
-                std=tuple(info.std),
-            )
-        )
+        self.stack.setup(setup_context(model, stack, splits, cfg, device=device))
 
     # ----------------------------------------------------------------- checkpoints
     @property

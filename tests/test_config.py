@@ -42,7 +42,7 @@ def test_list_override_and_bad_override():
     assert cfg.defenses[0]["sigma"] == 0.05
     with pytest.raises(ConfigError, match="not an index"):
         load_config({"defenses": []}, ["defenses.3.sigma=1"])
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         load_config({}, ["train.epochs"])
 
 

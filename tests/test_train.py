@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -25,8 +26,9 @@ def test_lr_schedule_warmup_then_steps():
     spe = 5
     f = [lr_factor(s, spe, cfg) for s in range(10 * spe)]
     assert f[0] == pytest.approx(1 / 10) and f[9] == pytest.approx(1.0)  # linear warm-up
-    assert all(a < b for a, b in zip(f[:9], f[1:10], strict=True))
-    assert f[3 * spe] == 1.0 and f[4 * spe] == pytest.approx(0.2) and f[8 * spe] == pytest.approx(0.04)
+    assert all(a < b for a, b in itertools.pairwise(f[:10]))
+    assert f[3 * spe] == 1.0 and f[4 * spe] == pytest.approx(0.2)
+    assert f[8 * spe] == pytest.approx(0.04)
 
 
 def test_cosine_schedule():
@@ -34,7 +36,7 @@ def test_cosine_schedule():
     f = [lr_factor(s, 10, cfg) for s in range(40)]
     assert f[9] == 1.0 and f[10] == pytest.approx(1.0)
     assert f[25] == pytest.approx(0.5) and f[-1] < 0.01
-    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
 
 
 def test_resolve_device():
