@@ -59,13 +59,28 @@ def make_case(c: int, b: int, seed: int = 0) -> dict:
     # each sample near a random centroid of its class
     k = torch.randint(K, (b,), generator=g)
     z = (centroids[y, k] + 0.05 * torch.randn(b, d, generator=g)).clamp(0.01, 0.99)
-    return dict(z=z.view(b, *FEATURES), y=y, centroids=centroids, pi=pi, var=var, counts=counts,
-                fitted=torch.ones(c, dtype=torch.bool), per_class=per_class)
+    return dict(
+        z=z.view(b, *FEATURES),
+        y=y,
+        centroids=centroids,
+        pi=pi,
+        var=var,
+        counts=counts,
+        fitted=torch.ones(c, dtype=torch.bool),
+        per_class=per_class,
+    )
 
 
-def reference_loop_loss(features: Tensor, labels: Tensor, centroids_list: list[Tensor],
-                        weights_list: list[Tensor], variances_list: list[Tensor],
-                        class_length: float, sigma: float, tau: float = 0.125) -> Tensor:
+def reference_loop_loss(
+    features: Tensor,
+    labels: Tensor,
+    centroids_list: list[Tensor],
+    weights_list: list[Tensor],
+    variances_list: list[Tensor],
+    class_length: float,
+    sigma: float,
+    tau: float = 0.125,
+) -> Tensor:
     """The reference's ``compute_class_means`` (log-entropy branch), structure kept as is.
 
     Kept: the sort by label, the per-sample ``torch.stack`` of its class's centroids, the
@@ -147,8 +162,7 @@ def _time(fn, reps: int, device: torch.device, warmup: int = 2) -> float:
 def bench_loss(reps: int, device: torch.device, sigma: float = 0.1) -> dict[str, float]:
     out: dict[str, float] = {}
     for c, b in CASES:
-        case = {k: v.to(device) if isinstance(v, Tensor) else v
-                for k, v in make_case(c, b).items()}
+        case = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in make_case(c, b).items()}
         z0, y = case["z"], case["y"]
         mix = {k: case[k] for k in ("centroids", "pi", "var", "counts", "fitted")}
         cl = [t for t in case["centroids"]]
@@ -180,10 +194,12 @@ def bench_loss(reps: int, device: torch.device, sigma: float = 0.1) -> dict[str,
         out[f"loop_step_ms_{c}"] = _time(loop, max(3, reps // 4), device)
         out[f"speedup_{c}"] = out[f"loop_step_ms_{c}"] / out[f"cem_ref_step_ms_{c}"]
         out[f"speedup_paper_form_{c}"] = out[f"loop_step_ms_{c}"] / out[f"cem_step_ms_{c}"]
-        print(f"C={c:4d} B={b}: paper {out[f'cem_step_ms_{c}']:.2f} ms, reference form "
-              f"{out[f'cem_ref_step_ms_{c}']:.2f} ms, loop {out[f'loop_step_ms_{c}']:.2f} ms "
-              f"-> x{out[f'speedup_{c}']:.1f} (|dL| {out[f'ref_vs_loop_abs_diff_{c}']:.1e})",
-              flush=True)
+        print(
+            f"C={c:4d} B={b}: paper {out[f'cem_step_ms_{c}']:.2f} ms, reference form "
+            f"{out[f'cem_ref_step_ms_{c}']:.2f} ms, loop {out[f'loop_step_ms_{c}']:.2f} ms "
+            f"-> x{out[f'speedup_{c}']:.1f} (|dL| {out[f'ref_vs_loop_abs_diff_{c}']:.1e})",
+            flush=True,
+        )
     return out
 
 
@@ -205,13 +221,23 @@ def bench_refit(device: torch.device) -> dict[str, float]:
         g = torch.Generator().manual_seed(0)
         y = torch.randint(c, (n,), generator=g)
         centres = torch.rand(c, K, d, generator=g) * 0.6 + 0.2
-        z = (centres[y, torch.randint(K, (n,), generator=g)]
-             + 0.05 * torch.randn(n, d, generator=g)).to(device)
+        z = (
+            centres[y, torch.randint(K, (n,), generator=g)] + 0.05 * torch.randn(n, d, generator=g)
+        ).to(device)
         y = y.to(device)
         cem = CEM(lam=0.1, clusters=K)
-        cem.setup(SetupContext(model=SimpleNamespace(), num_classes=c, device=device,
-                               noise_sigma=0.1, train_size=n, steps_per_epoch=1, epochs=1,
-                               feature_shape=shape))
+        cem.setup(
+            SetupContext(
+                model=SimpleNamespace(),
+                num_classes=c,
+                device=device,
+                noise_sigma=0.1,
+                train_size=n,
+                steps_per_epoch=1,
+                epochs=1,
+                feature_shape=shape,
+            )
+        )
         for phase in ("cold", "warm"):
             _sync(device)
             t0 = time.perf_counter()
@@ -219,8 +245,11 @@ def bench_refit(device: torch.device) -> dict[str, float]:
             _sync(device)
             out[f"refit_ms_{name}_{phase}"] = 1000.0 * (time.perf_counter() - t0)
             out[f"refit_iters_{name}_{phase}"] = m["kmeans_iters"]
-        print(f"refit {name} (C={c}, D={d}, N={n}): cold {out[f'refit_ms_{name}_cold']:.0f} ms, "
-              f"warm {out[f'refit_ms_{name}_warm']:.0f} ms", flush=True)
+        print(
+            f"refit {name} (C={c}, D={d}, N={n}): cold {out[f'refit_ms_{name}_cold']:.0f} ms, "
+            f"warm {out[f'refit_ms_{name}_warm']:.0f} ms",
+            flush=True,
+        )
     return out
 
 
@@ -269,8 +298,16 @@ def bench_epoch(
         for d in stack:
             if d.name == "cem":
                 _time_hooks(d, hook_s)
-        return Trainer(model, stack, prep.splits, cfg.train, device=prep.device, seed=cfg.seed,
-                       run_dir=None, progress=False)
+        return Trainer(
+            model,
+            stack,
+            prep.splits,
+            cfg.train,
+            device=prep.device,
+            seed=cfg.seed,
+            run_dir=None,
+            progress=False,
+        )
 
     hook_s = {"s": 0.0}  # time inside the bank-mode CEM's hooks (loss forward + refit)
     names = ["cem", "nocem", "cem_pass"] if with_pass else ["cem", "nocem"]
@@ -282,14 +319,17 @@ def bench_epoch(
     refit: list[float] = []
     hooks: list[float] = []
     for r in range(repeats):  # interleaved epochs, CEM loss active; the order rotates
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t = runs[name]
             hook_s["s"] = 0.0
             rec = t.train_epoch()
             t.epoch += 1
             s = rec["train_seconds"] + rec["epoch_end_seconds"]
-            print(f"  repeat {r}: {name:8s} {s:.1f} s (train {rec['train_seconds']:.1f} s, "
-                  f"epoch end {rec['epoch_end_seconds']:.2f} s)", flush=True)
+            print(
+                f"  repeat {r}: {name:8s} {s:.1f} s (train {rec['train_seconds']:.1f} s, "
+                f"epoch end {rec['epoch_end_seconds']:.2f} s)",
+                flush=True,
+            )
             best[name] = min(best.get(name, float("inf")), s)
             if name == "cem":
                 hooks.append(hook_s["s"] / s)  # a ratio within one epoch: robust to load
@@ -310,9 +350,12 @@ def bench_epoch(
     if with_pass:
         out["epoch_s_cem_pass"] = best["cem_pass"]
         out["epoch_overhead_pct_pass"] = 100.0 * (best["cem_pass"] / best["nocem"] - 1.0)
-    print(f"epoch of {n} images: {best['nocem']:.1f} s without CEM, {best['cem']:.1f} s with "
-          f"(+{out['epoch_overhead_pct']:.1f}%; refit {out['refit_ms']:.0f} ms; time in CEM's "
-          f"hooks {out['cem_hooks_pct_of_epoch']:.2f}% of the epoch)", flush=True)
+    print(
+        f"epoch of {n} images: {best['nocem']:.1f} s without CEM, {best['cem']:.1f} s with "
+        f"(+{out['epoch_overhead_pct']:.1f}%; refit {out['refit_ms']:.0f} ms; time in CEM's "
+        f"hooks {out['cem_hooks_pct_of_epoch']:.2f}% of the epoch)",
+        flush=True,
+    )
     return out
 
 
@@ -321,8 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per loss case")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--config", type=Path, default=REPO / "configs/cpu/cifar10_noise_cem.yaml")
-    p.add_argument("--limit-train", type=int, default=10_000,
-                   help="training images for (b); 0 = the whole training set")
+    p.add_argument(
+        "--limit-train",
+        type=int,
+        default=10_000,
+        help="training images for (b); 0 = the whole training set",
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed epochs per variant in (b)")
     p.add_argument("--skip-epoch", action="store_true", help="skip (b), the training epoch")
     p.add_argument("--refit", action="store_true", help="also time the epoch-end refit")
@@ -337,9 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.refit:
         out.update(bench_refit(device))
     if not args.skip_epoch:
-        out.update(
-            bench_epoch(args.config, args.limit_train or None, args.repeats, args.with_pass)
-        )
+        out.update(bench_epoch(args.config, args.limit_train or None, args.repeats, args.with_pass))
     print(json.dumps({k: float(f"{v:.4g}") for k, v in out.items()}))
     return 0
 

@@ -151,7 +151,8 @@ class Trainer:
         stack: Defenses applied to the client's features (may be empty).
         splits: Data; only ``train`` and ``test`` are used here.
         cfg: Optimiser, schedule and epoch settings.
-        device: Where to train. Mixed precision (bfloat16 autocast) only on CUDA with ``cfg.amp``.
+        device: Where to train. ``cfg.amp``: bfloat16 autocast (CUDA or CPU) of the client
+            and server; the features between them stay float32.
         seed: Seeds weights' RNG use during training, data order and augmentation.
         run_dir: Where ``checkpoints/last.pt`` is written each epoch (None: no checkpoints).
         progress: Show tqdm progress bars.
@@ -197,7 +198,10 @@ class Trainer:
         self.optimizer = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        self.amp = bool(cfg.amp and device.type == "cuda")
+        self.amp = bool(cfg.amp and device.type in ("cuda", "cpu"))
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -270,7 +274,7 @@ class Trainer:
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if self.amp else contextlib.nullcontext()
-        )
+        )  # re-entered twice per step: an autocast context object is reusable
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         extra_sums: dict[str, Tensor] = {}
@@ -281,14 +285,16 @@ class Trainer:
         lr = self._set_lr()
         for i, (x, y) in enumerate(bar):
             lr = self._set_lr()
+            x = x.contiguous(memory_format=self.memory_format)
             with autocast:
-                z_clean = model.client(x)  # (B, C, H, W)
-                z_sent = stack.transform(z_clean)
+                # features leave the client in float32: noise, filters and CEM see full
+                # precision even under bf16 autocast
+                z_clean = model.client(x).float()  # (B, C, H, W)
+            z_sent = stack.transform(z_clean)
+            with autocast:
                 logits = model.server(z_sent)
-                task = F.cross_entropy(
-                    logits.float(), y, label_smoothing=self.cfg.label_smoothing
-                )
-            ctx = StepContext(x=x, y=y, z_clean=z_clean.float(), z_sent=z_sent.float(),
+            task = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+            ctx = StepContext(x=x, y=y, z_clean=z_clean, z_sent=z_sent,
                               model=model, epoch=self.epoch, step=self.step, lr=lr)
             extra, terms = stack.loss(ctx)
             loss = task if extra is None else task + extra

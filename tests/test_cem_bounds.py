@@ -26,8 +26,9 @@ def _mc_mixture_entropy(pi, mu, var, n: int, seed: int) -> tuple[float, float]:
     comp = torch.multinomial(pi, n, replacement=True, generator=g)  # (n,)
     z = mu[comp] + var[comp].sqrt() * torch.randn(n, mu.shape[1], generator=g, dtype=torch.float64)
     # log N(z; mu_k, var_k) for every k: (n, K)
-    logn = -0.5 * (((z[:, None] - mu[None]) ** 2) / var[None] + torch.log(var[None])
-                   + math.log(2 * math.pi)).sum(-1)
+    logn = -0.5 * (
+        ((z[:, None] - mu[None]) ** 2) / var[None] + torch.log(var[None]) + math.log(2 * math.pi)
+    ).sum(-1)
     logp = torch.logsumexp(torch.log(pi)[None] + logn, dim=1)  # (n,)
     return float(-logp.mean()), float(logp.std() / math.sqrt(n))
 

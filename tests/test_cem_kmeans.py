@@ -112,7 +112,10 @@ def test_init_valid_mixes_warm_and_seeded_classes():
     init = good.centroids.clone()
     init[1] = float("nan")  # class 1 has no warm start: must be seeded, NaN must not leak
     res = batched_kmeans(
-        x, k=2, init=init, init_valid=torch.tensor([True, False]),
+        x,
+        k=2,
+        init=init,
+        init_valid=torch.tensor([True, False]),
         generator=torch.Generator().manual_seed(0),
     )
     assert torch.isfinite(res.centroids).all()

@@ -41,23 +41,32 @@ def _data(n: int = 64, seed: int = 0):
 
 
 def _setup(cem: CEM, model, sigma: float = 0.1, train_size: int = 64) -> None:
-    cem.setup(SetupContext(
-        model=model, num_classes=NUM_CLASSES, device=torch.device("cpu"), noise_sigma=sigma,
-        train_size=train_size, steps_per_epoch=2, epochs=3,
-        feature_shape=tuple(model.feature_shape),
-    ))
+    cem.setup(
+        SetupContext(
+            model=model,
+            num_classes=NUM_CLASSES,
+            device=torch.device("cpu"),
+            noise_sigma=sigma,
+            train_size=train_size,
+            steps_per_epoch=2,
+            epochs=3,
+            feature_shape=tuple(model.feature_shape),
+        )
+    )
 
 
 def _step(cem: CEM, model, x, y, *, epoch: int, step: int, lr: float = 0.05):
     z = model.client(x)
-    return cem.loss(StepContext(x=x, y=y, z_clean=z, z_sent=z, model=model, epoch=epoch,
-                                step=step, lr=lr))
+    return cem.loss(
+        StepContext(x=x, y=y, z_clean=z, z_sent=z, model=model, epoch=epoch, step=step, lr=lr)
+    )
 
 
 def _epoch_end(cem: CEM, model, epoch: int, x=None, y=None):
     batches = (lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])])) if x is not None else None
-    return cem.on_epoch_end(EpochContext(model=model, epoch=epoch, device=torch.device("cpu"),
-                                         train_batches=batches))
+    return cem.on_epoch_end(
+        EpochContext(model=model, epoch=epoch, device=torch.device("cpu"), train_batches=batches)
+    )
 
 
 def _fitted(lam: float = 1.0, **kw):
@@ -66,8 +75,10 @@ def _fitted(lam: float = 1.0, **kw):
     _setup(cem, model)
     x, y = _data()
     for i in range(2):  # epoch 0: warm-up, features go to the bank
-        assert _step(cem, model, x[32 * i: 32 * (i + 1)], y[32 * i: 32 * (i + 1)],
-                     epoch=0, step=i) is None
+        assert (
+            _step(cem, model, x[32 * i : 32 * (i + 1)], y[32 * i : 32 * (i + 1)], epoch=0, step=i)
+            is None
+        )
     metrics = _epoch_end(cem, model, 0)
     return cem, model, x, y, metrics
 
@@ -79,11 +90,23 @@ def test_registered_and_validated():
     assert d.hparams()["lam"] == 0.1
 
 
-@pytest.mark.parametrize("kw", [
-    dict(lam=-1.0), dict(lam=float("nan")), dict(clusters=0), dict(clusters=2.5),
-    dict(form="fancy"), dict(tau=0.0), dict(bank="disk"), dict(warmup_epochs=-1),
-    dict(lr_scaling="yes"), dict(max_iter=0), dict(h_x="a lot"), dict(lam="x"),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(lam=-1.0),
+        dict(lam=float("nan")),
+        dict(clusters=0),
+        dict(clusters=2.5),
+        dict(form="fancy"),
+        dict(tau=0.0),
+        dict(bank="disk"),
+        dict(warmup_epochs=-1),
+        dict(lr_scaling="yes"),
+        dict(max_iter=0),
+        dict(h_x="a lot"),
+        dict(lam="x"),
+    ],
+)
 def test_bad_values_raise_config_error(kw):
     with pytest.raises(ConfigError, match="cem"):
         CEM(**kw)
@@ -108,16 +131,30 @@ def test_nonfinite_features_name_the_step():
     _setup(cem, model)
     z = torch.rand(4, *model.feature_shape)
     z[1, 0, 0, 0] = float("nan")
-    ctx = StepContext(x=torch.zeros(4, 3, 32, 32), y=torch.zeros(4, dtype=torch.long),
-                      z_clean=z, z_sent=z, model=model, epoch=2, step=7, lr=0.1)
+    ctx = StepContext(
+        x=torch.zeros(4, 3, 32, 32),
+        y=torch.zeros(4, dtype=torch.long),
+        z_clean=z,
+        z_sent=z,
+        model=model,
+        epoch=2,
+        step=7,
+        lr=0.1,
+    )
     with pytest.raises(NonFiniteError, match=r"epoch 2, step 7"):
         cem.loss(ctx)
 
 
 def test_epoch_cycle_metrics_and_gradient_only_to_encoder():
     cem, model, x, y, metrics = _fitted(lam=0.5, h_x=-3000.0)
-    for key in ("h_z_bound_nats", "mi_bound_bits", "mse_lower_bound", "kmeans_iters",
-                "refit_ms", "l_c"):
+    for key in (
+        "h_z_bound_nats",
+        "mi_bound_bits",
+        "mse_lower_bound",
+        "kmeans_iters",
+        "refit_ms",
+        "l_c",
+    ):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["mi_bound_bits"] > 0 and metrics["mse_lower_bound"] > 0
     assert cem.fitted.all() and cem._bank_n == 0  # bank cleared
@@ -136,8 +173,9 @@ def test_sgd_on_lc_alone_decreases_it_and_the_leakage_bound():
     first = None
     for step in range(16):
         i = step % 2
-        loss = _step(cem, model, x[32 * i: 32 * (i + 1)], y[32 * i: 32 * (i + 1)],
-                     epoch=1, step=2 + step)
+        loss = _step(
+            cem, model, x[32 * i : 32 * (i + 1)], y[32 * i : 32 * (i + 1)], epoch=1, step=2 + step
+        )
         first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
@@ -151,8 +189,13 @@ def test_sgd_on_lc_alone_decreases_it_and_the_leakage_bound():
 def test_checkpoint_round_trip_keeps_the_fitted_mixture():
     cem, model, x, y, _ = _fitted(lam=0.3)
     state = DefenseStack([cem]).state_dict()
-    assert {"defenses.0.centroids", "defenses.0.pi", "defenses.0.var", "defenses.0.counts",
-            "defenses.0.fitted"} <= set(state)
+    assert {
+        "defenses.0.centroids",
+        "defenses.0.pi",
+        "defenses.0.var",
+        "defenses.0.counts",
+        "defenses.0.fitted",
+    } <= set(state)
     with torch.no_grad():
         want = _step(cem, model, x[:16], y[:16], epoch=1, step=5)
     for setup_first in (True, False):
@@ -194,7 +237,7 @@ def test_reference_form_end_to_end_and_lambda_zero_monitors():
     cem, model, x, y, m = _fitted(lam=0.2, form="reference")
     assert m["l_c"] >= 0
     assert _step(cem, model, x[:16], y[:16], epoch=1, step=2) is not None
-    mon, model2, *_ , m2 = _fitted(lam=0.0)
+    mon, model2, *_, m2 = _fitted(lam=0.0)
     assert "mi_bound_bits" in m2  # lambda 0: bounds only
     assert _step(mon, model2, x[:16], y[:16], epoch=1, step=2) is None
 
@@ -211,9 +254,18 @@ def test_cuda_matches_cpu_and_defers_the_nonfinite_check():
     cems = {}
     for where in ("cpu", "cuda"):
         cem = CEM(lam=1.0, clusters=3)
-        cem.setup(SetupContext(model=fake, num_classes=NUM_CLASSES, device=torch.device(where),
-                               noise_sigma=0.1, train_size=600, steps_per_epoch=5, epochs=2,
-                               feature_shape=(4, 4, 4)))
+        cem.setup(
+            SetupContext(
+                model=fake,
+                num_classes=NUM_CLASSES,
+                device=torch.device(where),
+                noise_sigma=0.1,
+                train_size=600,
+                steps_per_epoch=5,
+                epochs=2,
+                feature_shape=(4, 4, 4),
+            )
+        )
         m = cem.fit(z.to(where), y.to(where))
         cems[where] = (cem, m)
     (c_cpu, m_cpu), (c_gpu, m_gpu) = cems["cpu"], cems["cuda"]
@@ -226,8 +278,16 @@ def test_cuda_matches_cpu_and_defers_the_nonfinite_check():
 
     def run(cem, where):
         zz = zb.to(where).requires_grad_(True)
-        ctx = StepContext(x=torch.zeros(32, 3, 8, 8, device=where), y=yb.to(where), z_clean=zz,
-                          z_sent=zz, model=fake, epoch=1, step=3, lr=0.1)
+        ctx = StepContext(
+            x=torch.zeros(32, 3, 8, 8, device=where),
+            y=yb.to(where),
+            z_clean=zz,
+            z_sent=zz,
+            model=fake,
+            epoch=1,
+            step=3,
+            lr=0.1,
+        )
         loss = cem.loss(ctx)
         loss.backward()
         return loss.detach().cpu(), zz.grad.cpu()
@@ -239,8 +299,16 @@ def test_cuda_matches_cpu_and_defers_the_nonfinite_check():
     # a NaN on the GPU does not sync at the step; it is raised at the epoch end
     bad = zb.to(dev).clone()
     bad[0, 0, 0, 0] = float("nan")
-    ctx = StepContext(x=torch.zeros(32, 3, 8, 8, device=dev), y=yb.to(dev), z_clean=bad,
-                      z_sent=bad, model=fake, epoch=1, step=5, lr=0.1)
+    ctx = StepContext(
+        x=torch.zeros(32, 3, 8, 8, device=dev),
+        y=yb.to(dev),
+        z_clean=bad,
+        z_sent=bad,
+        model=fake,
+        epoch=1,
+        step=5,
+        lr=0.1,
+    )
     c_gpu.loss(ctx)  # no raise here
     with pytest.raises(NonFiniteError, match="step 5"):
         c_gpu.on_epoch_end(EpochContext(model=fake, epoch=1, device=dev, train_batches=None))
