@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import signal
 import subprocess
@@ -169,3 +170,24 @@ def test_sigkill_mid_run_then_resume(tiny_config, tmp_path):
     assert a["epoch"] == b["epoch"] == 6
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+def test_bf16_autocast_and_channels_last_train(tiny_config):
+    """The fast CPU path (bf16 autocast + channels-last) trains and keeps float32 features."""
+    cfg = tiny_config(train={"amp": True, "channels_last": True, "epochs": 1,
+                             "warmup_epochs": 0},
+                      defenses=[{"name": "noise", "sigma": 0.1}], cem={"lambda": 0.1})
+    seen = {}
+
+    class Spy(Defense):
+        def loss(self, ctx):
+            seen["dtype"] = ctx.z_clean.dtype
+            return None
+
+    p = prepare(cfg)
+    stack = DefenseStack([*p.stack, Spy()])
+    tr = Trainer(p.model, stack, p.splits, cfg.train, device=p.device, seed=0, progress=False)
+    res = tr.fit()
+    assert seen["dtype"] == torch.float32
+    assert math.isfinite(res.history[-1]["train_loss"])
+    assert 0.0 <= res.test_accuracy <= 1.0
