@@ -6,7 +6,7 @@ on the same real CIFAR-10 images with no augmentation: the trainer through
 accumulation, epoch-end hooks), the bare loop as the five lines everyone writes. Epochs
 alternate between the two, and the median of each is reported.
 
-    python benchmarks/train_throughput.py [--images 4096] [--repeats 3] [--device cpu]
+    python benchmarks/train_throughput.py [--images 4096] [--repeats 3] [--device cpu] [--fp32]
 
 Last line: JSON with images/s of both and their ratio (target >= 0.95).
 """
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--server-width", type=float, default=0.25)
     ap.add_argument("--noise", type=float, default=0.1, help="noise defense sigma in both loops")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--fp32", action="store_true",
+                    help="no bf16 autocast / channels-last (the CPU protocol uses both)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
 
@@ -44,7 +46,8 @@ def main() -> None:
     cfg = load_config({
         "data": {"name": "cifar10", "limit_train": args.images, "limit_test": 256},
         "model": {"server_width": args.server_width},
-        "train": {"epochs": 100, "batch_size": args.batch_size, "milestones": [99]},
+        "train": {"epochs": 100, "batch_size": args.batch_size, "milestones": [99],
+                  "amp": not args.fp32, "channels_last": not args.fp32},
     })
     splits = make_splits("cifar10", seed=0, limit_train=args.images, limit_test=256)
     torch.manual_seed(0)
@@ -59,6 +62,11 @@ def main() -> None:
     batches = list(BatchLoader(splits.train, batch_size=args.batch_size, shuffle=True,
                                augment=False, device=dev, seed=0, drop_last=True))
     opt = torch.optim.SGD(model_b.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    fast = not args.fp32
+    if fast:
+        model_b.to(memory_format=torch.channels_last)
+        batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=fast)  # noqa: E731
     n_img = sum(int(y.numel()) for _, y in batches)
 
     def sync() -> None:
@@ -70,10 +78,13 @@ def main() -> None:
         sync()
         t0 = time.perf_counter()
         for x, y in batches:
-            z = model_b.client(x)
+            with autocast():
+                z = model_b.client(x).float()
             if args.noise:
                 z = z + args.noise * torch.randn_like(z)
-            loss = F.cross_entropy(model_b.server(z), y)
+            with autocast():
+                logits = model_b.server(z)
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -101,6 +112,7 @@ def main() -> None:
         "bare_images_per_s": round(b, 1),
         "ratio_trainer_over_bare": round(t / b, 3),
         "device": str(dev),
+        "bf16_channels_last": fast,
         "images_per_epoch": n_img,
     }))
 

@@ -108,6 +108,10 @@ class CEMConfig(_Strict):
     lr_scaling: bool = False
     max_iter: int = Field(50, ge=1)
     h_x: float | None = None
+    blend_scale: float = Field(10.0, gt=0)
+    kmeans_tol: float = Field(1e-3, ge=0)
+    n_init: int = Field(3, ge=1)
+    seed: int = 0
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the registered ``cem`` defense."""
