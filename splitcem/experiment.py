@@ -35,6 +35,7 @@ __all__ = [
     "augmentation",
     "build_defenses",
     "build_model",
+    "check_attacks",
     "prepare",
     "run_experiment",
     "train_run",
@@ -112,6 +113,17 @@ def _read_metrics(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def check_attacks(cfg: RunConfig) -> None:
+    """Fail before training, not after it, on a bad threat model or attack spec."""
+    if not cfg.attack.attacks:
+        return
+    from splitcem.attacks import ThreatModel
+    from splitcem.attacks.suite import parse_specs
+
+    ThreatModel.from_dict(cfg.attack.threat_dict())
+    parse_specs(cfg.attack.attacks)
+
+
 def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     ckpt = run_dir / "checkpoints" / LAST
     if ckpt.exists() and not (resume or overwrite):
@@ -139,6 +151,7 @@ def train_run(
 ) -> dict[str, Any]:
     """Train the run ``cfg`` describes into ``run_dir``; returns the results record."""
     run_dir = Path(run_dir)
+    check_attacks(cfg)
     _check_run_dir(run_dir, cfg, resume, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

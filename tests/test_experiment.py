@@ -43,6 +43,16 @@ def test_existing_run_needs_resume_or_overwrite(tiny_config, tmp_path):
     assert rec["train"]["epochs"] == 2
 
 
+def test_bad_attack_config_fails_before_training(tiny_config, tmp_path):
+    cfg = tiny_config(attack={"threat": "setting:inference"})
+    with pytest.raises(ConfigError, match="threat setting"):
+        run_experiment(cfg, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    cfg = tiny_config(attack={"attacks": [{"name": "decoder", "epoch": 3}]})
+    with pytest.raises(ConfigError, match="'epoch'"):
+        run_experiment(cfg, tmp_path / "r", progress=False)
+
+
 def test_cli_train_attack_and_listings(tiny_config, tmp_path):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config().to_dict()))
