@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,11 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from splitcem._registry import Registry
+from splitcem._validate import check_choice, check_float, check_int
 from splitcem.attacks.threat import Access
 from splitcem.data.dataset import ArrayDataset
 from splitcem.data.info import DatasetInfo
 from splitcem.defenses.base import Defense, DefenseStack
-from splitcem.errors import ConfigError, DataError, NonFiniteError
+from splitcem.errors import DataError, NonFiniteError
 from splitcem.metrics import ImageMetrics
 
 __all__ = [
@@ -356,32 +357,15 @@ class Attack(ABC):
 
 
 def _positive_int(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
+    return check_int(name, v, lo=1)
 
 
 def _nonneg_int(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {v!r}")
-    return int(v)
+    return check_int(name, v, lo=0)
 
 
-def _nonneg_float(name: str, v: Any, *, positive: bool = False) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {v!r}") from None
-    if not np.isfinite(f) or f < 0 or (positive and f == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ConfigError(f"{name} must be a finite number {bound}, got {v!r}")
-    return f
-
-
-def _choice(name: str, v: Any, options: Sequence[str]) -> str:
-    if v not in options:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, options))}; got {v!r}")
-    return str(v)
+_nonneg_float = check_float
+_choice = check_choice
 
 
 def _check_finite(t: Tensor, what: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from splitcem._validate import check_float, check_int
 from splitcem.cem.bounds import (
     conditional_entropy_lower_bound,
     feature_entropy_bound,
@@ -43,20 +44,11 @@ _BANKS = ("epoch", "pass")
 
 
 def _check_int(name: str, v: Any, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"cem {name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
+    return check_int(f"cem {name}", v, lo=lo)
 
 
 def _check_float(name: str, v: Any, *, positive: bool = False) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"cem {name} must be a number, got {v!r}") from None
-    if isinstance(v, bool) or not math.isfinite(f) or f < 0 or (positive and f == 0):
-        what = "> 0" if positive else ">= 0"
-        raise ConfigError(f"cem {name} must be a finite number {what}, got {v!r}")
-    return f
+    return check_float(f"cem {name}", v, positive=positive)
 
 
 @register_defense("cem")

@@ -19,13 +19,13 @@ a checkpoint continues exactly.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from splitcem._validate import check_float, check_int
 from splitcem.defenses.base import (
     Defense,
     EpochContext,
@@ -95,21 +95,16 @@ class AdversarialTraining(Defense):
         decoder_loss: str = "ssim",
     ) -> None:
         super().__init__()
-        strength, threshold, lr = float(strength), float(threshold), float(lr)
-        if not (strength >= 0 and math.isfinite(strength)):
-            raise ConfigError(
-                f"adversarial strength must be a finite number >= 0, got {strength!r}"
-            )
+        strength = check_float("adversarial strength", strength)
+        lr = check_float("adversarial lr", lr, positive=True)
+        threshold = float(threshold)
         if not 0.0 <= threshold < 1.0:
             raise ConfigError(
                 f"adversarial threshold (an SSIM) must be in [0, 1), got {threshold!r}"
             )
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ConfigError(f"adversarial lr must be a finite number > 0, got {lr!r}")
         for name, v, lo in (("decoder_steps", decoder_steps, 1), ("pretrain_epochs",
                             pretrain_epochs, 0), ("width", width, 1), ("depth", depth, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"adversarial {name} must be an integer >= {lo}, got {v!r}")
+            check_int(f"adversarial {name}", v, lo=lo)
         if features not in _FEATURES:
             raise ConfigError(f"adversarial features must be one of {_FEATURES}, got {features!r}")
         if decoder_loss not in _DECODER_LOSSES:

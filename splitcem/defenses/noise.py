@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from splitcem._validate import check_float
 from splitcem.defenses.base import Defense, register_defense
-from splitcem.errors import ConfigError
 
 __all__ = ["GaussianNoise"]
 
@@ -22,9 +22,7 @@ class GaussianNoise(Defense):
 
     def __init__(self, *, sigma: float = 0.1) -> None:
         super().__init__()
-        sigma = float(sigma)
-        if not sigma >= 0 or sigma != sigma or sigma == float("inf"):
-            raise ConfigError(f"noise sigma must be a finite number >= 0, got {sigma!r}")
+        sigma = check_float("noise sigma", sigma)
         self.sigma = sigma
         self.noise_sigma = sigma
 

@@ -14,13 +14,11 @@ the normalised input.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from splitcem._validate import check_float
 from splitcem.defenses.base import Defense, StepContext, register_defense
-from splitcem.errors import ConfigError
 
 __all__ = ["NoPeek", "distance_correlation", "double_centered_distances"]
 
@@ -83,10 +81,7 @@ class NoPeek(Defense):
 
     def __init__(self, *, weight: float = 0.3) -> None:
         super().__init__()
-        weight = float(weight)
-        if not (weight >= 0 and math.isfinite(weight)):
-            raise ConfigError(f"nopeek weight must be a finite number >= 0, got {weight!r}")
-        self.weight = weight
+        self.weight = check_float("nopeek weight", weight)
 
     def loss(self, ctx: StepContext) -> Tensor | None:
         if self.weight == 0 or ctx.x.shape[0] < 2:

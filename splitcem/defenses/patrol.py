@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from splitcem._validate import check_int
 from splitcem.defenses.base import Defense, EpochContext, SetupContext, register_defense
 from splitcem.errors import ConfigError
 
@@ -98,8 +99,7 @@ class PatrolPruning(Defense):
                 f"patrol ratio (share of channels pruned) must be in [0, 1), got {ratio!r}"
             )
         for name, v in (("prune_epoch", prune_epoch), ("importance_batches", importance_batches)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"patrol {name} must be an integer >= 1, got {v!r}")
+            check_int(f"patrol {name}", v, lo=1)
         if scope not in _SCOPES:
             raise ConfigError(f"patrol scope must be one of {_SCOPES}, got {scope!r}")
         self.ratio = ratio
