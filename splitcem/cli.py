@@ -61,7 +61,12 @@ def attack(
     run_dir: Annotated[Path, typer.Argument(help="A trained run directory")],
     all_: Annotated[bool, typer.Option("--all", help="Every applicable attack + worst case")]
     = False,
-    threat: Annotated[str | None, typer.Option(help="Threat model (default: the run's)")] = None,
+    threat: Annotated[list[str] | None, typer.Option(
+        help="Threat model setting (inference or training); repeat it to attack under each "
+             "and report the worst case across them (default: the run's)")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override an attack setting, e.g. --set attack.attacks.0.epochs=10"
+    )] = None,
     device: Device = None,
     quiet: Quiet = False,
 ) -> None:
@@ -69,8 +74,8 @@ def attack(
     from splitcem.experiment import attack_run
     from splitcem.report import attack_rows
 
-    rec = attack_run(run_dir, all_attacks=all_, threat=threat, progress=not quiet,
-                     device=device)
+    rec = attack_run(run_dir, all_attacks=all_, threat=threat or None, overrides=set_ or (),
+                     progress=not quiet, device=device)
     for name, mse, ssim, psnr, _ in attack_rows(rec):
         typer.echo(f"{name:>14}: MSE {mse:.4f}  SSIM {ssim:.4f}  PSNR {psnr:.2f} dB")
     typer.echo(f"-> {Path(run_dir) / 'summary.md'}")

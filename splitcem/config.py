@@ -122,8 +122,9 @@ class AttackConfig(_Strict):
     """Which attacks run after training, and under which threat model."""
 
     #: threat model (splitcem.attacks.ThreatModel): ``inference`` / ``training`` as a short
-    #: form, or a mapping {setting, access, heldout_limit, aux_limit}
-    threat: str | dict[str, Any] = "inference"
+    #: form, or a mapping {setting, access, heldout_limit, aux_limit}; or a list of these,
+    #: to run every attack under each and report the worst case across all of them
+    threat: str | dict[str, Any] | list[str | dict[str, Any]] = "inference"
     attacks: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "decoder"}])
     show: int = Field(8, ge=1)  # images per grid
 
@@ -134,10 +135,6 @@ class AttackConfig(_Strict):
             if not isinstance(spec, dict) or "name" not in spec:
                 raise ValueError(f"attack #{i} needs a 'name' key, got {spec!r}")
         return v
-
-    def threat_dict(self) -> dict[str, Any]:
-        """The threat model as a mapping (a bare string names the setting)."""
-        return {"setting": self.threat} if isinstance(self.threat, str) else dict(self.threat)
 
 
 class RunConfig(_Strict):

@@ -117,10 +117,10 @@ def check_attacks(cfg: RunConfig) -> None:
     """Fail before training, not after it, on a bad threat model or attack spec."""
     if not cfg.attack.attacks:
         return
-    from splitcem.attacks import ThreatModel
+    from splitcem.attacks import parse_threats
     from splitcem.attacks.suite import parse_specs
 
-    ThreatModel.from_dict(cfg.attack.threat_dict())
+    parse_threats(cfg.attack.threat)
     parse_specs(cfg.attack.attacks)
 
 
@@ -225,7 +225,8 @@ def attack_run(
     *,
     attacks: list[dict[str, Any]] | None = None,
     all_attacks: bool = False,
-    threat: str | dict[str, Any] | None = None,
+    threat: str | dict[str, Any] | list[str | dict[str, Any]] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
     progress: bool = True,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
@@ -236,25 +237,32 @@ def attack_run(
         attacks: Attack specs (``{"name": ..., **params}``); default: the config's.
         all_attacks: Run every registered attack that the threat model allows, and
             record the worst case for the defender.
-        threat: Threat model (a setting name or a ThreatModel mapping); default: the config's.
+        threat: Threat model (a setting name or a ThreatModel mapping), or a list of them
+            (worst case across all); default: the config's.
+        overrides: ``attack.*=value`` overrides of the run's attack section (e.g.
+            ``attack.attacks.0.epochs=10``); the trained model itself cannot change here.
     """
-    from splitcem.attacks import AttackTarget, ThreatModel, all_attack_specs, run_attacks
+    from splitcem.attacks import AttackTarget, all_attack_specs, parse_threats, run_attacks
 
     run_dir = Path(run_dir)
     p = load_trained(run_dir, device=device)
     cfg = p.cfg
+    if overrides:
+        bad = [o for o in overrides if not o.strip().startswith("attack.")]
+        if bad:
+            raise ConfigError(f"only attack.* settings can change after training, not {bad}; "
+                              "train a new run for the others")
+        cfg = load_config(cfg.to_dict(), overrides)
+        check_attacks(cfg)
     specs = attacks if attacks is not None else list(cfg.attack.attacks)
     if all_attacks:
         # the config's attacks keep their parameters; every other registered attack is added
         named = {s.get("label", s["name"]) for s in specs}
         specs = specs + [s for s in all_attack_specs() if s["name"] not in named]
-    if threat is None:
-        tm = cfg.attack.threat_dict()
-    else:
-        tm = {"setting": threat} if isinstance(threat, str) else dict(threat)
+    threats = parse_threats(cfg.attack.threat if threat is None else threat)
     target = AttackTarget(p.model.client, p.stack, p.splits.train.info, p.device)
     t0 = time.perf_counter()
-    rep = run_attacks(target, p.splits, specs, threat=ThreatModel.from_dict(tm),
+    rep = run_attacks(target, p.splits, specs, threat=threats,
                       progress=progress)
     record = _read_metrics(run_dir)
     record["attacks"] = rep.to_dict()

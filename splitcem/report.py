@@ -87,8 +87,10 @@ def write_summary(run_dir: str | Path, record: dict[str, Any], cfg: RunConfig) -
         ))
     rows = attack_rows(record)
     if rows:
-        threat = (record.get("attacks") or {}).get("threat") or {}
-        desc = ", ".join(f"{k} {v}" for k, v in threat.items() if v is not None)
+        att = record.get("attacks") or {}
+        threats = att.get("threats") or [att.get("threat") or {}]
+        desc = "; ".join(", ".join(f"{k} {v}" for k, v in t.items() if v is not None)
+                         for t in threats)
         lines += ["", f"## Model inversion attacks ({desc or 'default threat model'})", "",
                   _markdown_table(["attack", "MSE", "SSIM", "PSNR (dB)", "seconds"], rows)]
         skipped = (record.get("attacks") or {}).get("skipped") or {}
@@ -96,7 +98,8 @@ def write_summary(run_dir: str | Path, record: dict[str, Any], cfg: RunConfig) -
             lines += ["", "Skipped: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())]
         if (run_dir / GRID_FILE).exists():
             lines += ["", f"![reconstructions]({GRID_FILE})",
-                      "", "Top row: originals; below: one row per attack."]
+                      "", "Top row: originals; below: one row per attack (with several threat "
+                      "models, each group starts with its own originals)."]
     return write_text(run_dir / SUMMARY_FILE, "\n".join(lines) + "\n")
 
 
@@ -139,8 +142,14 @@ def save_reconstructions(run_dir: str | Path, attack_report: Any, *, show: int =
                getattr(r, "reconstructions", None) is not None and r.reconstructions.numel()]
     if not results:
         return None
-    rows = {"original": results[0].originals}
-    for r in results:
+    where = getattr(attack_report, "result_threat", {})
+    several = len(set(where.values())) > 1
+    rows: dict[str, Tensor] = {}
+    group = None
+    for r in results:  # one "original" row per threat model: each has its own held-out set
+        if where.get(r.name) != group or not rows:
+            group = where.get(r.name)
+            rows[f"original@{group}" if several else "original"] = r.originals
         rows[r.name] = r.reconstructions
     return save_image_grid(rows, Path(run_dir) / GRID_FILE, show=show)
 

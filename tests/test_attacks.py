@@ -28,6 +28,7 @@ from splitcem.attacks import (
     run_attacks,
     worst_case,
 )
+from splitcem.attacks.base import iterate_images
 from splitcem.attacks.suite import parse_specs
 from splitcem.defenses import DefenseStack, create_defense
 from splitcem.errors import ConfigError, DataError, UnknownNameError
@@ -108,7 +109,7 @@ def test_worst_case_picks_best_per_metric(report):
         best = min(vals.values()) if metric == "mse" else max(vals.values())
         assert pick["value"] == best and vals[pick["attack"]] == best
     d = json.loads(json.dumps(report.to_dict()))
-    assert set(d) == {"threat", "attacks", "skipped", "worst"}
+    assert set(d) == {"threat", "threats", "attacks", "skipped", "worst"}
     assert "| **worst case** |" in report.table()
 
 
@@ -133,6 +134,64 @@ def test_inapplicable_attack_skipped_with_reason(target, cifar_splits):
     assert set(rep.skipped) == {"rmle", "decoder_adaptive"}
     assert all("whitebox" in why and "query" in why for why in rep.skipped.values())
     assert rep.worst["mse"]["attack"] == "mean_image"
+
+
+def test_worst_case_across_threat_models(target, cifar_splits):
+    """Two threat models: every attack runs under each, labels say which, the worst case is
+    taken over all results, and the figure gets one originals row per threat model."""
+    threats = [
+        ThreatModel(setting="inference", heldout_limit=16, aux_limit=64),
+        {"setting": "training", "access": "query", "heldout_limit": 24, "aux_limit": 256},
+    ]
+    specs = [{"name": "mean_image"}, {"name": "decoder", "epochs": 2, "width": 8, "depth": 0},
+             {"name": "rmle", "steps": 1, "init": "mean"}]
+    rep = run_attacks(target, cifar_splits, specs, threat=threats, progress=False)
+    assert list(rep.results) == [
+        "mean_image@inference/whitebox", "decoder@inference/whitebox",
+        "rmle@inference/whitebox", "mean_image@training/query", "decoder@training/query"]
+    assert list(rep.skipped) == ["rmle@training/query"]  # query access: no white-box attack
+    assert rep.results["decoder@training/query"].extra["heldout_images"] == 24
+    assert rep.results["decoder@inference/whitebox"].extra["aux_images"] == 64
+    for metric, pick in rep.worst.items():
+        vals = [r.metrics[metric] for r in rep.results.values()]
+        assert pick["value"] == (min(vals) if metric == "mse" else max(vals))
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert [t["setting"] for t in d["threats"]] == ["inference", "training"]
+    assert d["attacks"]["decoder@training/query"]["threat"] == "training/query"
+
+
+def test_decoder_flip_augmentation_encodes_mirrored_images(target, cifar_splits):
+    """flip=True: the attacker queries mirrored copies of about half its images, and the
+    targets are mirrored with them (else the decoder would learn to un-mirror)."""
+    from splitcem.attacks.decoder import train_decoder
+
+    aux = cifar_splits.train.subset(list(range(64)))
+    seen: list[torch.Tensor] = []
+
+    def features(x):
+        seen.append(x.clone())
+        return target.clean(x)
+
+    dec = ResDecoder.for_target(target, width=8, depth=0)
+    torch.manual_seed(0)
+    train_decoder(dec, target, aux, features, epochs=2, batch_size=64, lr=1e-3,
+                  weight_decay=0.0, flip=True, progress=False)
+    (x, _), = list(iterate_images(aux, batch_size=64, device=target.device))
+    for batch in seen:  # every image is either itself or its mirror, and both kinds occur
+        d_same = (batch[:, None] - x[None]).flatten(2).abs().amax(2).amin(1)
+        d_flip = (batch[:, None] - x.flip(-1)[None]).flatten(2).abs().amax(2).amin(1)
+        assert bool((torch.minimum(d_same, d_flip) < 1e-6).all())
+        n_flip = int((d_flip < 1e-6).sum())
+        assert 10 < n_flip < 54, n_flip
+
+
+def test_figure_images_spread_over_heldout_set():
+    from splitcem.attacks.base import NUM_KEPT, kept_indices
+
+    idx = kept_indices(1000)
+    assert len(idx) == NUM_KEPT and idx[0] == 0 and idx[-1] == 999
+    assert bool((idx.diff() > 50).all())  # spread, not the first 16 (often one class)
+    assert kept_indices(5).tolist() == [0, 1, 2, 3, 4]
 
 
 # ---- registry contract: every registered attack, tiny, on real images ---------------------

@@ -65,6 +65,23 @@ def test_cli_train_attack_and_listings(tiny_config, tmp_path):
     res = runner.invoke(app, ["attack", str(out), "-q"])
     assert res.exit_code == 0, res.output
     assert "decoder: MSE" in res.output
+    # several threat models: every attack under each, the worst case across them
+    res = runner.invoke(app, ["attack", str(out), "-q", "--threat", "inference",
+                              "--threat", "training"])
+    assert res.exit_code == 0, res.output
+    assert "decoder@inference/whitebox: MSE" in res.output
+    assert "decoder@training/whitebox: MSE" in res.output and "worst case: MSE" in res.output
+    rec = json.loads((out / "metrics.json").read_text())
+    assert [t["setting"] for t in rec["attacks"]["threats"]] == ["inference", "training"]
+    summary = (out / "summary.md").read_text()
+    assert "setting inference" in summary and "setting training" in summary
+    # attack settings can change after training; the model's cannot
+    res = runner.invoke(app, ["attack", str(out), "-q", "--set", "attack.attacks.0.epochs=1"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "metrics.json").read_text())
+    assert rec["attacks"]["attacks"]["decoder"]["extra"]["params"]["epochs"] == 1
+    res = runner.invoke(app, ["attack", str(out), "-q", "--set", "train.epochs=3"])
+    assert res.exit_code != 0 and "only attack.* settings" in str(res.exception)
     res = runner.invoke(app, ["defenses"])
     assert res.exit_code == 0 and "noise" in res.output and "cem" in res.output
     res = runner.invoke(app, ["attacks"])

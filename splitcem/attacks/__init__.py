@@ -23,7 +23,7 @@ from splitcem.attacks.decoder import (
 from splitcem.attacks.gan import GanAttack
 from splitcem.attacks.rmle import RMLEAttack
 from splitcem.attacks.suite import AttackReport, all_attack_specs, run_attacks, worst_case
-from splitcem.attacks.threat import ACCESS_LEVELS, ThreatModel
+from splitcem.attacks.threat import ACCESS_LEVELS, ThreatModel, parse_threats
 
 __all__ = [
     "ACCESS_LEVELS",
@@ -42,6 +42,7 @@ __all__ = [
     "all_attack_specs",
     "create_attack",
     "list_attacks",
+    "parse_threats",
     "register_attack",
     "run_attacks",
     "worst_case",

@@ -61,6 +61,12 @@ ATTACKS: Registry[Attack] = Registry("attack")
 NUM_KEPT = 16
 
 
+def kept_indices(n: int) -> Tensor:
+    """The held-out indices kept for figures: ``NUM_KEPT`` spread evenly over ``n`` images
+    (held-out sets are often sorted by class; the first few would all be one class)."""
+    return torch.linspace(0, n - 1, min(n, NUM_KEPT)).round().long().unique()
+
+
 def register_attack(name: str, *, force: bool = False) -> Callable[[Any], Any]:
     """Decorator: register an :class:`Attack` subclass or a factory function returning one.
 
@@ -205,8 +211,8 @@ def iterate_images(
 
     The whole uint8 array is moved to the device once (pass it back in through
     ``uint8_on_device`` to reuse it across epochs); batches are converted there, which is
-    4x less transfer than float and keeps the loop free of host work. No augmentation: an
-    attacker has no reason to augment, and metrics need the exact images.
+    4x less transfer than float and keeps the loop free of host work. No augmentation here:
+    metrics need the exact images (decoder training can mirror its own batches, ``flip``).
     """
     imgs = uint8_on_device if uint8_on_device is not None else images_to_device(ds, device)
     n = imgs.shape[0]
@@ -328,6 +334,8 @@ class Attack(ABC):
             kept_o: list[Tensor] = []
             kept_r: list[Tensor] = []
             batches = iterate_images(heldout, batch_size=self.batch_size, device=device)
+            keep = kept_indices(len(heldout))
+            start = 0
             for z, (_, x01) in zip(z_victim, batches, strict=True):
                 r = self.reconstruct(target, z).detach().float()
                 if r.shape != x01.shape:
@@ -335,9 +343,11 @@ class Attack(ABC):
                         f"attack {self.name!r} returned shape {tuple(r.shape)} for images "
                         f"{tuple(x01.shape)}")
                 meter.update(r.clamp(0, 1), x01)
-                if sum(len(k) for k in kept_o) < NUM_KEPT:
-                    kept_o.append(x01.cpu())
-                    kept_r.append(r.clamp(0, 1).cpu())
+                sel = keep[(keep >= start) & (keep < start + len(x01))] - start
+                if len(sel):
+                    kept_o.append(x01[sel].cpu())
+                    kept_r.append(r[sel].clamp(0, 1).cpu())
+                start += len(x01)
             extra["reconstruct_seconds"] = round(time.perf_counter() - t_rec, 3)
             extra.update(self.diagnostics())
         extra.setdefault("params", self.hparams())
@@ -346,8 +356,8 @@ class Attack(ABC):
         return AttackResult(
             name=self.name or type(self).__name__,
             metrics=meter.compute(),
-            originals=torch.cat(kept_o)[:NUM_KEPT],
-            reconstructions=torch.cat(kept_r)[:NUM_KEPT],
+            originals=torch.cat(kept_o),
+            reconstructions=torch.cat(kept_r),
             seconds=time.perf_counter() - t0,
             extra=extra,
         )

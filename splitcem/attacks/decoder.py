@@ -11,7 +11,8 @@ attacks train it:
   per image per epoch). MSE on images in [0, 1], Adam 1e-3, weight decay 1e-4, cosine to
   1e-5, 50 epochs, batch 256.
 * ``decoder_strong``: the same attack, wider (96) and deeper (12 blocks), trained longer
-  with MSE + 0.1 * (1 - SSIM) (perceptual-free: no downloaded weights).
+  with MSE + 0.1 * (1 - SSIM) (perceptual-free: no downloaded weights) on auxiliary images
+  augmented with horizontal flips.
 * ``decoder_adaptive``: a defense-aware attacker (white-box): it computes the clean
   features itself and applies the known defense stack (eval mode, as deployed) ``draws``
   times per image and step, i.e. several fresh noise / mask draws per image, which averages
@@ -174,6 +175,7 @@ def train_decoder(
     ssim_weight: float = 0.0,
     tv_weight: float = 0.0,
     amp: bool = False,
+    flip: bool = False,
     progress: bool = True,
     desc: str = "decoder",
 ) -> list[float]:
@@ -182,6 +184,8 @@ def train_decoder(
     ``features`` maps normalised images (B, C, H, W) to what the attacker gets for them,
     (K * B, Cz, Hz, Wz) for K draws per image stacked along the batch (the targets are
     repeated to match). Adam with weight decay, cosine schedule per step down to ``lr_min``.
+    ``flip``: mirror a random half of each batch before it is encoded (the attacker owns
+    its auxiliary images, so it may augment them; twice the distinct training pairs).
 
     Returns:
         The mean training loss of each epoch.
@@ -201,6 +205,9 @@ def train_decoder(
         n = 0
         for x, x01 in iterate_images(aux, batch_size=batch_size, device=device, shuffle=True,
                                      generator=gen, uint8_on_device=imgs):
+            if flip:
+                m = (torch.rand(x.shape[0], device=device) < 0.5).view(-1, 1, 1, 1)
+                x, x01 = torch.where(m, x.flip(-1), x), torch.where(m, x01.flip(-1), x01)
             z = features(x)  # (K * B, Cz, Hz, Wz), no grad
             k = z.shape[0] // x.shape[0]
             tgt = x01.repeat(k, 1, 1, 1) if k > 1 else x01
@@ -243,6 +250,7 @@ class DecoderAttack(Attack):
         width, depth: Decoder size (paper: 64, 8).
         ssim_weight, tv_weight: Optional extra loss terms (0 = the paper's plain MSE).
         amp: bfloat16 autocast with a channels-last layout (CUDA and CPU).
+        flip: Also train on mirrored auxiliary images (random horizontal flips).
         seed: Seeds the noise of the queries and the shuffling.
     """
 
@@ -251,7 +259,7 @@ class DecoderAttack(Attack):
     def __init__(self, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
                  weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 64,
                  depth: int = 8, ssim_weight: float = 0.0, tv_weight: float = 0.0,
-                 amp: bool = False, seed: int = 0) -> None:
+                 amp: bool = False, flip: bool = False, seed: int = 0) -> None:
         super().__init__(seed=seed, batch_size=batch_size)
         self.epochs = _positive_int("epochs", epochs)
         self.lr = _nonneg_float("lr", lr, positive=True)
@@ -264,6 +272,7 @@ class DecoderAttack(Attack):
         self.ssim_weight = _nonneg_float("ssim_weight", ssim_weight)
         self.tv_weight = _nonneg_float("tv_weight", tv_weight)
         self.amp = bool(amp)
+        self.flip = bool(flip)
         self.decoder: ResDecoder | None = None
 
     def _features(self, target: AttackTarget) -> Callable[[Tensor], Tensor]:
@@ -276,7 +285,7 @@ class DecoderAttack(Attack):
             self.decoder, target, aux, self._features(target), epochs=self.epochs,
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             lr_min=self.lr_min, ssim_weight=self.ssim_weight, tv_weight=self.tv_weight,
-            amp=self.amp, progress=progress, desc=self.name or "decoder",
+            amp=self.amp, flip=self.flip, progress=progress, desc=self.name or "decoder",
         )
         return {"train_loss": [round(v, 6) for v in curve],
                 "decoder_params": sum(p.numel() for p in self.decoder.parameters())}
@@ -291,11 +300,12 @@ class DecoderAttack(Attack):
 def decoder_strong(*, epochs: int = 100, batch_size: int = 128, lr: float = 1e-3,
                    weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 96,
                    depth: int = 12, ssim_weight: float = 0.1, tv_weight: float = 0.0,
-                   amp: bool = False, seed: int = 0) -> DecoderAttack:
-    """A wider, deeper decoder trained longer with MSE + 0.1 (1 - SSIM) (query access)."""
+                   amp: bool = False, flip: bool = True, seed: int = 0) -> DecoderAttack:
+    """A wider, deeper decoder trained longer with MSE + 0.1 (1 - SSIM) on flip-augmented
+    auxiliary images (query access)."""
     return DecoderAttack(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          lr_min=lr_min, width=width, depth=depth, ssim_weight=ssim_weight,
-                         tv_weight=tv_weight, amp=amp, seed=seed)
+                         tv_weight=tv_weight, amp=amp, flip=flip, seed=seed)
 
 
 @register_attack("decoder_adaptive")
@@ -318,10 +328,11 @@ class AdaptiveDecoderAttack(DecoderAttack):
     def __init__(self, *, draws: int = 4, epochs: int = 50, batch_size: int = 128,
                  lr: float = 1e-3, weight_decay: float = 1e-4, lr_min: float = 1e-5,
                  width: int = 64, depth: int = 8, ssim_weight: float = 0.0,
-                 tv_weight: float = 0.0, amp: bool = False, seed: int = 0) -> None:
+                 tv_weight: float = 0.0, amp: bool = False, flip: bool = False,
+                 seed: int = 0) -> None:
         super().__init__(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          lr_min=lr_min, width=width, depth=depth, ssim_weight=ssim_weight,
-                         tv_weight=tv_weight, amp=amp, seed=seed)
+                         tv_weight=tv_weight, amp=amp, flip=flip, seed=seed)
         self.draws = _positive_int("draws", draws)
 
     def _features(self, target: AttackTarget) -> Callable[[Tensor], Tensor]:

@@ -14,6 +14,10 @@ the suite itself reads:
   instead of training its own: saves a decoder training per attack.
 
 Every spec is validated (names, parameters, labels, ``init_from``) before any attack runs.
+
+Several threat models (e.g. inference- and training-time) can be given at once: every
+attack then runs under each, results are labelled ``attack@setting/access``, and the worst
+case is taken across all of them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splitcem.attacks.base import Attack, AttackResult, AttackTarget, create_attack, list_attacks
-from splitcem.attacks.threat import ThreatModel
+from splitcem.attacks.threat import ThreatModel, parse_threats
 from splitcem.errors import ConfigError
 from splitcem.metrics import HIGHER_IS_BETTER, METRICS
 
@@ -39,22 +43,32 @@ class AttackReport:
     """Results of a suite run.
 
     Attributes:
-        threat: The threat model the attacks ran under.
+        threat: The (first) threat model the attacks ran under.
         results: Label -> :class:`AttackResult`, in the order the attacks ran.
         skipped: Label -> why the attack did not run (e.g. it needs white-box access).
         worst: Metric -> ``{"attack": label, "value": v}``: the defender's worst case.
+        threats: Every threat model, in order; ``result_threat`` maps each result's label
+            to the ``short`` name of the threat model it ran under.
     """
 
     threat: ThreatModel
     results: dict[str, AttackResult] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     worst: dict[str, dict[str, Any]] = field(default_factory=dict)
+    threats: list[ThreatModel] = field(default_factory=list)
+    result_threat: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (no images)."""
+        attacks = {}
+        for k, r in self.results.items():
+            attacks[k] = r.to_dict()
+            if k in self.result_threat:
+                attacks[k]["threat"] = self.result_threat[k]
         return {
             "threat": self.threat.to_dict(),
-            "attacks": {k: r.to_dict() for k, r in self.results.items()},
+            "threats": [t.to_dict() for t in (self.threats or [self.threat])],
+            "attacks": attacks,
             "skipped": dict(self.skipped),
             "worst": {k: dict(v) for k, v in self.worst.items()},
         }
@@ -149,7 +163,7 @@ def run_attacks(
     splits: Any,
     attack_specs: Sequence[Mapping[str, Any]],
     *,
-    threat: ThreatModel | None = None,
+    threat: ThreatModel | Sequence[ThreatModel] | str | Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> AttackReport:
     """Run every attack the threat model allows against ``target``; skip the others with
@@ -160,30 +174,40 @@ def run_attacks(
         splits: A ``DataSplits`` (train, aux, eval, test); the threat model picks the
             auxiliary and held-out sets from it.
         attack_specs: ``[{"name": "decoder", "epochs": 50}, {"name": "rmle", ...}, ...]``.
-        threat: Defaults to ``ThreatModel()`` (inference-time, white-box).
+        threat: One threat model or several (anything :func:`parse_threats` takes).
+            Defaults to ``ThreatModel()`` (inference-time, white-box). With several, every
+            attack runs under each (labels ``attack@setting/access``) and the worst case is
+            taken across all of them.
     """
-    threat = threat or ThreatModel()
-    planned = parse_specs(attack_specs)
-    aux, heldout = threat.select(splits)
-    report = AttackReport(threat=threat)
-    trained: dict[str, Attack] = {}
-    for label, attack, init_from in planned:
-        why = threat.allows(attack.requires)
-        if why is None and init_from is not None and init_from not in trained:
-            why = f"init_from={init_from!r} did not run"
-        if why is not None:
-            report.skipped[label] = why
-            log.info("attack %s skipped: %s", label, why)
-            continue
-        if init_from is not None:
-            src = getattr(trained[init_from], "decoder", None)
-            if src is None:
-                raise ConfigError(f"attack {label!r}: {init_from!r} has no trained decoder to "
-                                  "start from; point init_from at a decoder attack")
-            attack.init_decoder = copy.deepcopy(src)  # type: ignore[attr-defined]
-        attack.name = label
-        report.results[label] = attack.run(target, aux, heldout, progress=progress)
-        trained[label] = attack
-        log.info("attack %s: %s", label, report.results[label].metrics)
+    threats = parse_threats(threat)
+    parse_specs(attack_specs)  # validate everything before the first (long) attack
+    tags = [t.short for t in threats]
+    if len(set(tags)) < len(tags):
+        tags = [f"{t}#{i}" for i, t in enumerate(tags)]
+    report = AttackReport(threat=threats[0], threats=threats)
+    for tm, tag in zip(threats, tags, strict=True):
+        qualify = (lambda s, tag=tag: f"{s}@{tag}") if len(threats) > 1 else (lambda s: s)
+        aux, heldout = tm.select(splits)
+        trained: dict[str, Attack] = {}
+        for label, attack, init_from in parse_specs(attack_specs):  # fresh attacks per threat
+            why = tm.allows(attack.requires)
+            if why is None and init_from is not None and init_from not in trained:
+                why = f"init_from={init_from!r} did not run"
+            if why is not None:
+                report.skipped[qualify(label)] = why
+                log.info("attack %s skipped: %s", qualify(label), why)
+                continue
+            if init_from is not None:
+                src = getattr(trained[init_from], "decoder", None)
+                if src is None:
+                    raise ConfigError(f"attack {label!r}: {init_from!r} has no trained decoder "
+                                      "to start from; point init_from at a decoder attack")
+                attack.init_decoder = copy.deepcopy(src)  # type: ignore[attr-defined]
+            attack.name = qualify(label)
+            result = attack.run(target, aux, heldout, progress=progress)
+            report.results[attack.name] = result
+            report.result_threat[attack.name] = tm.short
+            trained[label] = attack
+            log.info("attack %s: %s", attack.name, result.metrics)
     report.worst = worst_case(report.results)
     return report

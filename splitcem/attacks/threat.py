@@ -20,6 +20,7 @@ that need more than the threat model grants.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,7 +29,15 @@ from splitcem.errors import ConfigError
 if TYPE_CHECKING:
     from splitcem.data.dataset import ArrayDataset
 
-__all__ = ["ACCESS_LEVELS", "SETTINGS", "Access", "Setting", "ThreatModel", "check_access"]
+__all__ = [
+    "ACCESS_LEVELS",
+    "SETTINGS",
+    "Access",
+    "Setting",
+    "ThreatModel",
+    "check_access",
+    "parse_threats",
+]
 
 Access = Literal["outputs", "query", "whitebox"]
 Setting = Literal["inference", "training"]
@@ -88,8 +97,24 @@ class ThreatModel:
             raise ConfigError(f"threat model has no key(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | ThreatModel) -> ThreatModel:
+        """From a setting name (``"training"``), a mapping, or a ThreatModel itself."""
+        if isinstance(spec, ThreatModel):
+            return spec
+        if isinstance(spec, str):
+            return cls(setting=spec)  # type: ignore[arg-type]
+        if isinstance(spec, Mapping):
+            return cls.from_dict(dict(spec))
+        raise ConfigError(f"a threat model is a setting name or a mapping, got {spec!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def short(self) -> str:
+        """``"setting/access"``, e.g. ``"training/whitebox"`` (labels, tables)."""
+        return f"{self.setting}/{self.access}"
 
     def select(self, splits: Any) -> tuple[ArrayDataset, ArrayDataset]:
         """(aux, heldout) datasets from a ``DataSplits`` (train, aux, eval, test)."""
@@ -106,3 +131,21 @@ class ThreatModel:
     def allows(self, required: str) -> str | None:
         """``None`` if an attack requiring ``required`` access may run, else why not."""
         return check_access(self.access, required)
+
+
+def parse_threats(spec: Any) -> list[ThreatModel]:
+    """One or several threat models from config: a setting name, a mapping, a ThreatModel,
+    or a list of these (the suite then reports the worst case across all of them).
+
+    Example:
+        >>> [t.short for t in parse_threats(["inference", {"setting": "training"}])]
+        ['inference/whitebox', 'training/whitebox']
+    """
+    if spec is None:
+        return [ThreatModel()]
+    if isinstance(spec, str | Mapping | ThreatModel):
+        return [ThreatModel.parse(spec)]
+    if isinstance(spec, Sequence) and spec:
+        return [ThreatModel.parse(s) for s in spec]
+    raise ConfigError(f"threat must be a setting name, a mapping or a non-empty list of them, "
+                      f"got {spec!r}")
