@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from splitcem._io import atomic_write, write_text
 
 if TYPE_CHECKING:
@@ -111,11 +113,13 @@ def save_image_grid(rows: dict[str, Tensor], path: str | Path, *, show: int = 8)
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    n = min(show, *(int(t.shape[0]) for t in rows.values()))
+    have = min(int(t.shape[0]) for t in rows.values())
+    n = min(show, have)
+    pick = np.linspace(0, have - 1, n).round().astype(int)  # spread over what was kept
     fig, axes = plt.subplots(len(names), n, figsize=(1.2 * n + 1.2, 1.3 * len(names)),
                              squeeze=False)
     for r, name in enumerate(names):
-        imgs = rows[name][:n].detach().float().clamp(0, 1).cpu()
+        imgs = rows[name][pick.tolist()].detach().float().clamp(0, 1).cpu()
         for c in range(n):
             ax = axes[r][c]
             img = imgs[c].permute(1, 2, 0).numpy()
