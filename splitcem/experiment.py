@@ -245,13 +245,13 @@ def attack_run(
     from splitcem.attacks import AttackTarget, all_attack_specs, parse_threats, run_attacks
 
     run_dir = Path(run_dir)
+    bad = [o for o in overrides if not o.strip().startswith("attack.")]
+    if bad:  # before loading data and model: a wrong flag should fail at once
+        raise ConfigError(f"only attack.* settings can change after training, not {bad}; "
+                          "train a new run for the others")
     p = load_trained(run_dir, device=device)
     cfg = p.cfg
     if overrides:
-        bad = [o for o in overrides if not o.strip().startswith("attack.")]
-        if bad:
-            raise ConfigError(f"only attack.* settings can change after training, not {bad}; "
-                              "train a new run for the others")
         cfg = load_config(cfg.to_dict(), overrides)
         check_attacks(cfg)
     specs = attacks if attacks is not None else list(cfg.attack.attacks)
