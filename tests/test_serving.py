@@ -95,6 +95,29 @@ def test_halves_refuse_foreign_or_tampered_files(served_run, tmp_path):
         ServerHalf(out)
 
 
+def test_cli_export_and_staleness(served_run, tmp_path):
+    import os
+
+    from typer.testing import CliRunner
+
+    from splitcem.cli import app
+    from splitcem.serving.export import is_stale
+
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run, ignore=shutil.ignore_patterns("deploy"))
+    assert is_stale(run)  # no deployment yet
+    res = CliRunner().invoke(app, ["export", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "server.safetensors + spec.json go to the server" in res.output
+    assert not is_stale(run)
+    ckpt = run / "checkpoints" / "last.pt"
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a newer checkpoint
+    assert is_stale(run)
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "nothing")])
+    assert res.exit_code != 0 and "not a run directory" in str(res.exception)
+
+
 def test_serving_package_imports_no_training_or_attack_code():
     banned = ("splitcem.train", "splitcem.experiment", "splitcem.attacks", "splitcem.report",
               "splitcem.sweep", "splitcem.lens", "splitcem.cem")
