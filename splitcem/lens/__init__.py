@@ -170,11 +170,14 @@ def create_lens_app(lens: Lens) -> Any:
 
     @app.post("/api/analyze")
     async def analyze(request: Request) -> Any:
-        data = b""
+        chunks: list[bytes] = []
+        size = 0
         async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_UPLOAD:
+            size += len(chunk)
+            if size > MAX_UPLOAD:
                 return JSONResponse({"detail": f"image over {MAX_UPLOAD} bytes"}, 413)
+            chunks.append(chunk)
+        data = b"".join(chunks)
         if not data:
             return JSONResponse({"detail": "send an image file as the request body"}, 400)
         try:

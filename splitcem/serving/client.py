@@ -37,8 +37,10 @@ from splitcem.serving.wire import BINARY, JSON, encode_features
 __all__ = ["Client", "ClientHalf", "InferResult", "Prediction", "ServerConnection",
            "load_images"]
 
-#: most bytes of an image file the client reads (a decompression-bomb guard comes from PIL)
+#: most bytes of an image file the client reads
 MAX_IMAGE_BYTES = 64 * 2**20
+#: most pixels of an image the client decodes (the model sees it resized anyway)
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def load_images(paths: Sequence[str | Path | bytes], *, channels: int, size: int) -> Tensor:
@@ -59,6 +61,9 @@ def load_images(paths: Sequence[str | Path | bytes], *, channels: int, size: int
             if len(data) > MAX_IMAGE_BYTES:
                 raise ServingError(f"{name}: over {MAX_IMAGE_BYTES} bytes; use a smaller image")
             with Image.open(io.BytesIO(data)) as src:
+                if src.width * src.height > MAX_IMAGE_PIXELS:  # checked before decoding
+                    raise ServingError(f"{name}: {src.width}x{src.height} pixels is over "
+                                       f"{MAX_IMAGE_PIXELS}; use a smaller image")
                 im = src.convert("RGB" if channels == 3 else "L")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BICUBIC)
