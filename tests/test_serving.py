@@ -95,6 +95,40 @@ def test_halves_refuse_foreign_or_tampered_files(served_run, tmp_path):
         ServerHalf(out)
 
 
+def test_client_half_applies_every_deployed_transform_in_order(tmp_path):
+    """A stack of filter + noise + a loss-only defense: the client applies the first two,
+    in order, in eval mode; the spec's contract lists exactly those."""
+    from splitcem.data.info import DatasetInfo
+    from splitcem.defenses import DefenseStack, create_defense
+    from splitcem.models import create_split_model
+    from splitcem.serving import ClientHalf, export_model
+    from splitcem.serving.export import transforms_features
+
+    torch.manual_seed(0)
+    model = create_split_model("vgg11_bn", num_classes=3, image_size=16, client_width=0.25,
+                               server_width=0.25).eval()
+    info = DatasetInfo("toy", 3, 3, 16, (0.5,) * 3, (0.25,) * 3, ("a", "b", "c"))
+    specs = [{"name": "topk", "ratio": 0.25}, {"name": "noise", "sigma": 0.05},
+             {"name": "nopeek", "weight": 0.1}]
+    defs = [create_defense(s["name"], **{k: v for k, v in s.items() if k != "name"})
+            for s in specs]
+    pairs = [(s, d) for s, d in zip(specs, defs, strict=True) if transforms_features(d)]
+    assert [s["name"] for s, _ in pairs] == ["topk", "noise"]
+    out = export_model(model, tmp_path / "dep", info=info, name="toy", transforms=pairs)
+    half = ClientHalf(out)
+    assert read_spec(out)["defense"]["describe"] == "topk(ratio=0.25) + noise(sigma=0.05)"
+    x01 = torch.rand(4, 3, 16, 16)
+    torch.manual_seed(1)
+    got = half.encode(x01)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        want = DefenseStack([d for _, d in pairs]).eval().transform(
+            model.client(info.normalize(x01)))
+    assert torch.equal(got, want)
+    kept = (half.encode(x01, defense=False).abs() > 0).flatten(1).sum(1)
+    assert (kept > 4 * 4 * 8 // 4).all()  # the clean encoding is dense; topk would cut it
+
+
 def test_cli_export_and_staleness(served_run, tmp_path):
     import os
 
