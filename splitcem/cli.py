@@ -1,4 +1,5 @@
-"""Command line: ``splitcem train | attack | run | sweep | demo | defenses | attacks``.
+"""Command line: ``splitcem train | attack | run | sweep | demo | defenses | attacks``,
+and for deployment ``export | serve | infer | lens``.
 
 Each command is a thin shell over :mod:`splitcem.experiment`; errors of ours are printed as
 one clear line (exit code 2), anything else keeps its traceback.
@@ -158,6 +159,79 @@ def attacks() -> None:
 
     for name in ATTACKS.names():
         typer.echo(f"{name:>12}  {ATTACKS.doc(name)}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory")],
+    out: Annotated[Path | None, typer.Option(help="Deployment directory (default "
+                                                  "RUN_DIR/deploy)")] = None,
+) -> None:
+    """Write a run's server half, client half and spec.json as separate files."""
+    from splitcem.serving.export import export_run
+
+    d = export_run(run_dir, out)
+    typer.echo(f"-> {d} (server.safetensors + spec.json go to the server; "
+               "client.safetensors stays with the client)")
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or a deployment directory")],
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 = any free port)")] = 8000,
+    token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token "
+                                                         "clients must send")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most samples per request")] = 256,
+    max_body_bytes: Annotated[int | None, typer.Option(
+        min=1, help="Largest request body (default: fits the largest allowed batch)")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads")] = None,
+    device: Annotated[str, typer.Option(help="Where the server half runs")] = "cpu",
+) -> None:
+    """Serve the server half of a run over HTTP (exports the run first if needed)."""
+    from splitcem.serving.server import serve as run_server
+
+    run_server(run_dir, host=host, port=port, token_file=token_file,
+               limits={"max_batch": max_batch}, max_body_bytes=max_body_bytes,
+               threads=threads, device=device)
+
+
+@app.command()
+def infer(
+    run_dir: Annotated[Path, typer.Argument(help="The run (or deployment) the server serves")],
+    images: Annotated[list[Path], typer.Argument(help="Image files to classify")],
+    url: Annotated[str, typer.Option(help="The server, e.g. http://127.0.0.1:8000")],
+    token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image")] = False,
+) -> None:
+    """Classify images: encode and protect them here, send only features to the server."""
+    from splitcem.serving.client import Client
+
+    with Client(run_dir, url, token_file=token_file) as client:
+        preds = client.classify(images)
+    for path, p in zip(images, preds, strict=True):
+        if as_json:
+            typer.echo(json.dumps({"image": str(path), "label": p.label, "class": p.name,
+                                   "prob": round(p.prob, 6)}))
+        else:
+            typer.echo(f"{path}: {p.name} ({100 * p.prob:.1f}%)")
+
+
+@app.command()
+def lens(
+    run_dir: Annotated[Path, typer.Argument(help="A trained (and attacked) run directory")],
+    url: Annotated[str, typer.Option(help="The server, e.g. http://127.0.0.1:8000")],
+    port: Annotated[int, typer.Option(help="Local port of the page (0 = any free port)")]
+    = 8765,
+    token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token")]
+    = None,
+) -> None:
+    """A local page: drop an image, see the prediction, the features sent, and what the
+    run's strongest attacker rebuilds from them."""
+    from splitcem.lens import run_lens
+
+    run_lens(run_dir, url, port=port, token_file=token_file)
 
 
 @app.command()

@@ -8,6 +8,8 @@ __all__ = [
     "DataError",
     "DatasetNotFoundError",
     "NonFiniteError",
+    "ServingError",
+    "SpecMismatchError",
     "SplitcemError",
     "UnknownNameError",
 ]
@@ -43,3 +45,17 @@ class NonFiniteError(SplitcemError, FloatingPointError):
 
 class CheckpointError(SplitcemError, RuntimeError):
     """A checkpoint is missing, corrupt or does not match the run it should resume."""
+
+
+class ServingError(SplitcemError, RuntimeError):
+    """A deployed split could not serve a request: a server answered with an error, or a
+    deployment (``RUN_DIR/deploy``) is missing or corrupt (the message says what to do)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        #: the HTTP status the server answered with, if any
+        self.status = status
+
+
+class SpecMismatchError(ServingError):
+    """The server serves another model or noise contract than the client was exported with."""

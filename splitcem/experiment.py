@@ -6,6 +6,7 @@ Every run lives in one directory::
     RUN_DIR/checkpoints/last.pt    written atomically each epoch (resume with --resume)
     RUN_DIR/metrics.json           training history, test accuracy, attack metrics, CEM bounds
     RUN_DIR/reconstructions.png    originals (top row) against each attack's reconstructions
+    RUN_DIR/attack_decoder.*       the strongest decoder attack's decoder (safetensors + JSON)
     RUN_DIR/summary.md             a short human-readable summary
 """
 
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+#: the strongest decoder attack's decoder (+ .json beside it), for splitcem lens
+ATTACK_DECODER = "attack_decoder.safetensors"
 
 
 def build_model(cfg: RunConfig, splits: DataSplits) -> SplitModel:
@@ -267,10 +270,34 @@ def attack_run(
     record = _read_metrics(run_dir)
     record["attacks"] = rep.to_dict()
     record["attacks"]["seconds"] = time.perf_counter() - t0
+    saved = _save_attack_decoder(run_dir, rep)
+    if saved is not None:
+        record["attacks"]["saved_decoder"] = saved
     write_json(run_dir / METRICS_FILE, record)
     report.save_reconstructions(run_dir, rep, show=cfg.attack.show)
     report.write_summary(run_dir, record, cfg)
     return record
+
+
+def _save_attack_decoder(run_dir: Path, rep: Any) -> dict[str, Any] | None:
+    """Keep the strongest decoder-based attack's decoder (RUN_DIR/attack_decoder.*) for
+    ``splitcem lens``; remove a stale one when no decoder attack ran."""
+    import hashlib
+
+    from splitcem.attacks.decoder import save_decoder
+
+    path = run_dir / ATTACK_DECODER
+    best = rep.strongest_decoder()
+    if best is None:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+        return None
+    label, decoder = best
+    ckpt = hashlib.sha256((run_dir / "checkpoints" / LAST).read_bytes()).hexdigest()
+    meta = {"attack": label, "threat": rep.result_threat.get(label),
+            "metrics": dict(rep.results[label].metrics), "checkpoint_sha256": ckpt}
+    save_decoder(path, decoder, meta)
+    return {"attack": label, "file": ATTACK_DECODER}
 
 
 def run_experiment(

@@ -94,3 +94,47 @@ def tiny_config(cifar_tar, cache_dir):
         return load_config(raw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def served_run(cifar_tar, cache_dir, tmp_path_factory):
+    """A tiny trained and attacked run to deploy: 512 real CIFAR-10 images, quarter widths,
+    1 epoch, noise sigma 0.1, a small decoder attack (which saves its decoder)."""
+    from splitcem.config import load_config
+    from splitcem.experiment import run_experiment
+
+    run = tmp_path_factory.mktemp("served") / "run"
+    cfg = load_config({
+        "name": "tiny_served", "seed": 0, "device": "cpu",
+        "data": {"name": "cifar10", "root": str(cifar_tar), "limit_train": 512,
+                 "limit_test": 256, "cache_dir": str(cache_dir)},
+        "model": {"client_width": 0.25, "server_width": 0.25},
+        "defenses": [{"name": "noise", "sigma": 0.1}],
+        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "warmup_epochs": 0,
+                  "milestones": [2]},
+        "attack": {"attacks": [{"name": "decoder", "epochs": 2, "width": 16, "depth": 1}]},
+    })
+    run_experiment(cfg, run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def serving(served_run, tmp_path_factory):
+    """``splitcem serve RUN_DIR`` in its own process on loopback, with a bearer token and
+    --max-batch 64, under an audit hook that logs every file it opens. Yields a namespace
+    with ``proc``, ``url``, ``token``, ``token_file``, ``audit_log``, ``run``."""
+    from types import SimpleNamespace
+
+    from _serving_utils import start_server
+
+    d = tmp_path_factory.mktemp("server")
+    token_file = d / "token"
+    token_file.write_text("test-token-7f3a\n")
+    audit = d / "opened.jsonl"
+    proc = start_server(served_run, token_file=token_file, audit_log=audit,
+                        extra=("--max-batch", "64"))
+    try:
+        yield SimpleNamespace(proc=proc, url=proc.url, token="test-token-7f3a",
+                              token_file=token_file, audit_log=audit, run=served_run)
+    finally:
+        proc.stop()

@@ -8,7 +8,7 @@ import pytest
 
 PACKAGES = ["splitcem", "splitcem.data", "splitcem.models", "splitcem.defenses", "splitcem.cem",
             "splitcem.attacks", "splitcem.metrics", "splitcem.config", "splitcem.train",
-            "splitcem.experiment"]
+            "splitcem.experiment", "splitcem.serving", "splitcem.lens"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

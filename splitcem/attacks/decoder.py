@@ -22,6 +22,7 @@ attacks train it:
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +51,8 @@ __all__ = [
     "ResBlock",
     "ResDecoder",
     "decoder_strong",
+    "load_decoder",
+    "save_decoder",
     "total_variation",
     "train_decoder",
 ]
@@ -102,6 +105,10 @@ class ResDecoder(nn.Module):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ConfigError(f"decoder depth must be an integer >= 0, got {depth!r}")
         self.out_size = out_size
+        #: the constructor's arguments: ``ResDecoder(**decoder.config)`` rebuilds it
+        self.config: dict[str, int] = dict(in_channels=in_channels, in_size=in_size,
+                                           out_channels=out_channels, out_size=out_size,
+                                           width=width, depth=depth)
         ups = 0
         while in_size * 2 ** (ups + 1) <= out_size:
             ups += 1
@@ -375,3 +382,46 @@ class MeanImageAttack(Attack):
         if self.mean is None:
             raise ConfigError("the mean image is not computed; call fit() (or run()) first")
         return self.mean.expand(z.shape[0], *self.mean.shape)
+
+
+def save_decoder(path: str | Path, decoder: ResDecoder, meta: dict[str, Any]) -> Path:
+    """Save a trained decoder as ``path`` (.safetensors: tensors only) and ``path`` with
+    a ``.json`` suffix (its constructor arguments and ``meta``), both written atomically.
+
+    The JSON holds ``{"class": "ResDecoder", "kwargs": decoder.config, **meta}``.
+    """
+    from safetensors.torch import save
+
+    from splitcem._io import atomic_write, write_json
+
+    path = Path(path)
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point()
+             else v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+    data = save(state, metadata={"class": "ResDecoder"})
+    def write(p: Path) -> None:
+        p.write_bytes(data)
+
+    atomic_write(path, write)
+    write_json(path.with_suffix(".json"), {"class": "ResDecoder", "kwargs": decoder.config,
+                                           **meta})
+    return path
+
+
+def load_decoder(path: str | Path, *, device: str | torch.device = "cpu"
+                 ) -> tuple[ResDecoder, dict[str, Any]]:
+    """Load a decoder written by :func:`save_decoder`: (decoder in eval mode, its JSON)."""
+    import json
+
+    from safetensors.torch import load
+
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise ConfigError(f"no saved attack decoder at {path}; run an attack first "
+                          "(splitcem attack RUN_DIR)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("class") != "ResDecoder":
+        raise ConfigError(f"{meta_path} does not describe a ResDecoder")
+    dec = ResDecoder(**meta["kwargs"])
+    dec.load_state_dict(load(path.read_bytes()))
+    return dec.to(device).eval(), meta

@@ -28,7 +28,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from splitcem.attacks.base import Attack, AttackResult, AttackTarget, create_attack, list_attacks
+from splitcem.attacks.decoder import ResDecoder
 from splitcem.attacks.threat import ThreatModel, parse_threats
 from splitcem.errors import ConfigError
 from splitcem.metrics import HIGHER_IS_BETTER, METRICS
@@ -57,6 +60,16 @@ class AttackReport:
     worst: dict[str, dict[str, Any]] = field(default_factory=dict)
     threats: list[ThreatModel] = field(default_factory=list)
     result_threat: dict[str, str] = field(default_factory=dict)
+    #: label -> the trained ResDecoder of each decoder-based attack (not in ``to_dict``)
+    decoders: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+
+    def strongest_decoder(self) -> tuple[str, nn.Module] | None:
+        """(label, decoder) of the decoder-based attack with the lowest MSE, if any ran."""
+        scored = [(self.results[k].metrics["mse"], k) for k in self.decoders]
+        if not scored:
+            return None
+        label = min(scored)[1]
+        return label, self.decoders[label]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record (no images)."""
@@ -206,6 +219,9 @@ def run_attacks(
             attack.name = qualify(label)
             result = attack.run(target, aux, heldout, progress=progress)
             report.results[attack.name] = result
+            dec = getattr(attack, "decoder", None)
+            if isinstance(dec, ResDecoder):
+                report.decoders[attack.name] = dec
             report.result_threat[attack.name] = tm.short
             trained[label] = attack
             log.info("attack %s: %s", attack.name, result.metrics)
