@@ -63,8 +63,6 @@ def build_defenses(cfg: RunConfig) -> DefenseStack:
         params = {k: v for k, v in spec.items() if k != "name"}
         items.append(create_defense(spec["name"], **params))
     if cfg.cem is not None:
-        import splitcem.cem  # noqa: F401  (registers "cem")
-
         items.append(create_defense("cem", **cfg.cem.kwargs()))
     return DefenseStack(items)
 

@@ -1,6 +1,6 @@
 """Attacker-aware adversarial training (ResSFL, Li et al. CVPR 2022).
 
-A *simulated* inversion attacker, a :class:`~splitcem.attacks.decoder.ResDecoder`, is trained
+A *simulated* inversion attacker, a :class:`~splitcem.models.decoder.ResDecoder`, is trained
 alongside the split model to reconstruct the input images from the features the server
 receives; the client encoder is penalised whenever that attacker does well:
 
@@ -34,18 +34,13 @@ from splitcem.defenses.base import (
     register_defense,
 )
 from splitcem.errors import ConfigError
+from splitcem.metrics import ssim_unchecked
+from splitcem.models.decoder import ResDecoder
 
 __all__ = ["AdversarialTraining"]
 
 _FEATURES = ("sent", "clean")
 _DECODER_LOSSES = ("ssim", "mse")
-
-
-def _ssim(x: Tensor, y: Tensor) -> Tensor:
-    """Differentiable per-image SSIM (B,) without the input checks (no host sync)."""
-    from splitcem.metrics import _ssim_per_image  # the one SSIM; private fast path for losses
-
-    return _ssim_per_image(x, y)
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -130,8 +125,6 @@ class AdversarialTraining(Defense):
 
     # ------------------------------------------------------------------ setup / state
     def setup(self, ctx: SetupContext) -> None:
-        from splitcem.attacks.decoder import ResDecoder
-
         cz, hz, _ = ctx.feature_shape
         config = getattr(ctx.model, "config", {}) or {}
         in_ch = int(config.get("in_channels", len(ctx.mean) or 3))
@@ -195,7 +188,7 @@ class AdversarialTraining(Defense):
 
     def _decoder_objective(self, rec: Tensor, x01: Tensor) -> tuple[Tensor, Tensor]:
         """(loss to minimise, per-image SSIM (B,)) of reconstructions ``rec`` of ``x01``."""
-        s = _ssim(rec, x01)
+        s = ssim_unchecked(rec, x01)
         if self.decoder_loss == "ssim":
             return (1.0 - s).mean(), s
         return F.mse_loss(rec, x01), s
@@ -228,7 +221,7 @@ class AdversarialTraining(Defense):
                 for p in decoder.parameters():
                     p.requires_grad_(False)
                 try:
-                    s_pen = _ssim(decoder(z), x01).mean()  # scalar, graph -> z -> encoder
+                    s_pen = ssim_unchecked(decoder(z), x01).mean()  # scalar, graph -> z -> encoder
                 finally:
                     for p, f in zip(decoder.parameters(), flags, strict=True):
                         p.requires_grad_(f)
