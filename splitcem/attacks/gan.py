@@ -94,6 +94,7 @@ class GanAttack(Attack):
     """
 
     requires = "query"
+    starts_from_decoder = True
 
     def __init__(self, *, pretrain_epochs: int = 50, epochs: int = 20, alpha: float = 1500.0,
                  gp_weight: float = 10.0, n_critic: int = 10, lr: float = 1e-4,

@@ -1,6 +1,6 @@
 """The one interface every obfuscation defense implements, and the stack that composes them.
 
-A defense may do three things, each optional (DESIGN.md section 3):
+A defense may do three things, each optional:
 
 * **transform** the client's features before they leave the client (noise, dropout,
   top-k, ...). The transform runs in training, evaluation and deployment alike; a defense
@@ -136,6 +136,22 @@ class Defense(nn.Module):
         """Obfuscate features ``z`` (B, C, H, W); must keep the shape. Default: identity."""
         return z
 
+    def match_transform(self, z: Tensor, observed: Tensor | None) -> Tensor:
+        """A deterministic, differentiable stand-in for :meth:`transform`, for white-box
+        attacks that search for the input whose features match what was observed (rMLE).
+
+        Args:
+            z: Candidate features (B, C, H, W), with a graph to the candidate input.
+            observed: What was sent, when nothing random is added after this defense (its
+                exact zeros then reveal a random mask); ``None`` when later noise hides it.
+
+        The contract: for the true input, ``observed - match_transform(z_clean, ...)`` is
+        zero-mean noise. The default, the identity, meets it for defenses that do not
+        transform or that add zero-mean noise; any other transform overrides it (clipping,
+        masks), or rMLE would fit the wrong function.
+        """
+        return z
+
     def loss(self, ctx: StepContext) -> Tensor | None:
         """Weighted extra loss term for this step, or ``None``. May step its own optimizer."""
         return None
@@ -163,11 +179,36 @@ class DefenseStack(nn.Module):
     """Defenses applied in order: ``transform`` chains, losses add, epoch hooks all run.
 
     Put information filters before noise: the noise is what is added last, to what is sent.
+
+    Logs are keyed by :meth:`labels`: a defense's registered name, made unique when the stack
+    holds two defenses of one type (``noise#1``, ``noise#2``), so neither overwrites the other.
     """
 
     def __init__(self, defenses: Iterable[Defense] = ()) -> None:
         super().__init__()
         self.defenses = nn.ModuleList(list(defenses))
+
+    def labels(self) -> list[str]:
+        """One unique log key per defense, in order: its name, or ``name#i`` (1-based among
+        the defenses of that name) when the name occurs more than once.
+
+        Example:
+            >>> from splitcem.defenses import create_defense
+            >>> s = DefenseStack([create_defense("noise", sigma=0.1), create_defense("topk"),
+            ...                   create_defense("noise", sigma=0.2)])
+            >>> s.labels()
+            ['noise#1', 'topk', 'noise#2']
+        """
+        names = [d.name or type(d).__name__ for d in self.defenses]
+        seen: dict[str, int] = {}
+        out = []
+        for n in names:
+            if names.count(n) == 1:
+                out.append(n)
+            else:
+                seen[n] = seen.get(n, 0) + 1
+                out.append(f"{n}#{seen[n]}")
+        return out
 
     def __iter__(self) -> Iterator[Defense]:
         return iter(self.defenses)
@@ -189,26 +230,39 @@ class DefenseStack(nn.Module):
             z = d.transform(z)
         return z
 
+    def match_transform(self, z: Tensor, observed: Tensor) -> Tensor:
+        """The stack's deterministic stand-in (:meth:`Defense.match_transform`) applied in
+        order; each defense sees ``observed`` only if no later defense adds noise."""
+        noisy_after = [False] * len(self.defenses)
+        for i in range(len(self.defenses) - 2, -1, -1):
+            nxt = self.defenses[i + 1]
+            noisy_after[i] = noisy_after[i + 1] or float(nxt.noise_sigma) > 0
+        for d, hidden in zip(self.defenses, noisy_after, strict=True):
+            z = d.match_transform(z, None if hidden else observed)
+        return z
+
     def forward(self, z: Tensor) -> Tensor:
         return self.transform(z)
 
     def loss(self, ctx: StepContext) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """Sum of the defenses' loss terms (``None`` if none) and each term by defense name."""
+        """Sum of the defenses' loss terms (``None`` if none) and each term by its label
+        (:meth:`labels`)."""
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
-        for d in self.defenses:
+        for label, d in zip(self.labels(), self.defenses, strict=True):
             t = d.loss(ctx)
             if t is None:
                 continue
-            terms[d.name or type(d).__name__] = t.detach()
+            terms[label] = t.detach()
             total = t if total is None else total + t
         return total, terms
 
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
+        """Every defense's epoch-end metrics, keyed ``label/metric`` (:meth:`labels`)."""
         out: dict[str, float] = {}
-        for d in self.defenses:
+        for label, d in zip(self.labels(), self.defenses, strict=True):
             for k, v in d.on_epoch_end(ctx).items():
-                out[f"{d.name}/{k}"] = float(v)
+                out[f"{label}/{k}"] = float(v)
         return out
 
     def describe(self) -> str:
