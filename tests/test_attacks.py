@@ -76,14 +76,55 @@ def test_attack_beats_mean_image(report, label):
     assert got["ssim"] > base["ssim"] and got["psnr"] > base["psnr"]
 
 
-def test_adaptive_decoder_beats_mean_image_under_noise(client, cifar_splits):
-    """The defense-aware decoder against the noise defense, with two draws per image."""
+def test_adaptive_decoder_beats_mean_image_under_noise(client, cifar_splits, monkeypatch):
+    """The defense-aware decoder against the noise defense, with two draws per image: it
+    trains on the defense's noisy features (fresh draws), not on the clean ones."""
+    import splitcem.attacks.decoder as decoder_mod
+
     t = AttackTarget(client, [create_defense("noise", sigma=0.1)], cifar_splits.train.info)
     aux, held = THREAT.select(cifar_splits)
     base = create_attack("mean_image").run(t, aux, held, progress=False).metrics
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input batch, its training features)
+    real = decoder_mod.train_decoder
+
+    def spy(decoder, target, aux, features, **kw):
+        def recording(x):
+            z = features(x)
+            if len(seen) < 2:
+                seen.append((x.clone(), z.clone()))
+            return z
+
+        return real(decoder, target, aux, recording, **kw)
+
+    monkeypatch.setattr(decoder_mod, "train_decoder", spy)
     a = create_attack("decoder_adaptive", draws=2, **DEC)
     got = a.run(t, aux, held, progress=False).metrics
     assert got["mse"] < 0.9 * base["mse"] and got["ssim"] > base["ssim"]
+    assert seen, "the adaptive decoder never asked for training features"
+    for x, z in seen:
+        b = x.shape[0]
+        assert z.shape == (2 * b, *t.feature_shape)  # two draws per image
+        clean = t.clean(x).repeat(2, 1, 1, 1)
+        noise = z - clean
+        assert float(noise.std()) == pytest.approx(0.1, rel=0.05)  # the defense's noise
+        assert abs(float(noise.mean())) < 0.01
+        assert not torch.equal(z[:b], z[b:])  # fresh draws, not one repeated
+
+
+def test_rmle_matches_the_defense_transform(client, cifar_splits, monkeypatch):
+    """Against top-k, rMLE matches topk(f(x)) to what was sent, not f(x): the matched
+    function reproduces the observation exactly, and the attack is much stronger for it."""
+    t = AttackTarget(client, [create_defense("topk", ratio=0.3)], cifar_splits.train.info)
+    x = next(iterate_images(cifar_splits.test, batch_size=8, device=t.device))[0]
+    observed = t.observe(x)
+    assert torch.equal(t.match(t.clean(x), observed), observed)
+    assert not torch.equal(t.clean(x), observed)
+    aux, held = cifar_splits.train.subset(range(64)), cifar_splits.test.subset(range(16))
+    spec = {"init": "mean", "steps": 60, "lr": 0.1, "batch_size": 16}
+    matched = create_attack("rmle", **spec).run(t, aux, held, progress=False).metrics
+    monkeypatch.setattr(AttackTarget, "match", lambda self, z, observed: z)  # f(x) alone
+    plain = create_attack("rmle", **spec).run(t, aux, held, progress=False).metrics
+    assert matched["mse"] < 0.8 * plain["mse"], (matched, plain)
 
 
 def test_rmle_feature_loss_decreases_monotonically(report):
@@ -183,6 +224,24 @@ def test_decoder_flip_augmentation_encodes_mirrored_images(target, cifar_splits)
         assert bool((torch.minimum(d_same, d_flip) < 1e-6).all())
         n_flip = int((d_flip < 1e-6).sum())
         assert 10 < n_flip < 54, n_flip
+
+
+def test_init_from_follows_the_declared_attribute(monkeypatch):
+    """Which attacks may start from another's decoder is a declared class attribute, not a
+    list of names: a new attack that declares it is started from ``decoder`` by --all."""
+    from splitcem.attacks import ATTACKS, MeanImageAttack
+
+    class FromDecoder(MeanImageAttack):
+        """A test attack that takes a decoder."""
+
+        starts_from_decoder = True
+
+    monkeypatch.setitem(ATTACKS._entries, "zz_from_decoder", FromDecoder)
+    specs = {s["name"]: s for s in all_attack_specs()}
+    assert specs["zz_from_decoder"]["init_from"] == "decoder"
+    assert {n for n, s in specs.items() if "init_from" in s} == {
+        n for n in list_attacks() if create_attack(n).starts_from_decoder}
+    parse_specs([{"name": "decoder"}, {"name": "zz_from_decoder", "init_from": "decoder"}])
 
 
 def test_figure_images_spread_over_heldout_set():

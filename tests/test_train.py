@@ -173,9 +173,9 @@ def test_sigkill_mid_run_then_resume(tiny_config, tmp_path):
 
 
 def test_bf16_autocast_and_channels_last_train(tiny_config):
-    """The fast CPU path (bf16 autocast + channels-last) trains and keeps float32 features."""
-    cfg = tiny_config(train={"amp": True, "channels_last": True, "epochs": 1,
-                             "warmup_epochs": 0},
+    """The fast CPU path (bf16 autocast + channels-last) learns and keeps float32 features."""
+    cfg = tiny_config(train={"amp": True, "channels_last": True, "epochs": 3, "lr": 0.02,
+                             "warmup_epochs": 0, "batch_size": 32, "milestones": [3]},
                       defenses=[{"name": "noise", "sigma": 0.1}], cem={"lambda": 0.1})
     seen = {}
 
@@ -189,5 +189,9 @@ def test_bf16_autocast_and_channels_last_train(tiny_config):
     tr = Trainer(p.model, stack, p.splits, cfg.train, device=p.device, seed=0, progress=False)
     res = tr.fit()
     assert seen["dtype"] == torch.float32
-    assert math.isfinite(res.history[-1]["train_loss"])
-    assert 0.0 <= res.test_accuracy <= 1.0
+    losses = [h["train_loss"] for h in res.history]
+    assert all(math.isfinite(v) for v in losses)
+    # it learns (measured: 2.37 -> 2.18, accuracy 27%; a broken backward would not)
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert res.test_accuracy > 0.15  # 10 classes: chance is 0.1
+    assert "loss/cem" in res.history[-1]  # CEM's loss was active under autocast
