@@ -1,4 +1,4 @@
-"""GAN-based inversion: WGAN-GP fine-tuning of a trained decoder (DESIGN.md section 2).
+"""GAN-based inversion: WGAN-GP fine-tuning of a trained decoder (the paper's GAN attack).
 
 The generator is a :class:`ResDecoder` first trained as in the ``decoder`` attack (or
 handed over trained by the suite's ``init_from``); it is then fine-tuned against a small

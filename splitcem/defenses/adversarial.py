@@ -9,7 +9,8 @@ receives; the client encoder is penalised whenever that attacker does well:
 
 where x01 is the input denormalised to [0, 1] and z the features the attacker sees
 (``features="sent"``: after the other defenses' transforms, the noisy features the server
-receives, as the reference does; or ``"clean"``). The penalty's gradient reaches the encoder
+receives, what a real attacker gets; or ``"clean"``: the encoder's output, what the
+reference's simulated attacker trains on). The penalty's gradient reaches the encoder
 only: the decoder's parameters are frozen while it is built, and the main optimizer holds
 only the split model's parameters. The decoder has its own Adam optimizer, stepped inside
 :meth:`AdversarialTraining.loss`; its state travels in ``get_extra_state`` so that resuming
@@ -71,7 +72,8 @@ class AdversarialTraining(Defense):
         depth: Residual blocks of the decoder (>= 0). Reference: 4. Default 2.
         lr: Adam learning rate of the decoder (> 0). Default 1e-3.
         features: What the simulated attacker sees: ``"sent"`` (default, the features
-            after the other transforms, i.e. what the server receives) or ``"clean"``.
+            after the other transforms, i.e. what the server receives) or ``"clean"`` (the
+            encoder's output before any transform, as the reference).
         decoder_loss: ``"ssim"`` (default: minimise 1 - SSIM, the reference's
             ``gan_loss_type=SSIM``) or ``"mse"`` (on [0, 1] images).
     """
@@ -195,7 +197,9 @@ class AdversarialTraining(Defense):
 
     def loss(self, ctx: StepContext) -> Tensor | None:
         decoder = self._require_setup()
-        assert self._opt is not None and self._stats is not None  # for the type checker
+        # set by setup (the check above); asserted for the type checker
+        assert self._opt is not None and self._stats is not None
+        assert self._mean is not None and self._std is not None
         z = ctx.z_sent if self.features == "sent" else ctx.z_clean  # (B, Cz, Hz, Wz)
         if z.shape[0] < 1:
             return None
