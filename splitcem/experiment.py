@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,7 +224,7 @@ def attack_run(
     *,
     attacks: list[dict[str, Any]] | None = None,
     all_attacks: bool = False,
-    threat: str | dict[str, Any] | list[str | dict[str, Any]] | None = None,
+    threat: str | dict[str, Any] | Sequence[str | dict[str, Any]] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     progress: bool = True,
     device: str | torch.device | None = None,

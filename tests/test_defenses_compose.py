@@ -34,6 +34,7 @@ def _cfg(tiny_config, name, **extra):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DEFENSES)
 def test_defense_plus_noise_plus_cem_trains_and_reloads(tiny_config, tmp_path, name):
     # PATROL (forward hooks, masks baked into the weights) is also attacked end to end

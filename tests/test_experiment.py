@@ -13,6 +13,7 @@ from splitcem.errors import ConfigError
 from splitcem.experiment import run_experiment
 
 
+@pytest.mark.slow
 def test_run_directory_holds_everything(tiny_config, tmp_path):
     cfg = tiny_config(defenses=[{"name": "noise", "sigma": 0.1}],
                       attack={"attacks": [{"name": "mean_image"},
@@ -40,6 +41,7 @@ def test_run_directory_holds_everything(tiny_config, tmp_path):
     assert "| worst case |" in summary
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_or_overwrite(tiny_config, tmp_path):
     cfg = tiny_config(attack={"attacks": []})
     run_experiment(cfg, tmp_path, progress=False)
@@ -62,6 +64,7 @@ def test_bad_attack_config_fails_before_training(tiny_config, tmp_path):
         run_experiment(cfg, tmp_path / "r", progress=False)
 
 
+@pytest.mark.slow
 def test_cli_train_attack_and_listings(tiny_config, tmp_path):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config().to_dict()))

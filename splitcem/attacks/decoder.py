@@ -22,7 +22,7 @@ train it:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from splitcem.attacks.base import (
     iterate_images,
     register_attack,
 )
+from splitcem.attacks.threat import Access
 from splitcem.data.dataset import ArrayDataset
 from splitcem.errors import ConfigError
 from splitcem.metrics import ssim_unchecked
@@ -122,7 +123,7 @@ def train_decoder(
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
     imgs = images_to_device(aux, device)
     curve: list[float] = []
-    decoder.to(memory_format=_layout(amp))
+    decoder.to(memory_format=_layout(amp))  # type: ignore[call-overload]  # not in torch's stubs
     decoder.train()
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for _ in bar:
@@ -179,7 +180,7 @@ class DecoderAttack(Attack):
         seed: Seeds the noise of the queries and the shuffling.
     """
 
-    requires = "query"
+    requires: ClassVar[Access] = "query"
 
     def __init__(self, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
                  weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 64,

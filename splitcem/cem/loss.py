@@ -233,19 +233,14 @@ def cem_loss(
     z = z.flatten(1)
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()
-    common = dict(
-        centroids=centroids,
-        pi=pi,
-        var=var,
-        counts=counts,
-        fitted=fitted,
-        sigma=sigma,
-        blend_scale=blend_scale,
-    )
     if form == "paper":
-        return paper_loss(z, y, tau=tau, stored_terms=stored_terms, **common)
+        return paper_loss(z, y, centroids=centroids, pi=pi, var=var, counts=counts,
+                          fitted=fitted, sigma=sigma, blend_scale=blend_scale, tau=tau,
+                          stored_terms=stored_terms)
     if form == "reference":
-        return reference_loss(z, y, tau=0.125 if tau is None else tau, **common)
+        return reference_loss(z, y, centroids=centroids, pi=pi, var=var, counts=counts,
+                              fitted=fitted, sigma=sigma, blend_scale=blend_scale,
+                              tau=0.125 if tau is None else tau)
     raise ValueError(f"unknown CEM form {form!r}; use 'paper' or 'reference'")
 
 

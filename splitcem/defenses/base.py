@@ -19,9 +19,9 @@ not a tensor (an optimizer of their own) goes into ``get_extra_state`` / ``set_e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,12 +46,17 @@ __all__ = [
 DEFENSES: Registry[Defense] = Registry("defense")
 
 
-def register_defense(name: str, *, force: bool = False):
+_DefenseType = TypeVar("_DefenseType", bound="type[Defense]")
+
+
+def register_defense(name: str, *, force: bool = False
+                     ) -> Callable[[_DefenseType], _DefenseType]:
     """Class decorator: register a :class:`Defense` subclass under ``name``."""
 
-    def deco(cls: type[Defense]) -> type[Defense]:
+    def deco(cls: _DefenseType) -> _DefenseType:
         cls.name = name
-        return DEFENSES.register(name, force=force)(cls)
+        DEFENSES.register(name, force=force)(cls)
+        return cls
 
     return deco
 
@@ -81,7 +86,7 @@ class SetupContext:
     steps_per_epoch: int
     epochs: int
     #: feature shape (C, H, W) of the client's output
-    feature_shape: tuple[int, int, int]
+    feature_shape: tuple[int, ...]
     #: per-channel mean / std used to normalise the inputs (to denormalise to [0, 1])
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
@@ -199,7 +204,7 @@ class DefenseStack(nn.Module):
             >>> s.labels()
             ['noise#1', 'topk', 'noise#2']
         """
-        names = [d.name or type(d).__name__ for d in self.defenses]
+        names = [d.name or type(d).__name__ for d in self]
         seen: dict[str, int] = {}
         out = []
         for n in names:
@@ -211,7 +216,7 @@ class DefenseStack(nn.Module):
         return out
 
     def __iter__(self) -> Iterator[Defense]:
-        return iter(self.defenses)
+        return iter(cast("list[Defense]", list(self.defenses)))
 
     def __len__(self) -> int:
         return len(self.defenses)
@@ -219,25 +224,25 @@ class DefenseStack(nn.Module):
     @property
     def noise_sigma(self) -> float:
         """Total std of the independent Gaussian noises the stack adds."""
-        return math.sqrt(sum(float(d.noise_sigma) ** 2 for d in self.defenses))
+        return math.sqrt(sum(float(d.noise_sigma) ** 2 for d in self))
 
     def setup(self, ctx: SetupContext) -> None:
-        for d in self.defenses:
+        for d in self:
             d.setup(ctx)
 
     def transform(self, z: Tensor) -> Tensor:
-        for d in self.defenses:
+        for d in self:
             z = d.transform(z)
         return z
 
     def match_transform(self, z: Tensor, observed: Tensor) -> Tensor:
         """The stack's deterministic stand-in (:meth:`Defense.match_transform`) applied in
         order; each defense sees ``observed`` only if no later defense adds noise."""
-        noisy_after = [False] * len(self.defenses)
-        for i in range(len(self.defenses) - 2, -1, -1):
-            nxt = self.defenses[i + 1]
-            noisy_after[i] = noisy_after[i + 1] or float(nxt.noise_sigma) > 0
-        for d, hidden in zip(self.defenses, noisy_after, strict=True):
+        items = list(self)
+        noisy_after = [False] * len(items)
+        for i in range(len(items) - 2, -1, -1):
+            noisy_after[i] = noisy_after[i + 1] or float(items[i + 1].noise_sigma) > 0
+        for d, hidden in zip(items, noisy_after, strict=True):
             z = d.match_transform(z, None if hidden else observed)
         return z
 
@@ -249,7 +254,7 @@ class DefenseStack(nn.Module):
         (:meth:`labels`)."""
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
-        for label, d in zip(self.labels(), self.defenses, strict=True):
+        for label, d in zip(self.labels(), self, strict=True):
             t = d.loss(ctx)
             if t is None:
                 continue
@@ -260,7 +265,7 @@ class DefenseStack(nn.Module):
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """Every defense's epoch-end metrics, keyed ``label/metric`` (:meth:`labels`)."""
         out: dict[str, float] = {}
-        for label, d in zip(self.labels(), self.defenses, strict=True):
+        for label, d in zip(self.labels(), self, strict=True):
             for k, v in d.on_epoch_end(ctx).items():
                 out[f"{label}/{k}"] = float(v)
         return out
@@ -269,4 +274,4 @@ class DefenseStack(nn.Module):
         """One line: ``noise(sigma=0.1) + topk(ratio=0.2)``, or ``none``."""
         if not len(self):
             return "none"
-        return " + ".join(f"{d.name}({d.extra_repr()})" for d in self.defenses)
+        return " + ".join(f"{d.name}({d.extra_repr()})" for d in self)

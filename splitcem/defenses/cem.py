@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from splitcem.cem.bounds import (
     nats_to_bits,
 )
 from splitcem.cem.kmeans import batched_kmeans, cluster_stats, pad_by_class
-from splitcem.cem.loss import cem_loss, objective_from_stats, stored_terms
+from splitcem.cem.loss import Form, cem_loss, objective_from_stats, stored_terms
 from splitcem.defenses.base import (
     Defense,
     EpochContext,
@@ -95,6 +95,13 @@ class CEM(Defense):
         seed: Seed of the k-means++ seeding (per epoch ``seed + epoch``: resume-exact).
     """
 
+    # the fitted mixture (persistent buffers, registered in __init__)
+    centroids: Tensor  # (C, K, D)
+    pi: Tensor  # (C, K)
+    var: Tensor  # (C, K, D)
+    counts: Tensor  # (C, K)
+    fitted: Tensor  # (C,) bool
+
     def __init__(
         self,
         *,
@@ -119,7 +126,7 @@ class CEM(Defense):
             raise ConfigError(
                 f"cem form must be one of {', '.join(map(repr, _FORMS))}, got {form!r}"
             )
-        self.form = form
+        self.form: Form = cast(Form, form)
         if tau is not None:
             tau = _check_float("tau", tau, positive=True)
         elif form == "reference":
