@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser demo test lint bench clean
+.PHONY: setup data browser demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,14 +34,20 @@ browser:
 demo: setup data
 	$(BIN)/splitcem demo
 
+# everything: unit tests, doctests and the end-to-end runs marked slow
 test: setup data
 	$(BIN)/python -m pytest -q
 
+# the fast lane (under a minute on 2 cores): leaves out the tests marked slow
+test-fast: setup data
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .cache/test-data runs

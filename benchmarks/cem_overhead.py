@@ -212,8 +212,8 @@ def bench_refit(device: torch.device) -> dict[str, float]:
     """
     from types import SimpleNamespace
 
-    from splitcem.cem import CEM
     from splitcem.defenses import SetupContext
+    from splitcem.defenses.cem import CEM
 
     out: dict[str, float] = {}
     for name, c, shape in (("cifar10", 10, (8, 8, 8)), ("facescrub", 530, (8, 12, 12))):

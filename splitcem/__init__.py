@@ -9,7 +9,6 @@ Example:
     True
 """
 
-from splitcem import cem as _cem  # noqa: F401  (registers the "cem" defense)
 from splitcem.config import RunConfig, load_config
 from splitcem.defenses import Defense, DefenseStack, create_defense, list_defenses
 from splitcem.experiment import run_experiment

@@ -14,7 +14,7 @@ import torch
 __all__ = ["atomic_write", "load_checkpoint", "save_checkpoint", "write_json", "write_text"]
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     ``os.replace`` is atomic on POSIX and Windows, so readers see the old or the new file,

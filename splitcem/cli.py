@@ -145,7 +145,6 @@ def demo(
 @app.command()
 def defenses() -> None:
     """List the registered defenses, one line each."""
-    import splitcem.cem  # noqa: F401  (registers "cem")
     from splitcem.defenses import DEFENSES
 
     for name in DEFENSES.names():

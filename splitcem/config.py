@@ -42,7 +42,7 @@ class AugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Which images, how many, and how they are split (DESIGN.md section 2)."""
+    """Which images, how many, and how they are split (train, attacker's aux, held-out eval)."""
 
     name: str = "cifar10"
     root: str | None = None  # None: search the default places (see splitcem.data)

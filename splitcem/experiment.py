@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,6 @@ def build_defenses(cfg: RunConfig) -> DefenseStack:
         params = {k: v for k, v in spec.items() if k != "name"}
         items.append(create_defense(spec["name"], **params))
     if cfg.cem is not None:
-        import splitcem.cem  # noqa: F401  (registers "cem")
-
         items.append(create_defense("cem", **cfg.cem.kwargs()))
     return DefenseStack(items)
 
@@ -228,7 +227,7 @@ def attack_run(
     *,
     attacks: list[dict[str, Any]] | None = None,
     all_attacks: bool = False,
-    threat: str | dict[str, Any] | list[str | dict[str, Any]] | None = None,
+    threat: str | dict[str, Any] | Sequence[str | dict[str, Any]] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     progress: bool = True,
     device: str | torch.device | None = None,

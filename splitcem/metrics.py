@@ -1,8 +1,10 @@
 """Reconstruction quality per image: MSE, SSIM and PSNR on images in [0, 1].
 
-Every attack is scored with these (DESIGN.md section 2): reconstructions and originals are
-denormalised and clamped to [0, 1]; each metric is computed **per image** and then averaged
-over the images (not over pixels of the whole set), as the paper does.
+Every attack is scored with these: reconstructions and originals are denormalised and
+clamped to [0, 1]; each metric is computed **per image** and then averaged over the images
+(not over the pixels of the whole set). Per image is the usual definition; the reference
+code differs for PSNR, which it computes from each *batch's* mean MSE and then averages over
+batches, so its PSNR is not comparable digit for digit (log of a mean is not the mean of logs).
 
 * ``mse(x, y)``: mean of squared differences over (C, H, W).
 * ``ssim(x, y)``: Wang et al. 2004 with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
@@ -16,7 +18,8 @@ over the images (not over pixels of the whole set), as the paper does.
   that a perfect reconstruction does not make the average infinite.
 
 The functional forms validate their inputs (shape, NaN, range) with one host sync per call;
-the training losses of attacks use the private, unchecked ``_ssim_per_image`` instead.
+training losses (attack decoders, adversarial training) use the unchecked, differentiable
+:func:`ssim_unchecked` instead, which never syncs.
 ``ImageMetrics`` accumulates over batches in the torchmetrics pattern: pure ``_update`` /
 ``_compute`` functions plus a small stateful class.
 
@@ -45,6 +48,7 @@ __all__ = [
     "mse",
     "psnr",
     "ssim",
+    "ssim_unchecked",
 ]
 
 #: metric names in report order
@@ -120,8 +124,12 @@ def _gauss_1d(device: torch.device, dtype: torch.dtype) -> Tensor:
     return (g / g.sum()).to(device=device, dtype=dtype)
 
 
-def _ssim_per_image(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
-    """(B, C, H, W) x2 -> (B,) mean SSIM, no checks; differentiable (used as a loss too).
+def ssim_unchecked(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+    """Per-image SSIM, (B, C, H, W) x2 -> (B,), without input checks: for training losses.
+
+    The same SSIM as :func:`ssim`, differentiable, in the inputs' dtype, and free of host
+    syncs (no shape, range or NaN checks: the caller guarantees (B, C, H, W) images of at
+    least 11x11 in a range of ``data_range``). Use :func:`ssim` to score reconstructions.
 
     The five local statistics (means, second moments, cross moment) of all channels go
     through one grouped, separable valid convolution: (B, 5C, H, W) -> (B, 5C, H-10, W-10).
@@ -145,6 +153,7 @@ def _ssim_per_image(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
     return s.flatten(1).mean(1)
 
 
+
 def mse(x: Tensor, y: Tensor) -> Tensor:
     """Per-image mean squared error of (B, C, H, W) images in [0, 1] -> (B,)."""
     _check(x, y)
@@ -159,7 +168,7 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
     ``E[x^2] - E[x]^2`` loses digits in float32 on flat regions; MPS falls back to float32.
     """
     _check(x, y, min_size=_WIN)
-    return _ssim_per_image(_hi(x), _hi(y)).to(x.dtype)
+    return ssim_unchecked(_hi(x), _hi(y)).to(x.dtype)
 
 
 def _hi(x: Tensor) -> Tensor:
@@ -187,7 +196,7 @@ def _image_metrics_update(recon: Tensor, orig: Tensor) -> tuple[Tensor, int]:
     _check(recon, orig, min_size=_WIN)
     r, o = _hi(recon), _hi(orig)
     m = _mse_per_image(r, o)
-    s = _ssim_per_image(r, o)
+    s = ssim_unchecked(r, o)
     p = _psnr_from_mse(m)
     sums = torch.stack([m.sum(), s.sum(), p.sum()])
     return sums, recon.shape[0]

@@ -16,6 +16,7 @@ import numpy as np
 from splitcem._io import atomic_write, write_text
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from torch import Tensor
 
     from splitcem.config import RunConfig
@@ -105,19 +106,25 @@ def write_summary(run_dir: str | Path, record: dict[str, Any], cfg: RunConfig) -
     return write_text(run_dir / SUMMARY_FILE, "\n".join(lines) + "\n")
 
 
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A figure that draws to PNG without pyplot: no global backend switch (a notebook user
+    keeps theirs), no figure registry to leak into, so nothing to close."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def save_image_grid(rows: dict[str, Tensor], path: str | Path, *, show: int = 8) -> Path:
     """Save labelled rows of [0, 1] images (each (N, C, H, W)) as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(rows)
     have = min(int(t.shape[0]) for t in rows.values())
     n = min(show, have)
     pick = np.linspace(0, have - 1, n).round().astype(int)  # spread over what was kept
-    fig, axes = plt.subplots(len(names), n, figsize=(1.2 * n + 1.2, 1.3 * len(names)),
-                             squeeze=False)
+    fig = _figure(figsize=(1.2 * n + 1.2, 1.3 * len(names)))
+    axes = fig.subplots(len(names), n, squeeze=False)
     for r, name in enumerate(names):
         imgs = rows[name][pick.tolist()].detach().float().clamp(0, 1).cpu()
         for c in range(n):
@@ -131,13 +138,7 @@ def save_image_grid(rows: dict[str, Tensor], path: str | Path, *, show: int = 8)
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
 
-    def _save(p: Path) -> None:
-        fig.savefig(p, format="png", dpi=100)
-
-    try:
-        return atomic_write(path, _save)
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
 
 
 def save_reconstructions(run_dir: str | Path, attack_report: Any, *, show: int = 8) -> Path | None:
@@ -201,12 +202,8 @@ def _attack_metric(rec: dict[str, Any], metric: str) -> float:
 
 def plot_frontier(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Accuracy against attack MSE, one point per run (up and right is better)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig = _figure(figsize=(6, 4.5))
+    ax = fig.subplots()
     for rec in records:
         acc = 100 * (rec.get("train") or {}).get("test_accuracy", float("nan"))
         mse = _attack_metric(rec, "mse")
@@ -219,7 +216,4 @@ def plot_frontier(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.set_title("utility vs inversion robustness")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from splitcem._io import load_checkpoint, save_checkpoint
 from splitcem.config import TrainConfig
-from splitcem.data import ArrayDataset, BatchLoader, DataSplits
+from splitcem.data import ArrayDataset, Augment, BatchLoader, DataSplits
 from splitcem.defenses import DefenseStack, EpochContext, SetupContext, StepContext
 from splitcem.errors import CheckpointError, ConfigError, NonFiniteError
 from splitcem.models import SplitModel
@@ -170,7 +170,7 @@ class Trainer:
         seed: int = 125,
         run_dir: str | Path | None = None,
         progress: bool = True,
-        augment: bool = True,
+        augment: bool | Augment = True,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
@@ -201,7 +201,7 @@ class Trainer:
         self.amp = bool(cfg.amp and device.type in ("cuda", "cpu"))
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []

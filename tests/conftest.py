@@ -32,12 +32,14 @@ def need(path: Path, how: str) -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
-    """The user's decoded-array cache, shared across sessions (decoding CIFAR takes seconds).
+    """The test runs' own decoded-array cache (set by the repository's root conftest.py:
+    ``.cache/test-data`` in the checkout, never the user's ``~/.cache/splitcem``).
 
-    Safe to share: entries are keyed on the source file's path, size and mtime, and are
-    written atomically; tests of the cache itself use their own temporary folders.
+    Kept across sessions (decoding CIFAR-10 takes seconds) and safe to share: entries are
+    keyed on the source file's path, size and mtime and written atomically; tests of the
+    cache itself use their own temporary folders.
     """
-    return Path(os.environ.get("SPLITCEM_CACHE", Path.home() / ".cache" / "splitcem"))
+    return Path(os.environ["SPLITCEM_CACHE"])
 
 
 @pytest.fixture(scope="session")

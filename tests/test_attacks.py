@@ -68,6 +68,7 @@ def report(target, cifar_splits):
 # ---- every attack beats the trivial baseline on an undefended encoder ----------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["decoder", "rmle", "gan"])
 def test_attack_beats_mean_image(report, label):
     base = report.results["mean_image"].metrics
@@ -76,16 +77,72 @@ def test_attack_beats_mean_image(report, label):
     assert got["ssim"] > base["ssim"] and got["psnr"] > base["psnr"]
 
 
-def test_adaptive_decoder_beats_mean_image_under_noise(client, cifar_splits):
-    """The defense-aware decoder against the noise defense, with two draws per image."""
+@pytest.mark.slow
+def test_adaptive_decoder_beats_mean_image_under_noise(client, cifar_splits, monkeypatch):
+    """The defense-aware decoder against the noise defense, with two draws per image: it
+    trains on the defense's noisy features (fresh draws), not on the clean ones."""
+    import splitcem.attacks.decoder as decoder_mod
+
     t = AttackTarget(client, [create_defense("noise", sigma=0.1)], cifar_splits.train.info)
     aux, held = THREAT.select(cifar_splits)
     base = create_attack("mean_image").run(t, aux, held, progress=False).metrics
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input batch, its training features)
+    real = decoder_mod.train_decoder
+
+    def spy(decoder, target, aux, features, **kw):
+        def recording(x):
+            z = features(x)
+            if len(seen) < 2:
+                seen.append((x.clone(), z.clone()))
+            return z
+
+        return real(decoder, target, aux, recording, **kw)
+
+    monkeypatch.setattr(decoder_mod, "train_decoder", spy)
     a = create_attack("decoder_adaptive", draws=2, **DEC)
     got = a.run(t, aux, held, progress=False).metrics
     assert got["mse"] < 0.9 * base["mse"] and got["ssim"] > base["ssim"]
+    assert seen, "the adaptive decoder never asked for training features"
+    for x, z in seen:
+        b = x.shape[0]
+        assert z.shape == (2 * b, *t.feature_shape)  # two draws per image
+        clean = t.clean(x).repeat(2, 1, 1, 1)
+        noise = z - clean
+        assert float(noise.std()) == pytest.approx(0.1, rel=0.05)  # the defense's noise
+        assert abs(float(noise.mean())) < 0.01
+        assert not torch.equal(z[:b], z[b:])  # fresh draws, not one repeated
 
 
+def test_target_match_reproduces_deterministic_defenses(client, cifar_splits):
+    """What rMLE compares with the observation: top-k of the candidate's features (exactly
+    what was sent), clipping under LDP (up to its zero-mean noise); not f(x) itself."""
+    x = next(iterate_images(cifar_splits.test, batch_size=8, device=torch.device("cpu")))[0]
+    t = AttackTarget(client, [create_defense("topk", ratio=0.3)], cifar_splits.train.info)
+    observed = t.observe(x)
+    z = t.clean(x).requires_grad_(True)
+    m = t.match(z, observed)
+    assert torch.equal(m.detach(), observed) and not torch.equal(t.clean(x), observed)
+    m.sum().backward()  # differentiable: the gradient reaches the kept features
+    assert z.grad is not None and 0 < int((z.grad != 0).sum()) < z.numel()
+    ldp = AttackTarget(client, [create_defense("ldp", clip=2.0)], cifar_splits.train.info)
+    clipped = ldp.match(ldp.clean(x), ldp.observe(x))
+    assert torch.allclose(clipped.flatten(1).norm(dim=1), torch.full((8,), 2.0))
+
+
+@pytest.mark.slow
+def test_rmle_matches_the_defense_transform(client, cifar_splits, monkeypatch):
+    """Against top-k, rMLE that matches topk(f(x)) to what was sent is much stronger than
+    rMLE that matches f(x) (what it did before it applied the defense's transforms)."""
+    t = AttackTarget(client, [create_defense("topk", ratio=0.3)], cifar_splits.train.info)
+    aux, held = cifar_splits.train.subset(range(64)), cifar_splits.test.subset(range(16))
+    spec = {"init": "mean", "steps": 60, "lr": 0.1, "batch_size": 16}
+    matched = create_attack("rmle", **spec).run(t, aux, held, progress=False).metrics
+    monkeypatch.setattr(AttackTarget, "match", lambda self, z, observed: z)  # f(x) alone
+    plain = create_attack("rmle", **spec).run(t, aux, held, progress=False).metrics
+    assert matched["mse"] < 0.8 * plain["mse"], (matched, plain)
+
+
+@pytest.mark.slow
 def test_rmle_feature_loss_decreases_monotonically(report):
     curve = report.results["rmle"].extra["feature_loss_curve"]
     assert len(curve) >= 20
@@ -94,6 +151,7 @@ def test_rmle_feature_loss_decreases_monotonically(report):
     assert first[-1] < 0.5 * first[0]
 
 
+@pytest.mark.slow
 def test_gan_losses_finite_and_no_divergence(report):
     ex = report.results["gan"].extra
     for k in ("critic_loss", "generator_loss", "wasserstein", "gen_mse"):
@@ -103,6 +161,7 @@ def test_gan_losses_finite_and_no_divergence(report):
     assert report.results["gan"].metrics["mse"] < 1.5 * report.results["decoder"].metrics["mse"]
 
 
+@pytest.mark.slow
 def test_worst_case_picks_best_per_metric(report):
     for metric, pick in report.worst.items():
         vals = {k: r.metrics[metric] for k, r in report.results.items()}
@@ -183,6 +242,24 @@ def test_decoder_flip_augmentation_encodes_mirrored_images(target, cifar_splits)
         assert bool((torch.minimum(d_same, d_flip) < 1e-6).all())
         n_flip = int((d_flip < 1e-6).sum())
         assert 10 < n_flip < 54, n_flip
+
+
+def test_init_from_follows_the_declared_attribute(monkeypatch):
+    """Which attacks may start from another's decoder is a declared class attribute, not a
+    list of names: a new attack that declares it is started from ``decoder`` by --all."""
+    from splitcem.attacks import ATTACKS, MeanImageAttack
+
+    class FromDecoder(MeanImageAttack):
+        """A test attack that takes a decoder."""
+
+        starts_from_decoder = True
+
+    monkeypatch.setitem(ATTACKS._entries, "zz_from_decoder", FromDecoder)
+    specs = {s["name"]: s for s in all_attack_specs()}
+    assert specs["zz_from_decoder"]["init_from"] == "decoder"
+    assert {n for n, s in specs.items() if "init_from" in s} == {
+        n for n in list_attacks() if create_attack(n).starts_from_decoder}
+    parse_specs([{"name": "decoder"}, {"name": "zz_from_decoder", "init_from": "decoder"}])
 
 
 def test_figure_images_spread_over_heldout_set():

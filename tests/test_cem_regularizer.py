@@ -8,8 +8,6 @@ import warnings
 import pytest
 import torch
 
-import splitcem.cem  # noqa: F401  (registers "cem")
-from splitcem.cem import CEM
 from splitcem.defenses import (
     DefenseStack,
     EpochContext,
@@ -18,6 +16,7 @@ from splitcem.defenses import (
     create_defense,
     list_defenses,
 )
+from splitcem.defenses.cem import CEM
 from splitcem.errors import ConfigError, NonFiniteError
 
 NUM_CLASSES = 4

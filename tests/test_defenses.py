@@ -8,13 +8,14 @@ output, hooks run with default hyperparameters.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import splitcem.cem  # noqa: F401  (registers "cem", so the contract covers it too)
 from splitcem.defenses import (
+    Defense,
     DefenseStack,
     EpochContext,
     SetupContext,
@@ -35,11 +36,46 @@ from splitcem.models import create_split_model
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.247, 0.243, 0.261)
 
-# small settings under which a defense's loss term is active from the first step, so the
-# gradient check has something to check (defaults may switch it on later, e.g. pretraining)
-ACTIVE = {"adversarial": {"threshold": 0.0, "pretrain_epochs": 0, "width": 8, "depth": 0}}
-# defenses whose loss must send a gradient to the encoder (when ACTIVE)
-LOSS_REACHES_ENCODER = {"nopeek", "adversarial"}
+
+
+@dataclass(frozen=True)
+class Active:
+    """How to run one registered defense so that every hook it has is active from the first
+    step (defaults may switch a loss on later, e.g. after pretraining or CEM's first fit)."""
+
+    params: dict = field(default_factory=dict)
+    #: Gaussian noise std the stack reports at setup (CEM switches itself off at 0)
+    noise_sigma: float = 0.0
+    #: its loss must send a gradient to the encoder (and none to the server)
+    loss_reaches_encoder: bool = False
+    #: fit CEM's mixture on a first batch, so that L_C applies at step 0
+    fit_first: bool = False
+    #: metrics its epoch-end hook must report (at the end of epoch 0)
+    epoch_metrics: tuple[str, ...] = ()
+
+
+# one entry per registered defense: test_every_registered_defense_has_settings fails when a
+# newly registered defense has none, so the contract below never skips one silently
+SETTINGS: dict[str, Active] = {
+    "noise": Active({"sigma": 0.1}, noise_sigma=0.1),
+    "dropout": Active({"p": 0.2}),
+    "topk": Active({"ratio": 0.3}),
+    "ldp": Active({"epsilon": 1e4}),
+    "nopeek": Active({"weight": 0.3}, loss_reaches_encoder=True),
+    "adversarial": Active({"threshold": 0.0, "pretrain_epochs": 0, "width": 8, "depth": 0},
+                          loss_reaches_encoder=True, epoch_metrics=("ssim", "penalty")),
+    "patrol": Active({"prune_epoch": 1, "importance_batches": 1},
+                     epoch_metrics=("pruned_channels",)),
+    "cem": Active({"lam": 1.0, "warmup_epochs": 0, "clusters": 2}, noise_sigma=0.1,
+                  loss_reaches_encoder=True, fit_first=True,
+                  epoch_metrics=("mi_bound_bits", "l_c")),
+}
+
+
+def test_every_registered_defense_has_settings():
+    missing = sorted(set(list_defenses()) - set(SETTINGS))
+    assert not missing, f"add an entry to SETTINGS in {__file__} for: {missing}"
+    assert not set(SETTINGS) - set(list_defenses()), "SETTINGS names an unregistered defense"
 
 
 def tiny_model(seed: int = 0):
@@ -64,17 +100,23 @@ def batch(seed: int = 1, b: int = 16):
     return x, y
 
 
-def build(name: str, seed: int = 0, **kw):
+def build(name: str, seed: int = 0):
+    """A tiny model and the defense ``name`` set up with its SETTINGS (CEM fitted)."""
+    spec = SETTINGS[name]
     model = tiny_model(seed)
-    d = create_defense(name, **kw)
+    d = create_defense(name, **spec.params)
     torch.manual_seed(seed)
-    d.setup(setup_ctx(model))
+    d.setup(setup_ctx(model, noise_sigma=spec.noise_sigma))
+    if spec.fit_first:
+        x, y = batch(seed=99, b=64)
+        with torch.no_grad():
+            d.fit(model.client(x), y)
     return model, d
 
 
 @pytest.mark.parametrize("name", list_defenses())
 def test_contract_transform(name):
-    model, d = build(name, **ACTIVE.get(name, {}))
+    model, d = build(name)
     x, y = batch()
     for train in (True, False):
         d.train(train)
@@ -96,7 +138,7 @@ def test_contract_transform(name):
 def test_contract_same_seed_same_output(name):
     outs = []
     for _ in range(2):
-        model, d = build(name, seed=3, **ACTIVE.get(name, {}))
+        model, d = build(name, seed=3)
         x, y = batch()
         torch.manual_seed(7)
         z = model.client(x)
@@ -111,7 +153,7 @@ def test_contract_same_seed_same_output(name):
 
 @pytest.mark.parametrize("name", list_defenses())
 def test_contract_loss_and_epoch_end(name):
-    model, d = build(name, **ACTIVE.get(name, {}))
+    model, d = build(name)
     stack = DefenseStack([d])
     x, y = batch()
     model.train()
@@ -122,7 +164,7 @@ def test_contract_loss_and_epoch_end(name):
     if total is not None:
         assert total.dim() == 0 and torch.isfinite(total)
         assert all(torch.isfinite(v) for v in terms.values())
-    if name in LOSS_REACHES_ENCODER:
+    if SETTINGS[name].loss_reaches_encoder:
         assert total is not None and total.requires_grad
         model.zero_grad()
         total.backward()
@@ -139,6 +181,86 @@ def test_contract_loss_and_epoch_end(name):
     out = stack.on_epoch_end(EpochContext(model, epoch=0, device=torch.device("cpu"),
                                           train_batches=batches))
     assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
+    assert {f"{name}/{m}" for m in SETTINGS[name].epoch_metrics} <= set(out), out
+
+
+def test_cem_contract_runs_with_cem_active():
+    """The contract above must exercise L_C, not the switched-off identity (sigma 0)."""
+    model, d = build("cem")
+    assert d.sigma == 0.1 and d.is_fitted
+    x, y = batch()
+    z = model.client(x)
+    t = d.loss(StepContext(x, y, z, z, model, epoch=0, step=0, lr=0.05))
+    assert t is not None and t.requires_grad and float(t.detach()) != 0.0
+
+
+@pytest.mark.parametrize("name", list_defenses())
+def test_contract_match_transform(name):
+    """What rMLE matches: ``observed - match_transform(z)`` is zero-mean noise, and exactly
+    zero for a defense that adds none (the deterministic transform is reproduced)."""
+    model, d = build(name)
+    d.eval()
+    model.eval()
+    torch.manual_seed(5)
+    x, _ = batch(b=64)
+    with torch.no_grad():
+        z = model.client(x)
+        obs = d.transform(z)
+        m = d.match_transform(z, obs if d.noise_sigma == 0 else None)
+    assert m.shape == z.shape
+    if d.noise_sigma == 0:
+        torch.testing.assert_close(m, obs, atol=0, rtol=0)
+    else:  # 64 * 128 draws: the mean is within 5 standard errors of 0
+        r = obs - m
+        assert abs(float(r.mean())) < 5 * d.noise_sigma / math.sqrt(r.numel())
+        assert float(r.std()) == pytest.approx(d.noise_sigma, rel=0.05)
+
+
+def test_match_transform_of_stacks():
+    """In a stack, a random mask hidden by later noise is matched by its expectation; a
+    deterministic one (top-k, clipping) exactly."""
+    z = torch.rand(256, 8, 4, 4) + 0.1
+    drop = DefenseStack([create_defense("dropout", p=0.25), create_defense("noise", sigma=0.1)])
+    torch.manual_seed(1)  # not the seed z was drawn with: the mask must not correlate with z
+    obs = drop.transform(z)
+    torch.testing.assert_close(drop.match_transform(z, obs), 0.75 * z)
+    assert float((obs - 0.75 * z).mean()) == pytest.approx(0.0, abs=3e-3)  # zero-mean residual
+    alone = DefenseStack([create_defense("dropout", p=0.25)])
+    obs = alone.transform(z)
+    torch.testing.assert_close(alone.match_transform(z, obs), obs)  # visible zeros: exact
+    topk = DefenseStack([create_defense("topk", ratio=0.3), create_defense("noise", sigma=0.1)])
+    torch.testing.assert_close(topk.match_transform(z, topk.transform(z)),
+                               z * topk_mask(z, 0.3))
+    ldp = DefenseStack([create_defense("ldp", clip=1.0)])
+    torch.testing.assert_close(ldp.match_transform(z, ldp.transform(z)), clip_norm(z, 1.0, 2))
+
+
+def test_stack_logs_two_defenses_of_one_type_apart():
+    """Two defenses of one type keep their own loss and epoch-end logs."""
+
+    class Const(Defense):
+        def __init__(self, v: float) -> None:
+            super().__init__()
+            self.v = v
+
+        def loss(self, ctx):
+            return ctx.z_clean.sum() * 0 + self.v
+
+        def on_epoch_end(self, ctx):
+            return {"v": self.v}
+
+    Const.name = "const"
+    stack = DefenseStack([Const(1.0), create_defense("noise", sigma=0.0), Const(2.0)])
+    assert stack.labels() == ["const#1", "noise", "const#2"]
+    model = tiny_model()
+    x, y = batch()
+    z = model.client(x)
+    total, terms = stack.loss(StepContext(x, y, z, z, model, epoch=0, step=0, lr=0.05))
+    assert {k: float(v) for k, v in terms.items()} == {"const#1": 1.0, "const#2": 2.0}
+    assert total is not None and float(total.detach()) == 3.0
+    out = stack.on_epoch_end(EpochContext(model, epoch=0, device=torch.device("cpu"),
+                                          train_batches=lambda: iter(())))
+    assert out == {"const#1/v": 1.0, "const#2/v": 2.0}
 
 
 @pytest.mark.parametrize("name", list_defenses())

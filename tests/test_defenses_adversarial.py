@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -77,6 +78,7 @@ def test_threshold_hinge():
     assert d.loss(step_ctx(model)).item() == 0.0  # an untrained decoder is far below 0.99
 
 
+@pytest.mark.slow
 def test_resume_is_exact():
     """Decoder weights + Adam state travel in the defense's state_dict: a defense restored
     from it continues exactly like the original."""
@@ -96,6 +98,7 @@ def test_resume_is_exact():
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_adversarial_training_lowers_simulated_decoder_ssim(cifar_splits):
     """Short run on real images (256 CIFAR-10 training images pooled to 16x16, 3 epochs,
     noise 0.1): the simulated decoder reconstructs worse (lower SSIM) when the encoder is

@@ -118,6 +118,7 @@ def _images(ds, n):
     return ds.info.normalize(F.avg_pool2d(x01, 2)), torch.as_tensor(ds.labels[:n])
 
 
+@pytest.mark.slow
 def test_nopeek_lowers_distance_correlation_in_training(cifar_splits):
     """A short run on real images (256 CIFAR-10 training images pooled to 16x16, 3 epochs)
     with NoPeek ends with a lower distance correlation between held-out images and their

@@ -36,7 +36,7 @@ def test_star_import_matches_all():
     assert set(models.__all__) <= set(ns)
 
 
-# --- the reference's facts (DESIGN.md section 2) -------------------------------------------
+# --- the reference's facts: VGG11-BN cut 4 + C8S1 bottleneck + sigmoid, 85,256 parameters --
 
 
 def test_vgg11_reference_client():

@@ -26,3 +26,39 @@ def test_top_level_is_small():
 
     assert len(splitcem.__all__) <= 15
     assert {"cem", "noise"} <= set(splitcem.list_defenses())
+
+
+# what each package may not import (lazy imports included): dependencies point down the
+# pipeline, so the maths of CEM knows no defense and the defenses know no attacker
+FORBIDDEN = {
+    "splitcem/cem": ("splitcem.defenses", "splitcem.attacks", "splitcem.train",
+                     "splitcem.experiment"),
+    "splitcem/defenses": ("splitcem.attacks", "splitcem.train", "splitcem.experiment"),
+    "splitcem/models": ("splitcem.defenses", "splitcem.attacks", "splitcem.cem"),
+    "splitcem/metrics.py": ("splitcem.defenses", "splitcem.attacks", "splitcem.cem"),
+}
+
+
+def _imports(path):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+            yield from (f"{node.module}.{a.name}" for a in node.names)
+
+
+@pytest.mark.parametrize("where", sorted(FORBIDDEN))
+def test_layering(where):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = root / where
+    files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    assert files
+    bad = [(str(f.relative_to(root)), m) for f in files for m in _imports(f)
+           if m.startswith(FORBIDDEN[where])]
+    assert not bad, f"{where} must not import {bad}"

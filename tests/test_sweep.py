@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from splitcem.sweep import run_sweep
 
 
+@pytest.mark.slow
 def test_sweep_compares_and_reuses(tiny_config, tmp_path):
     paths = []
     for name, defenses in (("plain", []), ("noisy", [{"name": "noise", "sigma": 0.3}])):

@@ -63,6 +63,7 @@ def learned(tiny_config):
     return tr, tr.fit()
 
 
+@pytest.mark.slow
 def test_learns_on_real_data(learned):
     _, res = learned
     losses = [h["train_loss"] for h in res.history]
@@ -71,6 +72,7 @@ def test_learns_on_real_data(learned):
     assert {"lr", "test_accuracy", "images_per_second"} <= set(res.history[-1])
 
 
+@pytest.mark.slow
 def test_accuracy_is_reported_under_noise(learned):
     tr, _ = learned
     clean = evaluate(tr.model, DefenseStack(), tr.splits.test, device=tr.device)
@@ -94,6 +96,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_crash_matches_uninterrupted(tiny_config, tmp_path):
     """Crash after epoch 2 of 4, resume, and get bit-identical weights (noise defense on)."""
     cfg = tiny_config(train={"epochs": 4, "milestones": [3]},
@@ -119,6 +122,7 @@ def test_resume_after_crash_matches_uninterrupted(tiny_config, tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.slow
 def test_resume_errors(tiny_config, tmp_path):
     cfg = tiny_config()
     with pytest.raises(CheckpointError, match="no checkpoint"):
@@ -139,6 +143,7 @@ def _cli(args):
     return [sys.executable, "-m", "splitcem.cli", *args]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tiny_config, tmp_path):
     """A real kill (SIGKILL) of `splitcem train` mid-way; `--resume` finishes it with the
     same final weights as an uninterrupted run of the same command."""
@@ -172,10 +177,11 @@ def test_sigkill_mid_run_then_resume(tiny_config, tmp_path):
         assert torch.equal(v, b["model"][k]), k
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_channels_last_train(tiny_config):
-    """The fast CPU path (bf16 autocast + channels-last) trains and keeps float32 features."""
-    cfg = tiny_config(train={"amp": True, "channels_last": True, "epochs": 1,
-                             "warmup_epochs": 0},
+    """The fast CPU path (bf16 autocast + channels-last) learns and keeps float32 features."""
+    cfg = tiny_config(train={"amp": True, "channels_last": True, "epochs": 3, "lr": 0.02,
+                             "warmup_epochs": 0, "batch_size": 32, "milestones": [3]},
                       defenses=[{"name": "noise", "sigma": 0.1}], cem={"lambda": 0.1})
     seen = {}
 
@@ -189,5 +195,9 @@ def test_bf16_autocast_and_channels_last_train(tiny_config):
     tr = Trainer(p.model, stack, p.splits, cfg.train, device=p.device, seed=0, progress=False)
     res = tr.fit()
     assert seen["dtype"] == torch.float32
-    assert math.isfinite(res.history[-1]["train_loss"])
-    assert 0.0 <= res.test_accuracy <= 1.0
+    losses = [h["train_loss"] for h in res.history]
+    assert all(math.isfinite(v) for v in losses)
+    # it learns (measured: 2.37 -> 2.18, accuracy 27%; a broken backward would not)
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert res.test_accuracy > 0.15  # 10 classes: chance is 0.1
+    assert "loss/cem" in res.history[-1]  # CEM's loss was active under autocast

@@ -178,6 +178,14 @@ class AttackTarget:
         with _eval_mode(self.defenses):
             return self.defenses.transform(z_clean)
 
+    def match(self, z: Tensor, observed: Tensor) -> Tensor:
+        """White-box: the deployed defenses' deterministic transforms (eval mode: clipping,
+        top-k masks, dropout zeros where visible; :meth:`DefenseStack.match_transform`)
+        applied to candidate features ``z`` with their graph, so that a feature-matching
+        attack compares ``observed`` with the function that produced it."""
+        with _eval_mode(self.defenses):
+            return self.defenses.match_transform(z, observed)
+
     @contextlib.contextmanager
     def frozen(self) -> Iterator[nn.Module]:
         """Yield the client in eval mode with gradients off for its parameters, so a
@@ -275,6 +283,12 @@ class Attack(ABC):
     name: str = ""
     #: the least access the attack needs: "outputs" < "query" < "whitebox"
     requires: ClassVar[Access] = "query"
+    #: whether the attack can start from another attack's trained decoder instead of
+    #: training its own: the suite's ``init_from`` then sets :attr:`init_decoder`, and
+    #: ``all_attack_specs`` (``splitcem attack --all``) starts it from ``decoder``
+    starts_from_decoder: ClassVar[bool] = False
+    #: the decoder handed over by the suite (attacks with ``starts_from_decoder`` only)
+    init_decoder: nn.Module | None = None
 
     def __init__(self, *, seed: int = 0, batch_size: int = 256) -> None:
         self.seed = int(seed)

@@ -1,8 +1,8 @@
 """Learning-based inversion: a residual decoder trained to map features back to images.
 
-``ResDecoder`` is the paper's "res_normN8C64" attack network (DESIGN.md section 2);
-defenses that simulate an attacker (adversarial training) reuse it. Three registered
-attacks train it:
+``ResDecoder`` (:mod:`splitcem.models.decoder`) is the paper's "res_normN8C64" attack
+network; adversarial training reuses it as its simulated attacker. Three registered attacks
+train it:
 
 * ``decoder``: the paper's attack. Query access: each epoch the attacker submits its
   auxiliary images to the deployed client and trains on what comes back, so the features
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,11 @@ from splitcem.attacks.base import (
     iterate_images,
     register_attack,
 )
+from splitcem.attacks.threat import Access
 from splitcem.data.dataset import ArrayDataset
 from splitcem.errors import ConfigError
-from splitcem.metrics import _ssim_per_image
+from splitcem.metrics import ssim_unchecked
+from splitcem.models.decoder import ResBlock, ResDecoder
 
 __all__ = [
     "AdaptiveDecoderAttack",
@@ -58,86 +60,6 @@ __all__ = [
 ]
 
 
-class ResBlock(nn.Module):
-    """Pre-activation residual block: BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus a shortcut
-    (1x1 conv when the channel count changes, identity otherwise)."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.BatchNorm2d(cin), nn.ReLU(inplace=False), nn.Conv2d(cin, cout, 3, padding=1),
-            nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, padding=1),
-        )
-        self.shortcut = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, cin, H, W) -> (B, cout, H, W)
-        return self.shortcut(x) + self.body(x)
-
-
-class ResDecoder(nn.Module):
-    """Features (B, C_z, s, s) -> images (B, C, S, S) in [0, 1] ("res_normN8C64").
-
-    block(C_z -> width), ``depth`` x block(width -> width), one stride-2 transposed conv
-    (3x3, padding 1, output_padding 1) + BN + ReLU per doubling of the resolution,
-    block(width -> C), sigmoid. When S / s is not a power of two (7 -> 32), the last
-    doubling that fits is followed by a bilinear resize to S before the output block, so
-    the output block still smooths the resized map.
-
-    Args:
-        in_channels: C_z, feature channels.
-        in_size: s, feature height = width.
-        out_channels: C, image channels.
-        out_size: S, image height = width.
-        width: Channels of the hidden blocks (paper: 64).
-        depth: Number of width -> width blocks (paper: 8).
-
-    Example:
-        >>> ResDecoder(8, 8, 3, 32, width=16, depth=1)(torch.rand(2, 8, 8, 8)).shape
-        torch.Size([2, 3, 32, 32])
-    """
-
-    def __init__(self, in_channels: int, in_size: int, out_channels: int, out_size: int, *,
-                 width: int = 64, depth: int = 8) -> None:
-        super().__init__()
-        for k, v in (("in_channels", in_channels), ("in_size", in_size),
-                     ("out_channels", out_channels), ("out_size", out_size), ("width", width)):
-            _positive_int(k, v)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-            raise ConfigError(f"decoder depth must be an integer >= 0, got {depth!r}")
-        self.out_size = out_size
-        #: the constructor's arguments: ``ResDecoder(**decoder.config)`` rebuilds it
-        self.config: dict[str, int] = dict(in_channels=in_channels, in_size=in_size,
-                                           out_channels=out_channels, out_size=out_size,
-                                           width=width, depth=depth)
-        ups = 0
-        while in_size * 2 ** (ups + 1) <= out_size:
-            ups += 1
-        self.resize = in_size * 2 ** ups != out_size
-        layers: list[nn.Module] = [ResBlock(in_channels, width)]
-        layers += [ResBlock(width, width) for _ in range(depth)]
-        for _ in range(ups):
-            layers += [nn.ConvTranspose2d(width, width, 3, stride=2, padding=1, output_padding=1),
-                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-        self.trunk = nn.Sequential(*layers)
-        self.head = ResBlock(width, out_channels)
-
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.trunk(z)  # (B, width, s * 2^ups, s * 2^ups)
-        if self.resize:
-            h = F.interpolate(h, size=(self.out_size, self.out_size), mode="bilinear",
-                              align_corners=False)
-        return torch.sigmoid(self.head(h))  # (B, C, S, S)
-
-    @classmethod
-    def for_target(cls, target: AttackTarget, *, width: int = 64, depth: int = 8) -> ResDecoder:
-        """A decoder sized for ``target``'s feature and image shapes, on its device."""
-        cz, hz, wz = target.feature_shape
-        if hz != wz:
-            raise ConfigError(f"ResDecoder needs square features, got {hz}x{wz}")
-        c, s, _ = target.image_shape
-        return cls(cz, hz, c, s, width=width, depth=depth).to(target.device)
-
-
 def total_variation(x: Tensor) -> Tensor:
     """Anisotropic TV per image, mean |dx| + mean |dy|: (B, C, H, W) -> (B,)."""
     dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().flatten(1).mean(1)
@@ -150,7 +72,7 @@ def reconstruction_loss(r: Tensor, x01: Tensor, *, ssim_weight: float = 0.0,
     """Batch loss: MSE + ssim_weight * (1 - SSIM) + tv_weight * TV(r), means over images."""
     loss = F.mse_loss(r, x01)
     if ssim_weight:
-        loss = loss + ssim_weight * (1 - _ssim_per_image(r, x01).mean())
+        loss = loss + ssim_weight * (1 - ssim_unchecked(r, x01).mean())
     if tv_weight:
         loss = loss + tv_weight * total_variation(r).mean()
     return loss
@@ -204,7 +126,7 @@ def train_decoder(
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
     imgs = images_to_device(aux, device)
     curve: list[float] = []
-    decoder.to(memory_format=_layout(amp))
+    decoder.to(memory_format=_layout(amp))  # type: ignore[call-overload]  # not in torch's stubs
     decoder.train()
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for _ in bar:
@@ -261,7 +183,7 @@ class DecoderAttack(Attack):
         seed: Seeds the noise of the queries and the shuffling.
     """
 
-    requires = "query"
+    requires: ClassVar[Access] = "query"
 
     def __init__(self, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
                  weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 64,

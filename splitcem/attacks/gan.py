@@ -1,4 +1,4 @@
-"""GAN-based inversion: WGAN-GP fine-tuning of a trained decoder (DESIGN.md section 2).
+"""GAN-based inversion: WGAN-GP fine-tuning of a trained decoder (the paper's GAN attack).
 
 The generator is a :class:`ResDecoder` first trained as in the ``decoder`` attack (or
 handed over trained by the suite's ``init_from``); it is then fine-tuned against a small
@@ -94,6 +94,7 @@ class GanAttack(Attack):
     """
 
     requires = "query"
+    starts_from_decoder = True
 
     def __init__(self, *, pretrain_epochs: int = 50, epochs: int = 20, alpha: float = 1500.0,
                  gp_weight: float = 10.0, n_critic: int = 10, lr: float = 1e-4,

@@ -3,7 +3,12 @@
 He et al. (ACSAC 2019) invert a known encoder f by searching for the input that explains
 the observed features:
 
-    x* = argmin_{x in [0,1]^d}  mean_j (f(x)_j - z_j)^2  +  tv_weight * TV(x)
+    x* = argmin_{x in [0,1]^d}  mean_j (T(f(x))_j - z_j)^2  +  tv_weight * TV(x)
+
+where T is the deployed defense's deterministic part (white-box: the attacker knows the
+defense): clipping (LDP), the top-k mask of the candidate's own features, dropout's zeros
+where the observation shows them (its expectation where later noise hides them); noise is
+zero-mean and left to the squared error. Matching f(x) alone would fit the wrong function.
 
 The box constraint is a sigmoid parametrisation x = sigmoid(w) (smooth, no gradient
 dead-zones at the borders) or, with ``param="clamp"``, plain projection after every step.
@@ -64,6 +69,7 @@ class RMLEAttack(Attack):
     """
 
     requires = "whitebox"
+    starts_from_decoder = True
 
     def __init__(self, *, steps: int = 300, lr: float = 0.05, tv_weight: float = 0.05,
                  init: str = "decoder", param: str = "sigmoid", decoder_epochs: int = 50,
@@ -134,7 +140,10 @@ class RMLEAttack(Attack):
         with torch.enable_grad(), target.frozen() as client:
             for step in range(self.steps):
                 x01 = torch.sigmoid(w) if self.param == "sigmoid" else w
-                feat = (client((x01 - mean) / std) - z).flatten(1).pow(2).mean(1)  # (B,)
+                # the candidate's features through the defense's deterministic transforms
+                # (clipping, top-k, visible dropout zeros), then matched to the observation
+                zc = target.match(client((x01 - mean) / std), z)
+                feat = (zc - z).flatten(1).pow(2).mean(1)  # (B,)
                 loss = feat + self.tv_weight * total_variation(x01) if self.tv_weight else feat
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()

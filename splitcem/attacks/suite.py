@@ -128,12 +128,13 @@ def worst_case(results: Mapping[str, AttackResult]) -> dict[str, dict[str, Any]]
 
 
 def all_attack_specs() -> list[dict[str, Any]]:
-    """One spec per registered attack with its defaults; ``rmle`` and ``gan`` start from
-    the ``decoder`` attack's trained decoder (what ``splitcem attack --all`` runs)."""
+    """One spec per registered attack with its defaults; the attacks that declare
+    ``starts_from_decoder`` (``rmle``, ``gan``) start from the ``decoder`` attack's trained
+    decoder (what ``splitcem attack --all`` runs)."""
     specs: list[dict[str, Any]] = []
     for name in list_attacks():
         spec: dict[str, Any] = {"name": name}
-        if name in ("rmle", "gan") and "decoder" in list_attacks():
+        if create_attack(name).starts_from_decoder and "decoder" in list_attacks():
             spec["init_from"] = "decoder"
         specs.append(spec)
     # decoder first, so that init_from finds it
@@ -163,7 +164,7 @@ def parse_specs(attack_specs: Sequence[Mapping[str, Any]]
             raise ConfigError(f"attack {label!r}: init_from={init_from!r} must name an earlier "
                               f"attack in the list (earlier labels: {sorted(labels) or 'none'})")
         attack = create_attack(name, **spec)
-        if init_from is not None and not hasattr(attack, "init_decoder"):
+        if init_from is not None and not attack.starts_from_decoder:
             raise ConfigError(f"attack {label!r} ({name}) cannot start from another attack's "
                               "decoder; remove init_from")
         labels.add(label)
@@ -215,7 +216,7 @@ def run_attacks(
                 if src is None:
                     raise ConfigError(f"attack {label!r}: {init_from!r} has no trained decoder "
                                       "to start from; point init_from at a decoder attack")
-                attack.init_decoder = copy.deepcopy(src)  # type: ignore[attr-defined]
+                attack.init_decoder = copy.deepcopy(src)
             attack.name = qualify(label)
             result = attack.run(target, aux, heldout, progress=progress)
             report.results[attack.name] = result

@@ -1,6 +1,10 @@
-"""Conditional Entropy Maximisation (CEM): batched k-means, entropy bounds, the regulariser.
+"""Conditional Entropy Maximisation (CEM): the maths, as pure functions.
 
-Importing this package registers the defense ``cem`` (:class:`CEM`). See ``docs/cem.md``.
+Batched per-class k-means (:mod:`~splitcem.cem.kmeans`), the loss L_C in both forms
+(:mod:`~splitcem.cem.loss`) and the entropy / leakage / MSE bounds (:mod:`~splitcem.cem.bounds`).
+This package knows nothing of defenses or training: the defense named ``cem`` that banks
+features, refits the mixture and adds ``lambda * L_C`` is :class:`splitcem.defenses.cem.CEM`.
+See ``docs/cem.md``.
 """
 
 from splitcem.cem.bounds import (
@@ -18,11 +22,9 @@ from splitcem.cem.kmeans import (
     kmeans_plusplus,
     pad_by_class,
 )
-from splitcem.cem.loss import cem_loss, paper_loss, reference_loss
-from splitcem.cem.regularizer import CEM
+from splitcem.cem.loss import cem_loss, paper_loss, reference_loss, stored_terms
 
 __all__ = [
-    "CEM",
     "KMeansResult",
     "batched_kmeans",
     "cem_loss",
@@ -37,4 +39,5 @@ __all__ = [
     "pad_by_class",
     "paper_loss",
     "reference_loss",
+    "stored_terms",
 ]

@@ -3,7 +3,7 @@
 All entropies are differential entropies in nats of the *whole* feature vector (D
 dimensions), computed in float64 (D = 512 dimensions of log terms add up).
 
-Why these are upper bounds (DESIGN.md section 1, made precise):
+Why these are upper bounds (the paper's mixture bound on h(z), made precise; docs/cem.md):
 
 * For any discrete variable J and continuous Z, ``h(Z) <= H(J) + h(Z | J)`` (because
   ``h(Z) = H(J) + h(Z | J) - H(J | Z)`` and ``H(J | Z) >= 0``). Take J = (class, cluster).
@@ -78,7 +78,7 @@ def mixture_entropy_bound(pi: Tensor, var: Tensor, sigma: float = 0.0) -> Tensor
     """Upper bound on the entropy of a diagonal Gaussian mixture plus N(0, sigma^2 I) noise.
 
     ``sum_k pi_k [-log pi_k + 1/2 log((2 pi e)^D det(diag(var_k) + sigma^2 I))]``, the
-    bound of DESIGN.md section 1 (see the module docstring for why it holds). Components
+    paper's per-class bound (see the module docstring for why it holds). Components
     with zero weight contribute nothing.
 
     Args:

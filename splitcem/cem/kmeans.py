@@ -1,7 +1,8 @@
 """Batched k-means: K clusters in each of C classes at once, on the features' device.
 
-CEM models the clean features of every class as a K-component mixture (DESIGN.md section 1)
-and refits it every epoch. The reference code ran one k-means per class in a Python loop with
+CEM models the clean features of every class as a K-component mixture (weights, means and
+diagonal variances from k-means on that class's features; docs/cem.md) and refits it every
+epoch. The reference code ran one k-means per class in a Python loop with
 a host sync per iteration; here all classes are fitted together:
 
 * the samples are laid out per class as a padded tensor ``x`` (C, M, D) with a validity
@@ -194,11 +195,11 @@ def batched_kmeans(
     if mask is None:
         mask = torch.ones(c, m, dtype=torch.bool, device=x.device)
     x_sq = _sq_norms(x)  # (C, M)
-    seed_kw = dict(generator=generator, n_local_trials=n_local_trials)
 
     cold: Tensor | None = None  # (C,) bool, classes seeded with k-means++
     if init is None:
-        centroids = kmeans_plusplus(x, mask, k, x_sq=x_sq, **seed_kw)
+        centroids = kmeans_plusplus(x, mask, k, x_sq=x_sq, generator=generator,
+                                     n_local_trials=n_local_trials)
         cold = torch.ones(c, dtype=torch.bool, device=x.device)
     else:
         if init.shape != (c, k, d):
@@ -206,7 +207,8 @@ def batched_kmeans(
         centroids = init.to(x.dtype).clone()
         # host sync (once): is any class without a warm start?
         if init_valid is not None and not bool(init_valid.all()):
-            seeds = kmeans_plusplus(x, mask, k, x_sq=x_sq, **seed_kw)
+            seeds = kmeans_plusplus(x, mask, k, x_sq=x_sq, generator=generator,
+                                     n_local_trials=n_local_trials)
             centroids = torch.where(init_valid.view(c, 1, 1), centroids, seeds)
             cold = ~init_valid.to(torch.bool)
     res = _lloyd(x, mask, x_sq, centroids, max_iter, tol, check_every)
@@ -216,7 +218,8 @@ def batched_kmeans(
         idx = cold.nonzero().squeeze(1)  # (C',)
         xs, ms, sq = x[idx], mask[idx], x_sq[idx]
         for _ in range(n_init - 1):  # loop over runs, each batched over classes
-            seeds = kmeans_plusplus(xs, ms, k, x_sq=sq, **seed_kw)
+            seeds = kmeans_plusplus(xs, ms, k, x_sq=sq, generator=generator,
+                                     n_local_trials=n_local_trials)
             run = _lloyd(xs, ms, sq, seeds, max_iter, tol, check_every)
             better = run.inertia < res.inertia[idx]  # (C',)
             b1, b2 = better.view(-1, 1), better.view(-1, 1, 1)

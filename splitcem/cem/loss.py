@@ -1,6 +1,6 @@
 """The CEM loss L_C, both forms, as pure functions of a batch and the fitted mixture.
 
-Per batch (DESIGN.md section 1):
+Per batch (the plug-in estimate of the entropy bound's encoder-controlled term, docs/cem.md):
 
 1. each sample is assigned to the nearest stored centroid *of its own class* (no gradient);
 2. per (class, cluster) the batch estimate of the spread is the mean squared deviation of
@@ -48,6 +48,7 @@ __all__ = [
     "objective_from_stats",
     "paper_loss",
     "reference_loss",
+    "stored_terms",
 ]
 
 #: the constant the reference adds inside the logarithm of its hinge
@@ -124,11 +125,17 @@ def paper_loss(
         sigma: Std of the noise added to the features (> 0).
         tau: Optional hinge threshold, as a multiple of sigma^2.
         blend_scale: The 10 in ``l = min(10 n / N, 0.99)``.
-        stored_terms: Optional precomputed ``_dim_term(var)`` (C, K) for the clusters absent
-            from the batch (saves a log over (C, K, D) per step).
+        stored_terms: Optional precomputed :func:`stored_terms` (C, K) of ``var`` for the
+            clusters absent from the batch (saves a log over (C, K, D) per step).
+
+    The mixture statistics are constants of the step (detached here): the gradient reaches
+    ``z`` only.
     """
     if not sigma > 0:
         raise ValueError(f"the paper form needs sigma > 0, got {sigma!r}")
+    centroids, pi, var = centroids.detach(), pi.detach(), var.detach()
+    if stored_terms is not None:
+        stored_terms = stored_terms.detach()
     c, k, d = centroids.shape
     s2 = float(sigma) ** 2
     seg, cid, dev, n_i, n_seg, blend, present = _segments(
@@ -160,6 +167,13 @@ def _dim_term(v: Tensor, s2: float, tau: float | None) -> Tensor:
     return t.mean(-1)
 
 
+def stored_terms(var: Tensor, sigma: float, tau: float | None = None) -> Tensor:
+    """The paper form's per-cluster term of stored variances, ``mean_d log(v + sigma^2)``
+    (hinged with ``tau``): ``(C, K, D) -> (C, K)``. Pass it to :func:`paper_loss` as
+    ``stored_terms`` to save a log over (C, K, D) per step while the mixture is unchanged."""
+    return _dim_term(var, float(sigma) ** 2, tau)
+
+
 def reference_loss(
     z: Tensor,
     y: Tensor,
@@ -177,8 +191,9 @@ def reference_loss(
     """``reference`` form of L_C (scalar variances, hinge; see the module docstring).
 
     Arguments as :func:`paper_loss`; ``var`` is (C, K, D) (its mean over D is the stored
-    scalar variance) or already (C, K).
+    scalar variance) or already (C, K). As there, the gradient reaches ``z`` only.
     """
+    centroids, pi, var = centroids.detach(), pi.detach(), var.detach()
     c, k, d = centroids.shape
     seg, cid, dev, n_i, _n_seg, blend, present = _segments(
         z, y, centroids, counts, fitted, blend_scale
@@ -218,19 +233,14 @@ def cem_loss(
     z = z.flatten(1)
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()
-    common = dict(
-        centroids=centroids,
-        pi=pi,
-        var=var,
-        counts=counts,
-        fitted=fitted,
-        sigma=sigma,
-        blend_scale=blend_scale,
-    )
     if form == "paper":
-        return paper_loss(z, y, tau=tau, stored_terms=stored_terms, **common)
+        return paper_loss(z, y, centroids=centroids, pi=pi, var=var, counts=counts,
+                          fitted=fitted, sigma=sigma, blend_scale=blend_scale, tau=tau,
+                          stored_terms=stored_terms)
     if form == "reference":
-        return reference_loss(z, y, tau=0.125 if tau is None else tau, **common)
+        return reference_loss(z, y, centroids=centroids, pi=pi, var=var, counts=counts,
+                              fitted=fitted, sigma=sigma, blend_scale=blend_scale,
+                              tau=0.125 if tau is None else tau)
     raise ValueError(f"unknown CEM form {form!r}; use 'paper' or 'reference'")
 
 

@@ -2,9 +2,12 @@
 
 Example:
     >>> from splitcem.data import make_splits, BatchLoader
-    >>> splits = make_splits("cifar10", limit_train=512, limit_test=256)  # doctest: +SKIP
+    >>> splits = make_splits("fashion_mnist", limit_train=512, limit_test=256)
     >>> loader = BatchLoader(splits.train, batch_size=128, shuffle=True, augment=True,
-    ...                      device="cpu")  # doctest: +SKIP
+    ...                      device="cpu")
+    >>> loader.set_epoch(0); x, y = next(iter(loader))
+    >>> tuple(x.shape), tuple(y.shape)
+    ((128, 1, 28, 28), (128,))
 """
 
 from splitcem.data.dataset import ArrayDataset

@@ -1,4 +1,4 @@
-"""Dataset descriptions and per-dataset normalisation constants (DESIGN.md section 2)."""
+"""Dataset descriptions and per-dataset normalisation constants (the reference code's)."""
 
 from __future__ import annotations
 

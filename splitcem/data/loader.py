@@ -43,9 +43,13 @@ class BatchLoader:
         drop_last: Drop a final partial batch.
 
     Example:
+        >>> from splitcem.data import load_dataset
+        >>> ds = load_dataset("fashion_mnist", "test")
         >>> loader = BatchLoader(ds, batch_size=128, shuffle=True, augment=True,
-        ...                      device="cpu")  # doctest: +SKIP
-        >>> loader.set_epoch(0); x, y = next(iter(loader))  # doctest: +SKIP
+        ...                      device="cpu")
+        >>> loader.set_epoch(0); x, y = next(iter(loader))
+        >>> x.dtype, y.dtype, len(loader)
+        (torch.float32, torch.int64, 79)
     """
 
     def __init__(self, ds: ArrayDataset, *, batch_size: int, shuffle: bool,

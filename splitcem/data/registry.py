@@ -252,8 +252,8 @@ def load_dataset(name: str, split: str = "train", *, root: PathLike = None,
         image_size: Resize folder-format images to this square size (dataset default if None).
 
     Example:
-        >>> ds = load_dataset("fashion_mnist", "test")  # doctest: +SKIP
-        >>> ds.images.shape, ds.info.num_classes  # doctest: +SKIP
+        >>> ds = load_dataset("fashion_mnist", "test")
+        >>> ds.images.shape, ds.info.num_classes
         ((10000, 28, 28, 1), 10)
     """
     return DATASETS.create(name, split=split, root=root, cache_dir=cache_dir,

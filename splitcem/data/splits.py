@@ -58,8 +58,8 @@ def make_splits(name: str, *, root: PathLike = None, seed: int = 125, aux_fracti
     (the paper's inference-time threat model: the attacker trains on 90% of the test set).
 
     Example:
-        >>> s = make_splits("cifar10", limit_train=512, limit_test=256)  # doctest: +SKIP
-        >>> len(s.train), len(s.aux), len(s.eval)  # doctest: +SKIP
+        >>> s = make_splits("fashion_mnist", limit_train=512, limit_test=256)
+        >>> len(s.train), len(s.aux), len(s.eval)
         (512, 230, 26)
     """
     if not 0.0 < aux_fraction < 1.0:

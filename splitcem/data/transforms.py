@@ -31,7 +31,7 @@ class AugmentParams(NamedTuple):
 
 @dataclass(frozen=True)
 class Augment:
-    """Training augmentation (DESIGN.md section 2: random crop, flip, rotation 15).
+    """Training augmentation (the reference's: random crop, flip, rotation 15).
 
     Args:
         crop_pad: Pad by this many pixels and crop back at a random offset (0 = off).

@@ -5,6 +5,7 @@ Importing this package registers the built-in defenses.
 
 from splitcem.defenses import (
     adversarial,  # noqa: F401  (registers "adversarial")
+    cem,  # noqa: F401  (registers "cem")
     filters,  # noqa: F401  (registers "dropout", "topk")
     ldp,  # noqa: F401  (registers "ldp")
     noise,  # noqa: F401  (registers "noise")

@@ -1,6 +1,6 @@
 """Attacker-aware adversarial training (ResSFL, Li et al. CVPR 2022).
 
-A *simulated* inversion attacker, a :class:`~splitcem.attacks.decoder.ResDecoder`, is trained
+A *simulated* inversion attacker, a :class:`~splitcem.models.decoder.ResDecoder`, is trained
 alongside the split model to reconstruct the input images from the features the server
 receives; the client encoder is penalised whenever that attacker does well:
 
@@ -9,7 +9,8 @@ receives; the client encoder is penalised whenever that attacker does well:
 
 where x01 is the input denormalised to [0, 1] and z the features the attacker sees
 (``features="sent"``: after the other defenses' transforms, the noisy features the server
-receives, as the reference does; or ``"clean"``). The penalty's gradient reaches the encoder
+receives, what a real attacker gets; or ``"clean"``: the encoder's output, what the
+reference's simulated attacker trains on). The penalty's gradient reaches the encoder
 only: the decoder's parameters are frozen while it is built, and the main optimizer holds
 only the split model's parameters. The decoder has its own Adam optimizer, stepped inside
 :meth:`AdversarialTraining.loss`; its state travels in ``get_extra_state`` so that resuming
@@ -34,18 +35,13 @@ from splitcem.defenses.base import (
     register_defense,
 )
 from splitcem.errors import ConfigError
+from splitcem.metrics import ssim_unchecked
+from splitcem.models.decoder import ResDecoder
 
 __all__ = ["AdversarialTraining"]
 
 _FEATURES = ("sent", "clean")
 _DECODER_LOSSES = ("ssim", "mse")
-
-
-def _ssim(x: Tensor, y: Tensor) -> Tensor:
-    """Differentiable per-image SSIM (B,) without the input checks (no host sync)."""
-    from splitcem.metrics import _ssim_per_image  # the one SSIM; private fast path for losses
-
-    return _ssim_per_image(x, y)
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -76,7 +72,8 @@ class AdversarialTraining(Defense):
         depth: Residual blocks of the decoder (>= 0). Reference: 4. Default 2.
         lr: Adam learning rate of the decoder (> 0). Default 1e-3.
         features: What the simulated attacker sees: ``"sent"`` (default, the features
-            after the other transforms, i.e. what the server receives) or ``"clean"``.
+            after the other transforms, i.e. what the server receives) or ``"clean"`` (the
+            encoder's output before any transform, as the reference).
         decoder_loss: ``"ssim"`` (default: minimise 1 - SSIM, the reference's
             ``gan_loss_type=SSIM``) or ``"mse"`` (on [0, 1] images).
     """
@@ -130,8 +127,6 @@ class AdversarialTraining(Defense):
 
     # ------------------------------------------------------------------ setup / state
     def setup(self, ctx: SetupContext) -> None:
-        from splitcem.attacks.decoder import ResDecoder
-
         cz, hz, _ = ctx.feature_shape
         config = getattr(ctx.model, "config", {}) or {}
         in_ch = int(config.get("in_channels", len(ctx.mean) or 3))
@@ -195,14 +190,16 @@ class AdversarialTraining(Defense):
 
     def _decoder_objective(self, rec: Tensor, x01: Tensor) -> tuple[Tensor, Tensor]:
         """(loss to minimise, per-image SSIM (B,)) of reconstructions ``rec`` of ``x01``."""
-        s = _ssim(rec, x01)
+        s = ssim_unchecked(rec, x01)
         if self.decoder_loss == "ssim":
             return (1.0 - s).mean(), s
         return F.mse_loss(rec, x01), s
 
     def loss(self, ctx: StepContext) -> Tensor | None:
         decoder = self._require_setup()
-        assert self._opt is not None and self._stats is not None  # for the type checker
+        # set by setup (the check above); asserted for the type checker
+        assert self._opt is not None and self._stats is not None
+        assert self._mean is not None and self._std is not None
         z = ctx.z_sent if self.features == "sent" else ctx.z_clean  # (B, Cz, Hz, Wz)
         if z.shape[0] < 1:
             return None
@@ -228,7 +225,7 @@ class AdversarialTraining(Defense):
                 for p in decoder.parameters():
                     p.requires_grad_(False)
                 try:
-                    s_pen = _ssim(decoder(z), x01).mean()  # scalar, graph -> z -> encoder
+                    s_pen = ssim_unchecked(decoder(z), x01).mean()  # scalar, graph -> z -> encoder
                 finally:
                     for p, f in zip(decoder.parameters(), flags, strict=True):
                         p.requires_grad_(f)

@@ -1,6 +1,6 @@
 """The one interface every obfuscation defense implements, and the stack that composes them.
 
-A defense may do three things, each optional (DESIGN.md section 3):
+A defense may do three things, each optional:
 
 * **transform** the client's features before they leave the client (noise, dropout,
   top-k, ...). The transform runs in training, evaluation and deployment alike; a defense
@@ -19,9 +19,9 @@ not a tensor (an optimizer of their own) goes into ``get_extra_state`` / ``set_e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -46,12 +46,17 @@ __all__ = [
 DEFENSES: Registry[Defense] = Registry("defense")
 
 
-def register_defense(name: str, *, force: bool = False):
+_DefenseType = TypeVar("_DefenseType", bound="type[Defense]")
+
+
+def register_defense(name: str, *, force: bool = False
+                     ) -> Callable[[_DefenseType], _DefenseType]:
     """Class decorator: register a :class:`Defense` subclass under ``name``."""
 
-    def deco(cls: type[Defense]) -> type[Defense]:
+    def deco(cls: _DefenseType) -> _DefenseType:
         cls.name = name
-        return DEFENSES.register(name, force=force)(cls)
+        DEFENSES.register(name, force=force)(cls)
+        return cls
 
     return deco
 
@@ -81,7 +86,7 @@ class SetupContext:
     steps_per_epoch: int
     epochs: int
     #: feature shape (C, H, W) of the client's output
-    feature_shape: tuple[int, int, int]
+    feature_shape: tuple[int, ...]
     #: per-channel mean / std used to normalise the inputs (to denormalise to [0, 1])
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
@@ -136,6 +141,22 @@ class Defense(nn.Module):
         """Obfuscate features ``z`` (B, C, H, W); must keep the shape. Default: identity."""
         return z
 
+    def match_transform(self, z: Tensor, observed: Tensor | None) -> Tensor:
+        """A deterministic, differentiable stand-in for :meth:`transform`, for white-box
+        attacks that search for the input whose features match what was observed (rMLE).
+
+        Args:
+            z: Candidate features (B, C, H, W), with a graph to the candidate input.
+            observed: What was sent, when nothing random is added after this defense (its
+                exact zeros then reveal a random mask); ``None`` when later noise hides it.
+
+        The contract: for the true input, ``observed - match_transform(z_clean, ...)`` is
+        zero-mean noise. The default, the identity, meets it for defenses that do not
+        transform or that add zero-mean noise; any other transform overrides it (clipping,
+        masks), or rMLE would fit the wrong function.
+        """
+        return z
+
     def loss(self, ctx: StepContext) -> Tensor | None:
         """Weighted extra loss term for this step, or ``None``. May step its own optimizer."""
         return None
@@ -163,14 +184,39 @@ class DefenseStack(nn.Module):
     """Defenses applied in order: ``transform`` chains, losses add, epoch hooks all run.
 
     Put information filters before noise: the noise is what is added last, to what is sent.
+
+    Logs are keyed by :meth:`labels`: a defense's registered name, made unique when the stack
+    holds two defenses of one type (``noise#1``, ``noise#2``), so neither overwrites the other.
     """
 
     def __init__(self, defenses: Iterable[Defense] = ()) -> None:
         super().__init__()
         self.defenses = nn.ModuleList(list(defenses))
 
+    def labels(self) -> list[str]:
+        """One unique log key per defense, in order: its name, or ``name#i`` (1-based among
+        the defenses of that name) when the name occurs more than once.
+
+        Example:
+            >>> from splitcem.defenses import create_defense
+            >>> s = DefenseStack([create_defense("noise", sigma=0.1), create_defense("topk"),
+            ...                   create_defense("noise", sigma=0.2)])
+            >>> s.labels()
+            ['noise#1', 'topk', 'noise#2']
+        """
+        names = [d.name or type(d).__name__ for d in self]
+        seen: dict[str, int] = {}
+        out = []
+        for n in names:
+            if names.count(n) == 1:
+                out.append(n)
+            else:
+                seen[n] = seen.get(n, 0) + 1
+                out.append(f"{n}#{seen[n]}")
+        return out
+
     def __iter__(self) -> Iterator[Defense]:
-        return iter(self.defenses)
+        return iter(cast("list[Defense]", list(self.defenses)))
 
     def __len__(self) -> int:
         return len(self.defenses)
@@ -178,41 +224,54 @@ class DefenseStack(nn.Module):
     @property
     def noise_sigma(self) -> float:
         """Total std of the independent Gaussian noises the stack adds."""
-        return math.sqrt(sum(float(d.noise_sigma) ** 2 for d in self.defenses))
+        return math.sqrt(sum(float(d.noise_sigma) ** 2 for d in self))
 
     def setup(self, ctx: SetupContext) -> None:
-        for d in self.defenses:
+        for d in self:
             d.setup(ctx)
 
     def transform(self, z: Tensor) -> Tensor:
-        for d in self.defenses:
+        for d in self:
             z = d.transform(z)
+        return z
+
+    def match_transform(self, z: Tensor, observed: Tensor) -> Tensor:
+        """The stack's deterministic stand-in (:meth:`Defense.match_transform`) applied in
+        order; each defense sees ``observed`` only if no later defense adds noise."""
+        items = list(self)
+        noisy_after = [False] * len(items)
+        for i in range(len(items) - 2, -1, -1):
+            noisy_after[i] = noisy_after[i + 1] or float(items[i + 1].noise_sigma) > 0
+        for d, hidden in zip(items, noisy_after, strict=True):
+            z = d.match_transform(z, None if hidden else observed)
         return z
 
     def forward(self, z: Tensor) -> Tensor:
         return self.transform(z)
 
     def loss(self, ctx: StepContext) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """Sum of the defenses' loss terms (``None`` if none) and each term by defense name."""
+        """Sum of the defenses' loss terms (``None`` if none) and each term by its label
+        (:meth:`labels`)."""
         total: Tensor | None = None
         terms: dict[str, Tensor] = {}
-        for d in self.defenses:
+        for label, d in zip(self.labels(), self, strict=True):
             t = d.loss(ctx)
             if t is None:
                 continue
-            terms[d.name or type(d).__name__] = t.detach()
+            terms[label] = t.detach()
             total = t if total is None else total + t
         return total, terms
 
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
+        """Every defense's epoch-end metrics, keyed ``label/metric`` (:meth:`labels`)."""
         out: dict[str, float] = {}
-        for d in self.defenses:
+        for label, d in zip(self.labels(), self, strict=True):
             for k, v in d.on_epoch_end(ctx).items():
-                out[f"{d.name}/{k}"] = float(v)
+                out[f"{label}/{k}"] = float(v)
         return out
 
     def describe(self) -> str:
         """One line: ``noise(sigma=0.1) + topk(ratio=0.2)``, or ``none``."""
         if not len(self):
             return "none"
-        return " + ".join(f"{d.name}({d.extra_repr()})" for d in self.defenses)
+        return " + ".join(f"{d.name}({d.extra_repr()})" for d in self)

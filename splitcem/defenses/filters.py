@@ -58,6 +58,16 @@ class FeatureDropout(Defense):
             out = out / (1.0 - self.p)
         return out
 
+    def match_transform(self, z: Tensor, observed: Tensor | None) -> Tensor:
+        """The observed zeros as the mask when they are visible (no noise after the filter);
+        otherwise the expectation over masks, (1 - p) z (z with ``rescale``)."""
+        if self.p == 0.0 or (self.train_only and not self.training):
+            return z
+        if observed is None:
+            return z if self.rescale else z * (1.0 - self.p)
+        out = z * (observed != 0).to(z.dtype)
+        return out / (1.0 - self.p) if self.rescale else out
+
 
 def topk_count(ratio: float, d: int) -> int:
     """Number of features top-k keeps out of ``d``: ``k = ceil(ratio * d)``, at least 1.
@@ -114,3 +124,7 @@ class TopK(Defense):
         if self.ratio == 1.0 or z.shape[0] == 0:
             return z
         return z * topk_mask(z, self.ratio)
+
+    def match_transform(self, z: Tensor, observed: Tensor | None) -> Tensor:
+        """Deterministic: the same top-k of the candidate's own features."""
+        return self.transform(z)

@@ -194,3 +194,7 @@ class LocalDP(Defense):
         else:
             noise = self.scale * torch.randn_like(z)
         return z + noise
+
+    def match_transform(self, z: Tensor, observed: Tensor | None) -> Tensor:
+        """The deterministic part: the clipping (the noise is zero-mean)."""
+        return z if z.shape[0] == 0 else clip_norm(z, self.clip, self.norm_p)

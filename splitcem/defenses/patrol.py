@@ -59,8 +59,10 @@ def prunable_layers(client: nn.Module, scope: str = "last") -> list[tuple[nn.Con
         if not isinstance(m, nn.Conv2d) or m is bottleneck:
             continue
         nxt = mods[i + 1] if i + 1 < len(mods) else None
-        bn_follows = isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == m.out_channels
-        pairs.append((m, nxt if bn_follows else m))
+        if isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == m.out_channels:
+            pairs.append((m, nxt))  # a BN follows: mask its output
+        else:
+            pairs.append((m, m))
     if scope == "last":
         pairs = pairs[-1:]
     return pairs
@@ -74,15 +76,18 @@ class PatrolPruning(Defense):
     through forward hooks on the client; no transform or loss of its own.
 
     Args:
-        ratio: Share of each masked layer's channels to prune, in [0, 1). Reference: not
-            recoverable (it prunes with torch_pruning on a doubled local layer). Default 0.5.
+        ratio: Share of each masked layer's channels to prune, in [0, 1). Reference: 0.05
+            of the channels of every client convolution with more than 32 channels
+            (torch_pruning). Default 0.5 (of the last conv only, ``scope="last"``).
         prune_epoch: Prune at the end of this epoch (1-based, >= 1). Reference:
-            ``pruning180`` of 240 epochs (75% of training). Default 6 (of the CPU
-            protocol's 8); an epoch beyond the run never prunes.
+            ``pruning180`` of 240 epochs (75% of training). Default 6; the CPU configs
+            prune at 8 of their 10 epochs. An epoch beyond the run never prunes.
         importance_batches: Training batches for the Taylor importance (>= 1). Default 8.
         scope: ``"last"`` (default: the last conv before the bottleneck) or ``"all"``
             (every client conv except the bottleneck).
     """
+
+    pruned: Tensor  # () bool buffer: whether the pruning epoch has passed
 
     def __init__(
         self,

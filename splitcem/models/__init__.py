@@ -1,4 +1,5 @@
-"""Split models: VGG-BN and ResNet-20 cut into a client encoder and a server tail.
+"""Split models: VGG-BN and ResNet-20 cut into a client encoder and a server tail, and the
+inversion decoder (``ResDecoder``) that attacks and adversarial training share.
 
 ``create_split_model(arch, num_classes=..., cut=..., ...)`` is the entry point; ``arch`` is
 one of ``list_models()``. Importing this package registers the built-in architectures.
@@ -6,6 +7,7 @@ one of ``list_models()``. Importing this package registers the built-in architec
 
 from splitcem.models import resnet, vgg  # noqa: F401  (register the architectures)
 from splitcem.models.backbone import Backbone
+from splitcem.models.decoder import ResDecoder
 from splitcem.models.registry import MODELS, list_models, register_model
 from splitcem.models.split import ACTIVATIONS, SplitModel, create_split_model
 
@@ -13,6 +15,7 @@ __all__ = [
     "ACTIVATIONS",
     "MODELS",
     "Backbone",
+    "ResDecoder",
     "SplitModel",
     "create_split_model",
     "list_models",

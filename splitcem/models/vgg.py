@@ -82,19 +82,20 @@ def make_vgg(
 @register_model("vgg11_bn")
 def vgg11_bn(**kwargs) -> Backbone:
     """VGG-11 with batch norm (config "A", 13 cuttable layers)."""
-    cfg = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+    cfg: VggConfig = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
     return make_vgg(cfg, **kwargs)
 
 
 @register_model("vgg13_bn")
 def vgg13_bn(**kwargs) -> Backbone:
     """VGG-13 with batch norm (config "B", 15 cuttable layers)."""
-    cfg = [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+    cfg: VggConfig = [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
     return make_vgg(cfg, **kwargs)
 
 
 @register_model("vgg16_bn")
 def vgg16_bn(**kwargs) -> Backbone:
     """VGG-16 with batch norm (config "D", 18 cuttable layers)."""
-    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    cfg: VggConfig = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                      512, 512, 512, "M"]
     return make_vgg(cfg, **kwargs)

@@ -1,11 +1,13 @@
 """The CEM regulariser: a :class:`~splitcem.defenses.base.Defense` named ``cem``.
 
-It adds ``lambda * L_C`` to the training loss (L_C from :mod:`splitcem.cem.loss`; it depends
-only on the clean features, so its gradient reaches only the client encoder) and refits the
-per-class mixture at every epoch end, reporting the entropy / leakage bounds of
-:mod:`splitcem.cem.bounds`. It transforms nothing and adds no noise: it regularises the
-encoder *for* the noise the rest of the stack adds, so it is appended last to the stack and
-reads the stack's total noise std in :meth:`CEM.setup`.
+This module is the plumbing around the maths of :mod:`splitcem.cem` (k-means, L_C, the
+bounds), which knows nothing of defenses. It adds ``lambda * L_C`` to the training loss
+(L_C from :mod:`splitcem.cem.loss`; it depends only on the clean features, so its gradient
+reaches only the client encoder), banks the features and refits the per-class mixture at
+every epoch end, reporting the entropy / leakage bounds of :mod:`splitcem.cem.bounds`. It
+transforms nothing and adds no noise: it regularises the encoder *for* the noise the rest
+of the stack adds, so it is appended last to the stack and reads the stack's total noise
+std in :meth:`CEM.setup`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -27,7 +29,7 @@ from splitcem.cem.bounds import (
     nats_to_bits,
 )
 from splitcem.cem.kmeans import batched_kmeans, cluster_stats, pad_by_class
-from splitcem.cem.loss import _dim_term, cem_loss, objective_from_stats
+from splitcem.cem.loss import Form, cem_loss, objective_from_stats, stored_terms
 from splitcem.defenses.base import (
     Defense,
     EpochContext,
@@ -61,9 +63,11 @@ class CEM(Defense):
 
     Args:
         lam: lambda, the weight of L_C. 0 keeps the mixture fit and the per-epoch bounds
-            (a leakage monitor) without regularising. On the CPU CIFAR-10 protocol
-            (sigma 0.1, paper form, no lr scaling) 0.05 to 0.2 raised the attack MSE by
-            20-100% for 0-2 accuracy points; 1 cost ~9 points. Recommended: 0.1.
+            (a leakage monitor) without regularising. Measured on the full CIFAR-10 CPU
+            protocol (50,000 images, 10 epochs, sigma 0.1, paper form, no lr scaling;
+            docs/cem.md): 0.1 moved the decoder attack's MSE by +0.9%, 1 by +13% for
+            -0.44 accuracy points, 3 by +43% for -0.48 points, 10 by +129% for -3.7 points.
+            Start at 3 for a full-size run; short runs on few images need less.
         clusters: K, mixture components per class (reference: 5 for VGG, 15 for ResNet).
         form: ``"paper"`` (per-dimension log(v + sigma^2), the bound's own term; default)
             or ``"reference"`` (scalar-variance hinge of the reference code).
@@ -72,12 +76,13 @@ class CEM(Defense):
         bank: ``"epoch"`` (default): refit from the clean features of the epoch's own
             training batches (no extra pass; memory train_size x D floats on the device).
             ``"pass"``: the reference's extra pass over the training set in eval mode at
-            epoch end (a forward pass over the data, ~+15-30% of an epoch on CPU).
+            epoch end (a forward pass over the data, about +50% of an epoch on the CPU
+            protocol, docs/cem.md).
         warmup_epochs: Epochs (0-based) before L_C is applied; the mixture is first fitted
             at the end of epoch 0, so 1 (the reference) is the earliest useful value.
         lr_scaling: Multiply lambda by the reference's ``s = 0.001 / lr`` while
             lr > 4.1e-4 (else 1). Off by default: with it a useful lambda depends on the lr
-            schedule; plain lambda is what section 5 of DESIGN.md measured.
+            schedule; plain lambda is what docs/cem.md measured.
         max_iter: Maximum Lloyd iterations per refit (the reference: 50).
         h_x: Optional h(x) in nats of the whole input in [0, 1] pixel units (a *lower*
             bound or an estimate); enables the ``mse_lower_bound`` metric.
@@ -89,6 +94,13 @@ class CEM(Defense):
             later epochs warm-start from the previous centroids and need none.
         seed: Seed of the k-means++ seeding (per epoch ``seed + epoch``: resume-exact).
     """
+
+    # the fitted mixture (persistent buffers, registered in __init__)
+    centroids: Tensor  # (C, K, D)
+    pi: Tensor  # (C, K)
+    var: Tensor  # (C, K, D)
+    counts: Tensor  # (C, K)
+    fitted: Tensor  # (C,) bool
 
     def __init__(
         self,
@@ -114,7 +126,7 @@ class CEM(Defense):
             raise ConfigError(
                 f"cem form must be one of {', '.join(map(repr, _FORMS))}, got {form!r}"
             )
-        self.form = form
+        self.form: Form = cast(Form, form)
         if tau is not None:
             tau = _check_float("tau", tau, positive=True)
         elif form == "reference":
@@ -153,7 +165,7 @@ class CEM(Defense):
         self._input_dim = 0  # d of the MSE bound, read from the first batch
         self._enabled = False
         self._any_fitted = False
-        self._stored_terms: Tensor | None = None  # cache of _dim_term(var), (C, K)
+        self._stored_terms: Tensor | None = None  # cache of stored_terms(var), (C, K)
         # epoch bank: preallocated device buffers and a host-side fill level (no syncs)
         self._bank_z: Tensor | None = None  # (capacity, D)
         self._bank_y: Tensor | None = None  # (capacity,)
@@ -289,7 +301,7 @@ class CEM(Defense):
         if self.form != "paper":
             return None
         if self._stored_terms is None or self._stored_terms.device != self.var.device:
-            self._stored_terms = _dim_term(self.var, self._sigma**2, self.tau)  # (C, K)
+            self._stored_terms = stored_terms(self.var, self._sigma, self.tau)  # (C, K)
         return self._stored_terms
 
     def _mixture_changed(self) -> None:
