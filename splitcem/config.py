@@ -127,6 +127,8 @@ class AttackConfig(_Strict):
     threat: str | dict[str, Any] | list[str | dict[str, Any]] = "inference"
     attacks: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "decoder"}])
     show: int = Field(8, ge=1)  # images per grid
+    #: after the attacks, estimate the I(x; z) bound on held-out features (splitcem.leakage)
+    leakage: bool = True
 
     @field_validator("attacks")
     @classmethod

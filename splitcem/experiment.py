@@ -36,6 +36,7 @@ __all__ = [
     "build_defenses",
     "build_model",
     "check_attacks",
+    "leakage_run",
     "prepare",
     "run_experiment",
     "train_run",
@@ -185,6 +186,9 @@ def train_run(
     cem = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("cem/")}
     if cem:
         record["cem"] = cem
+    # why the I(x; z) bound does not apply to this stack (None: it does)
+    ne = p.stack.noise_entropy()
+    record["leakage_note"] = ne.note if ne.per_dim is None else None
     record.pop("attacks", None)  # attacks of an older model no longer apply
     write_json(run_dir / METRICS_FILE, record)
     report.write_summary(run_dir, record, cfg)
@@ -267,10 +271,36 @@ def attack_run(
     record = _read_metrics(run_dir)
     record["attacks"] = rep.to_dict()
     record["attacks"]["seconds"] = time.perf_counter() - t0
+    if cfg.attack.leakage:
+        from splitcem.leakage import heldout_leakage
+
+        record["leakage"] = heldout_leakage(p)
     write_json(run_dir / METRICS_FILE, record)
     report.save_reconstructions(run_dir, rep, show=cfg.attack.show)
     report.write_summary(run_dir, record, cfg)
     return record
+
+
+def leakage_run(
+    run_dir: str | Path, *, write: bool = True, device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """The held-out I(x; z) plug-in estimate (:mod:`splitcem.leakage`) of a trained run.
+
+    With ``write`` it goes into the run's metrics.json (``leakage``) and summary; without,
+    the run directory is only read (e.g. runs made before the estimate existed, owned by
+    someone else).
+    """
+    from splitcem.leakage import heldout_leakage
+
+    run_dir = Path(run_dir)
+    p = load_trained(run_dir, device=device)
+    est = heldout_leakage(p)
+    if write:
+        record = _read_metrics(run_dir)
+        record["leakage"] = est
+        write_json(run_dir / METRICS_FILE, record)
+        report.write_summary(run_dir, record, p.cfg)
+    return est
 
 
 def run_experiment(

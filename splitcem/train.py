@@ -102,7 +102,7 @@ def setup_context(
         noise_sigma=stack.noise_sigma, train_size=len(splits.train),
         steps_per_epoch=steps_per_epoch(len(splits.train), cfg.batch_size),
         epochs=cfg.epochs, feature_shape=tuple(model.feature_shape),
-        mean=tuple(info.mean), std=tuple(info.std),
+        mean=tuple(info.mean), std=tuple(info.std), noise_entropy=stack.noise_entropy(),
     )
 
 

@@ -31,6 +31,7 @@ from splitcem.cem.loss import _dim_term, cem_loss, objective_from_stats
 from splitcem.defenses.base import (
     Defense,
     EpochContext,
+    NoiseEntropy,
     SetupContext,
     StepContext,
     register_defense,
@@ -147,6 +148,7 @@ class CEM(Defense):
 
         # run facts, known after setup()
         self._sigma = 0.0
+        self._noise_entropy: NoiseEntropy | None = None
         self._num_classes = 0
         self._dim = 0
         self._capacity = 0
@@ -171,6 +173,7 @@ class CEM(Defense):
     def setup(self, ctx: SetupContext) -> None:
         """Read sigma, C and D from the run; allocate the mixture buffers on its device."""
         self._sigma = float(ctx.noise_sigma)
+        self._noise_entropy = ctx.noise_entropy  # None: Gaussian of sigma
         self._num_classes = int(ctx.num_classes)
         self._dim = int(math.prod(ctx.feature_shape))
         self._capacity = max(1, int(ctx.train_size))
@@ -386,8 +389,14 @@ class CEM(Defense):
             return {}
         w = self.counts.sum(1) * self.fitted  # (C,) class frequencies
         h_z = float(feature_entropy_bound(self.pi, self.var, w, self._sigma))
-        mi = mutual_information_bound(h_z, self._sigma, self._dim)
-        out = {"h_z_bound_nats": h_z, "mi_bound_bits": float(nats_to_bits(mi))}
+        out = {"h_z_bound_nats": h_z}
+        h_eps: float | None = None  # None: Gaussian noise of std sigma
+        if self._noise_entropy is not None:
+            if self._noise_entropy.per_dim is None:
+                return out  # what is sent is not what the mixture models: no I(x; z) bound
+            h_eps = self._noise_entropy.per_dim * self._dim
+        mi = mutual_information_bound(h_z, self._sigma, self._dim, noise_entropy_nats=h_eps)
+        out["mi_bound_bits"] = float(nats_to_bits(mi))
         if self.h_x is not None and self._input_dim:
             h_xz = conditional_entropy_lower_bound(self.h_x, mi)
             out["mse_lower_bound"] = mse_lower_bound(h_xz, self._input_dim)

@@ -84,6 +84,8 @@ class PatrolPruning(Defense):
             (every client conv except the bottleneck).
     """
 
+    strength_param = "ratio"
+
     def __init__(
         self,
         *,
