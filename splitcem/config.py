@@ -87,6 +87,9 @@ class TrainConfig(_Strict):
     channels_last: bool = False
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_every: int = Field(1, ge=1)
+    #: also log each epoch's figures for TensorBoard in RUN_DIR/tensorboard (needs the
+    #: tensorboard package: pip install 'splitcem[tensorboard]'); changes no result
+    tensorboard: bool = False
 
     @field_validator("milestones")
     @classmethod

@@ -125,6 +125,17 @@ def check_attacks(cfg: RunConfig) -> None:
     parse_specs(cfg.attack.attacks)
 
 
+def _tensorboard() -> Any:
+    """torch's SummaryWriter, or a ConfigError saying how to get it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "train.tensorboard: true needs the tensorboard package: pip install "
+            "'splitcem[tensorboard]' (or set train.tensorboard: false)") from None
+    return SummaryWriter
+
+
 def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     ckpt = run_dir / "checkpoints" / LAST
     if ckpt.exists() and not (resume or overwrite):
@@ -153,17 +164,31 @@ def train_run(
     """Train the run ``cfg`` describes into ``run_dir``; returns the results record."""
     run_dir = Path(run_dir)
     check_attacks(cfg)
+    writer_cls = _tensorboard() if cfg.train.tensorboard else None  # fail before training
     _check_run_dir(run_dir, cfg, resume, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     p = prepare(cfg, device=device)
     log.info("training %s on %s: %s", cfg.name, p.device, p.stack.describe())
+    writer = writer_cls(log_dir=str(run_dir / "tensorboard")) if writer_cls else None
+
+    def log_epoch(rec: dict[str, Any]) -> None:  # TensorBoard: every number of the epoch
+        if writer is not None:
+            for k, v in rec.items():
+                if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool):
+                    writer.add_scalar(k, v, int(rec["epoch"]))
+            writer.flush()
+
     trainer = Trainer(
         p.model, p.stack, p.splits, cfg.train, device=p.device, seed=cfg.seed,
         run_dir=run_dir, progress=progress, augment=augmentation(cfg),
-        meta={"name": cfg.name},
+        meta={"name": cfg.name}, on_epoch_end=log_epoch,
     )
-    result = trainer.fit(resume=resume)
+    try:
+        result = trainer.fit(resume=resume)
+    finally:
+        if writer is not None:
+            writer.close()
     record = _read_metrics(run_dir) if resume else {}
     record.update({
         "name": cfg.name,

@@ -207,31 +207,30 @@ def _context(cfg: RunConfig, family: str) -> dict[str, Any]:
 
 
 def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:
-    """Set each run's family, strength, context and group label; return runs by group."""
+    """Set each run's family, strength, context and group label; return runs by group.
+
+    Runs in the most common context get the family as their label; the others add what
+    differs from it, e.g. ``noise [model.bottleneck_channels=4]``.
+    """
     contexts: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = defaultdict(int)
     for r in runs:
         r.family, r.strength_key, r.strength = _family(r.cfg)
         ctx = _context(r.cfg, r.family)
         r.context = json.dumps(ctx, sort_keys=True)
         contexts[r.context] = _flatten(ctx)
-    differing: list[str] = []
-    if len(contexts) > 1:
-        # a key differs if two contexts that have it disagree (a CEM family's context has
-        # CEM's settings, the others have none: that absence is not a difference)
-        keys = set().union(*(c.keys() for c in contexts.values()))
-        differing = sorted(k for k in keys
-                           if len({c[k] for c in contexts.values() if k in c}) > 1)
+        counts[r.context] += 1
+    main = contexts[max(counts, key=lambda c: (counts[c], c))] if counts else {}
     groups: dict[str, list[FrontierRun]] = defaultdict(list)
     for r in runs:
-        tag = ""
-        if differing:
-            flat = contexts[r.context]
-            parts = [f"{k}={_short(flat.get(k))}" for k in differing
-                     if k in flat and not k.startswith("attack.")]
-            if any(k.startswith("attack.") for k in differing):
-                parts.append("attack " + str(sorted(contexts).index(r.context) + 1))
-            tag = f" [{', '.join(parts)}]" if parts else ""
-        r.group = r.family + tag
+        flat = contexts[r.context]
+        # a key differs if both have it and disagree (a CEM family's context has CEM's
+        # settings, the others have none: that absence is not a difference)
+        diff = sorted(k for k in flat if k in main and flat[k] != main[k])
+        parts = [f"{k}={_short(flat[k])}" for k in diff if not k.startswith("attack.")]
+        if any(k.startswith("attack.") for k in diff):
+            parts.append("other attacks")
+        r.group = r.family + (f" [{', '.join(parts)}]" if parts else "")
         groups[r.group].append(r)
     return dict(groups)
 

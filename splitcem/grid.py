@@ -40,7 +40,7 @@ import yaml
 from splitcem.config import RunConfig, _set_path, load_config
 from splitcem.errors import ConfigError
 
-__all__ = ["SweepSpec", "Trial", "expand", "format_value", "load_sweep"]
+__all__ = ["SweepSpec", "Trial", "expand", "format_value", "is_sweep_file", "load_sweep"]
 
 _TOP_KEYS = {"name", "base", "set", "seeds", "grid", "variants", "out"}
 _VARIANT_KEYS = {"name", "base", "set", "seeds", "grid"}
@@ -71,6 +71,8 @@ class SweepSpec:
     variants: list[dict[str, Any]]
     out: str | None = None
     source: str = "(dict)"
+    #: command-line ``--set`` overrides: applied to every trial, last
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def _mapping(v: Any, what: str) -> dict[str, Any]:
@@ -146,6 +148,27 @@ def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
     )
 
 
+def is_sweep_file(path: str | Path) -> bool:
+    """Whether a YAML file is a sweep file (has ``grid``, ``variants``, ``seeds`` or
+    ``base``) rather than a run config."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and bool({"grid", "variants", "seeds", "base"} & set(raw)) \
+        and not ({"model", "train", "data", "defenses"} & set(raw))
+
+
+def add_overrides(spec: SweepSpec, overrides: list[str] | tuple[str, ...]) -> SweepSpec:
+    """``key.sub=value`` overrides (values parsed as YAML) added to every trial's ``set``."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        k, v = ov.split("=", 1)
+        spec.overrides[k.strip()] = yaml.safe_load(v)
+    return spec
+
+
 def format_value(v: Any) -> str:
     """A config value as it appears in a trial name: ``0.1``, ``3`` (for 3.0), ``true``."""
     if isinstance(v, bool):
@@ -210,15 +233,16 @@ def expand(spec: SweepSpec) -> list[Trial]:
             values = dict(zip(keys, combo, strict=True))
             stem = _trial_name(v["name"], values)
             try:
-                base_seed = load_config(_apply(raw, {**common, **values})).seed
+                base_seed = load_config(_apply(raw, {**common, **values,
+                                                     **spec.overrides})).seed
             except ConfigError as e:
                 raise ConfigError(f"sweep {spec.source}, trial {stem} (from {where}): "
                                   f"{e}") from None
             for seed in _seed_list(seeds, base_seed):
                 name = f"{stem}_s{seed}"
                 try:
-                    cfg = load_config(_apply(raw, {**common, **values, "name": name,
-                                                   "seed": seed}))
+                    cfg = load_config(_apply(raw, {**common, **values, **spec.overrides,
+                                                   "name": name, "seed": seed}))
                     build_defenses(cfg)  # defense names and parameters, checked now
                     check_attacks(cfg)
                 except ConfigError as e:

@@ -50,6 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LAST = "last.pt"
+#: training settings that change no result (a checkpoint resumes across them)
+_NOT_RESULTS = {"tensorboard"}
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -229,7 +231,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("train_config") != self.cfg.model_dump() or state.get("seed") != self.seed:
+        def settings(d: dict[str, Any] | None) -> dict[str, Any]:  # those that shape results
+            return {k: v for k, v in (d or {}).items() if k not in _NOT_RESULTS}
+
+        if settings(state.get("train_config")) != settings(self.cfg.model_dump()) \
+                or state.get("seed") != self.seed:
             raise CheckpointError(
                 "the checkpoint was written by a run with other training settings or seed; "
                 "resume with the run's own config.yaml, or start a new run directory"
