@@ -29,7 +29,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -341,9 +341,9 @@ def _choose_shown(groups: dict[str, list[FrontierRun]], baseline: str | None,
 def _recon_grid(shown: list[FrontierRun], out: Path) -> Path | None:
     """One grid: the originals, then each shown run's worst-case (lowest MSE) attack, from
     the runs' saved ``reconstructions.npz``; ``None`` if a run has none or the images differ."""
-    from splitcem.report import load_image_arrays, save_image_grid
-
     import torch
+
+    from splitcem.report import load_image_arrays, save_image_grid
 
     rows: dict[str, Any] = {}
     originals = None
@@ -564,7 +564,8 @@ def _markdown(record: dict[str, Any], groups: dict[str, list[FrontierRun]],
             lines += ["Each run's own grid (top row: originals; a row per attack):", "",
                       "| run | reconstructions |", "|---|---|"]
             for r in shown:
-                lines.append(f"| {r.name} ({r.group}) | ![{r.name}]({_rel(r.path / GRID_FILE, out)}) |")
+                img = _rel(r.path / GRID_FILE, out)
+                lines.append(f"| {r.name} ({r.group}) | ![{r.name}]({img}) |")
             lines.append("")
     lines += ["## Runs and their exact configs", ""]
     for g, rs in sorted(groups.items()):

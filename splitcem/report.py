@@ -175,7 +175,8 @@ def save_image_arrays(rows: dict[str, Tensor], path: str | Path) -> Path:
 
     def _save(p: Path) -> None:
         with open(p, "wb") as f:
-            np.savez_compressed(f, names=names, **arrays)
+            save: Any = np.savez_compressed  # its typed signature mistakes **arrays
+            save(f, names=names, **arrays)
 
     return atomic_write(path, _save)
 

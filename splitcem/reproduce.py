@@ -81,13 +81,13 @@ def paper_table(runs: Sequence[FrontierRun]) -> tuple[str, list[dict[str, Any]]]
     head = ("| defense | CEM lambda | seeds (w/o, w/) | accuracy % w/o | w/ | MSE w/o | w/ | "
             "SSIM w/o | w/ | PSNR w/o | w/ | MSE gain with CEM |")
     lines = [head, "|" + "---|" * 12]
-    for r in rows:
+    for w in rows:
         lines.append(
-            f"| {r['defense']} | {_fmt(r['lambda'])} | {r['seeds_without']}, {r['seeds_with']} | "
-            f"{100 * r['accuracy_without']:.2f} | {100 * r['accuracy_with']:.2f} | "
-            f"{r['mse_without']:.4f} | {r['mse_with']:.4f} | {r['ssim_without']:.3f} | "
-            f"{r['ssim_with']:.3f} | {r['psnr_without']:.2f} | {r['psnr_with']:.2f} | "
-            f"{100 * r['mse_gain']:+.1f}% |")
+            f"| {w['defense']} | {_fmt(w['lambda'])} | {w['seeds_without']}, {w['seeds_with']} | "
+            f"{100 * w['accuracy_without']:.2f} | {100 * w['accuracy_with']:.2f} | "
+            f"{w['mse_without']:.4f} | {w['mse_with']:.4f} | {w['ssim_without']:.3f} | "
+            f"{w['ssim_with']:.3f} | {w['psnr_without']:.2f} | {w['psnr_with']:.2f} | "
+            f"{100 * w['mse_gain']:+.1f}% |")
     return "\n".join(lines), rows
 
 

@@ -61,7 +61,7 @@ def swept(local_ray, tmp_path_factory, cifar_tar, cache_dir):
 
 
 def test_grid_runs_every_trial_and_records_a_failure(swept):
-    spec, res = swept
+    _, res = swept
     assert sorted(res.ran) == ["broken_s0", "noise0.1_s0", "noise0.1_s1", "noise0.3_s0",
                                "noise0.3_s1"]
     assert res.failed == ["broken_s0"]

@@ -214,17 +214,20 @@ class DefenseStack(nn.Module):
         largest single entropy is used: for independent X, Y, h(X + Y) >= max(h(X), h(Y)),
         so the bound I(x; z) <= h(z) bound - h(noise) stays an upper bound.
         """
-        notes = [f"{d.name}: {d.no_leakage_bound}" for d in self.defenses if d.no_leakage_bound]
+        notes = [f"{d.name}: {d.no_leakage_bound}" for d in self if d.no_leakage_bound]
         if notes:
             return NoiseEntropy(None, "; ".join(notes))
-        parts = [(d, d.noise_entropy()) for d in self.defenses]
-        parts = [(d, h) for d, h in parts if h is not None]
+        parts: list[tuple[Defense, float]] = []
+        for d in self:
+            h = d.noise_entropy()
+            if h is not None:
+                parts.append((d, h))
         if not parts:
             return NoiseEntropy(None, "no noise on the features: I(x; z) is unbounded")
-        gauss = all(
-            d.noise_sigma > 0 and abs(h - Defense.noise_entropy(d)) < 1e-12  # type: ignore[operator]
-            for d, h in parts
-        )
+        gauss = True
+        for d, h in parts:  # each is Gaussian noise of its noise_sigma
+            g = Defense.noise_entropy(d)
+            gauss = gauss and g is not None and abs(h - g) < 1e-12
         if gauss:
             s = self.noise_sigma
             return NoiseEntropy(0.5 * math.log(2.0 * math.pi * math.e * s * s))
