@@ -81,3 +81,20 @@ def test_sweep_file_names_seeds_and_placeholders(tmp_path):
 def test_bad_sweep_files_fail_before_running(spec, match):
     with pytest.raises(ConfigError, match=match):
         expand(load_sweep(spec))
+
+
+@pytest.mark.parametrize("name", ["cifar10_cpu", "cifar10_paper"])
+def test_bundled_sweeps_expand(name):
+    from splitcem.reproduce import sweep_file
+
+    trials = expand(load_sweep(sweep_file("cifar10", name.split("_")[1])))
+    names = [t.name for t in trials]
+    assert len(names) == len(set(names))
+    attacks = {a["name"] for t in trials for a in t.cfg.attack.attacks}
+    assert attacks == {"decoder", "decoder_adaptive"}
+    if name == "cifar10_cpu":  # issue 9's grid, with the seeds it asks for
+        for stem, seeds in (("noise0.1", 3), ("noise0.1_cem3", 3), ("noise0.15", 2),
+                            ("noise0.2", 2), ("noise0.3", 1), ("noise0.1_cem1", 1),
+                            ("noise0.1_cem10", 1)):
+            assert sum(n.rsplit("_s", 1)[0] == stem for n in names) == seeds, stem
+        assert {"cut4_s125", "cut6_s125", "topk0.3_cem3_s125"} <= set(names)
