@@ -127,3 +127,29 @@ def test_frontier_renders_from_saved_runs_without_rerunning(swept, tmp_path):
     for f in ("frontier.png", "frontier.csv", "frontier.json", "frontier_reconstructions.png"):
         assert (tmp_path / "front" / f).stat().st_size > 0, f
     assert len((tmp_path / "front" / "frontier.csv").read_text().splitlines()) == 5
+
+
+def test_adopting_finished_runs_and_the_cli(swept, tmp_path):
+    from typer.testing import CliRunner
+
+    from splitcem.cli import app
+
+    spec, res = swept
+    src_mtimes = {p: p.stat().st_mtime_ns for p in res.out.rglob("*") if p.is_file()}
+    spec = {**spec, "name": "again"}
+    adopted = run_grid(spec, out=tmp_path / "adopted", adopt=[res.out], use_ray=False,
+                       progress=False)
+    assert sorted(adopted.adopted) == ["noise0.1_s0", "noise0.1_s1", "noise0.3_s0",
+                                       "noise0.3_s1"]
+    assert adopted.ran == ["broken_s0"]  # nothing finished to adopt: it ran (and failed)
+    st = json.loads((tmp_path / "adopted" / "noise0.3_s0" / "trial.json").read_text())
+    assert st["adopted_from"] == str(res.out / "noise0.3_s0")
+    assert {p: p.stat().st_mtime_ns for p in res.out.rglob("*") if p.is_file()} == src_mtimes
+
+    sweep_yaml = tmp_path / "again.yaml"
+    sweep_yaml.write_text(yaml.safe_dump(spec))
+    out = CliRunner().invoke(app, ["sweep", str(sweep_yaml), "--out", str(tmp_path / "adopted"),
+                                   "--no-ray", "-q"])
+    assert out.exit_code == 0, out.output
+    assert "4 already finished" in out.output and "1 failed" in out.output
+    assert (tmp_path / "adopted" / "frontier.md").is_file()
