@@ -98,3 +98,29 @@ def test_bundled_sweeps_expand(name):
                             ("noise0.1_cem10", 1)):
             assert sum(n.rsplit("_s", 1)[0] == stem for n in names) == seeds, stem
         assert {"cut4_s125", "cut6_s125", "topk0.3_cem3_s125"} <= set(names)
+
+
+def test_paper_table_pairs_runs_without_and_with_cem(tmp_path):
+    from splitcem.config import load_config
+    from splitcem.frontier_report import FrontierRun
+    from splitcem.reproduce import paper_table
+
+    def run(name, seed, lam, acc, mse):
+        cfg = load_config({"name": name, "seed": seed,
+                           "defenses": [{"name": "topk", "ratio": 0.3},
+                                        {"name": "noise", "sigma": 0.1}],
+                           "cem": {"lambda": lam}})
+        worst = {m: {"attack": "decoder", "value": v}
+                 for m, v in (("mse", mse), ("ssim", 0.5), ("psnr", 20.0))}
+        return FrontierRun(tmp_path / name, cfg, {"train": {"test_accuracy": acc},
+                                                  "attacks": {"worst": worst}})
+
+    runs = [run("a0", 0, 0.0, 0.80, 0.010), run("a1", 1, 0.0, 0.78, 0.012),
+            run("c0", 0, 3.0, 0.79, 0.0132)]
+    table, rows = paper_table(runs)
+    (row,) = rows
+    assert row["defense"].startswith("topk + noise(sigma=0.1)") and row["lambda"] == 3.0
+    assert (row["seeds_without"], row["seeds_with"]) == (2, 1)
+    assert row["accuracy_without"] == pytest.approx(0.79)
+    assert row["mse_gain"] == pytest.approx(0.0132 / 0.011 - 1)  # +20%
+    assert "+20.0%" in table
