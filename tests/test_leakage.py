@@ -81,6 +81,7 @@ def test_reports_show_heldout_estimate_or_na_with_reason():
     assert "412 (held-out)" in table and "n/a (topk" in table
 
 
+@pytest.mark.slow
 def test_leakage_only_on_an_existing_run(tiny_config, tmp_path):
     from typer.testing import CliRunner
 
@@ -101,6 +102,7 @@ def test_leakage_only_on_an_existing_run(tiny_config, tmp_path):
     assert "held-out" in (tmp_path / "r" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_tensorboard_option(tiny_config, tmp_path, monkeypatch):
     import sys
 

@@ -13,6 +13,8 @@ ray = pytest.importorskip("ray", reason="pip install 'splitcem[sweep]' (make set
 
 from splitcem.trials import run_grid  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Ray start-up and real (tiny) training: ~40 s in all
+
 
 @pytest.fixture(scope="module")
 def local_ray():
