@@ -383,7 +383,9 @@ class CEM(Defense):
 
         ``h_z_bound_nats``: upper bound on h(z) of the noisy features (whole vector), from the
         mixture of class mixtures weighted by the class frequencies of the last fit;
-        ``mi_bound_bits``: upper bound on I(x; z); ``mse_lower_bound`` when ``h_x`` is set.
+        ``mi_bound_bits``: upper bound on I(x; z), the h(z) bound minus the entropy of the
+        stack's actual noise (Laplace for Laplace LDP), absent when the stack sends what the
+        mixture does not model (top-k, dropout); ``mse_lower_bound`` when ``h_x`` is set.
         """
         if not self._any_fitted or not self._sigma > 0:
             return {}
