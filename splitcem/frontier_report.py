@@ -537,6 +537,8 @@ def _markdown(record: dict[str, Any], groups: dict[str, list[FrontierRun]],
             " MSE gain | 95% interval | verdict |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
+        if not record["matched"]:
+            lines.append("| (no other group with finished runs yet) | | | | | | | | |")
         for m in record["matched"]:
             key = next((c["strength_key"] for c in record["cells"] if c["group"] == m["group"]),
                        "")
