@@ -1,4 +1,4 @@
-"""Command line: ``splitcem train | attack | run | sweep | demo | defenses | attacks``,
+"""Command line: ``splitcem train | attack | run | sweep | frontier | reproduce | demo | ...``,
 and for deployment ``export | serve | infer | lens``.
 
 Each command is a thin shell over :mod:`splitcem.experiment`; errors of ours are printed as
@@ -68,12 +68,23 @@ def attack(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", "-s", help="Override an attack setting, e.g. --set attack.attacks.0.epochs=10"
     )] = None,
+    leakage_only: Annotated[bool, typer.Option(
+        "--leakage-only", help="Only compute the held-out I(x;z) bound estimate (no attacks)")]
+    = False,
     device: Device = None,
     quiet: Quiet = False,
 ) -> None:
     """Attack a trained run's features; adds the results to its metrics and summary."""
-    from splitcem.experiment import attack_run
+    from splitcem.experiment import attack_run, leakage_run
     from splitcem.report import attack_rows
+
+    if leakage_only:
+        est = leakage_run(run_dir, device=device)
+        bits = est.get("heldout_bits")
+        typer.echo(f"I(x;z) bound, plug-in estimate on held-out features: "
+                   f"{'n/a (' + str(est.get('note')) + ')' if bits is None else f'{bits:.1f} bits'}"
+                   f" (on the fitting images: {est.get('fit_bits')}) -> {run_dir / 'metrics.json'}")
+        return
 
     rec = attack_run(run_dir, all_attacks=all_, threat=threat or None, overrides=set_ or (),
                      progress=not quiet, device=device)
@@ -105,24 +116,127 @@ def run(
     typer.echo(f"-> {run_dir / 'summary.md'}")
 
 
+Address = Annotated[str | None, typer.Option(
+    help="Ray cluster address (default: a local Ray sized to this machine)")]
+MaxConcurrent = Annotated[int | None, typer.Option(
+    help="Trials at once (default: CPUs // threads per trial)")]
+Threads = Annotated[int, typer.Option(help="torch threads (and Ray CPUs) per trial")]
+Gpus = Annotated[float, typer.Option(help="GPUs per trial (a fraction shares one)")]
+NoRay = Annotated[bool, typer.Option("--no-ray", help="Run the trials one after another here")]
+Adopt = Annotated[list[Path] | None, typer.Option(
+    help="Folder of existing runs: a trial whose config matches a finished run there copies "
+         "it instead of training (the folder is only read); repeatable")]
+
+
+def _grid_summary(res) -> None:  # type: ignore[no-untyped-def]
+    for name, s in res.statuses.items():
+        extra = f" ({s.get('error')})" if s.get("error") else ""
+        typer.echo(f"{name:>28}: {s.get('status')}{extra}")
+    typer.echo(f"{len(res.ran)} ran, {len(res.skipped)} already finished, "
+               f"{len(res.adopted)} adopted, {len(res.failed)} failed -> {res.out}")
+
+
 @app.command()
 def sweep(
-    configs: Annotated[list[Path], typer.Argument(help="Run configs (YAML), one run each")],
-    out: Annotated[Path, typer.Option(help="Directory for the runs and the comparison")] = Path(
-        "runs/sweep"),
-    baseline: Annotated[str | None, typer.Option(help="Run name to compare MSE against")]
+    configs: Annotated[list[Path], typer.Argument(
+        help="A sweep file (base + grid / variants + seeds; docs/sweeps.md), or several run "
+             "configs (one run each)")],
+    out: Annotated[Path | None, typer.Option(
+        help="Sweep folder (default: the sweep file's out, else runs/sweeps/NAME; for run "
+             "configs runs/sweep)")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        help="Run configs: run name to compare MSE against; sweep file: frontier group")]
     = None,
+    address: Address = None,
+    max_concurrent: MaxConcurrent = None,
+    threads_per_trial: Threads = 1,
+    gpus_per_trial: Gpus = 0.0,
+    no_ray: NoRay = False,
+    adopt: Adopt = None,
     set_: Overrides = None,
     device: Device = None,
     quiet: Quiet = False,
 ) -> None:
-    """Run several configs (resuming / reusing finished ones) and compare them in one table."""
+    """Run a sweep file on Ray (resumable, failures recorded), or several run configs."""
+    from splitcem.grid import is_sweep_file
+
+    if len(configs) == 1 and is_sweep_file(configs[0]):
+        from splitcem.frontier_report import write_frontier
+        from splitcem.grid import add_overrides, load_sweep
+        from splitcem.trials import run_grid
+
+        spec = add_overrides(load_sweep(configs[0]), set_ or [])
+        res = run_grid(spec, out=out, address=address, max_concurrent=max_concurrent,
+                       threads_per_trial=threads_per_trial, gpus_per_trial=gpus_per_trial,
+                       use_ray=not no_ray, adopt=adopt or (), device=device,
+                       progress=not quiet)
+        _grid_summary(res)
+        if len(res.statuses) > len(res.failed):
+            write_frontier([res.out], res.out, baseline=baseline)
+            typer.echo(f"-> {res.out / 'frontier.md'}")
+        return
     from splitcem.sweep import run_sweep
 
+    out = out or Path("runs/sweep")
     table = run_sweep(configs, out, overrides=set_ or [], baseline=baseline,
                       progress=not quiet, device=device)
     typer.echo(table)
     typer.echo(f"-> {out / 'comparison.md'}, {out / 'frontier.png'}")
+
+
+@app.command()
+def frontier(
+    dirs: Annotated[list[Path], typer.Argument(
+        help="Folders of finished run directories (searched recursively; only read)")],
+    out: Annotated[Path, typer.Option(help="Where frontier.md/.json/.csv/.png go")]
+    = Path("runs/frontier"),
+    baseline: Annotated[str | None, typer.Option(
+        help="Group to compare against at matched accuracy (default: noise)")] = None,
+    leakage: Annotated[bool, typer.Option(
+        help="Compute the held-out I(x;z) estimate of runs without one (cached in --out)")]
+    = False,
+    show: Annotated[list[str] | None, typer.Option(
+        help="Run name whose reconstructions to show (repeatable; default: chosen)")] = None,
+    device: Device = None,
+) -> None:
+    """Accuracy vs worst-case attack MSE per defense family; MSE at matched accuracy."""
+    from splitcem.frontier_report import write_frontier
+
+    rec = write_frontier(dirs, out, baseline=baseline, leakage=leakage, show=show or (),
+                         device=device)
+    for m in rec["matched"]:
+        gain = "-" if m["gain"] is None else f"{100 * m['gain']:+.1f}%"
+        ci = "" if m["low"] is None else f" [{100 * m['low']:+.1f}%, {100 * m['high']:+.1f}%]"
+        typer.echo(f"{m['group']} @ {m['strength']}: accuracy {100 * m['accuracy']:.2f}%, "
+                   f"MSE {m['mse']:.4f} vs {rec['baseline']} {gain}{ci}: {m['verdict']}")
+    typer.echo(f"{rec['runs']} runs, {len(rec['notes'])} left out -> {out / 'frontier.md'}")
+
+
+@app.command()
+def reproduce(
+    dataset: Annotated[str, typer.Argument(help="Dataset of a bundled sweep (cifar10)")],
+    protocol: Annotated[str, typer.Option(help="cpu (2 cores, hours) or paper (GPUs)")] = "cpu",
+    out: Annotated[Path | None, typer.Option(help="Sweep folder (default runs/sweeps/NAME)")]
+    = None,
+    address: Address = None,
+    max_concurrent: MaxConcurrent = None,
+    threads_per_trial: Threads = 1,
+    gpus_per_trial: Gpus = 0.0,
+    no_ray: NoRay = False,
+    adopt: Adopt = None,
+    device: Device = None,
+    quiet: Quiet = False,
+) -> None:
+    """The paper's comparison (defenses without / with CEM, noise curve, cut); resumable."""
+    from splitcem.reproduce import reproduce as run
+
+    res, table = run(dataset, protocol, out=out, address=address,
+                     max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
+                     gpus_per_trial=gpus_per_trial, use_ray=not no_ray, adopt=adopt or (),
+                     device=device, progress=not quiet)
+    _grid_summary(res)
+    typer.echo(table)
+    typer.echo(f"-> {res.out / 'paper_table.md'}, {res.out / 'frontier.md'}")
 
 
 @app.command()

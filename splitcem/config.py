@@ -87,6 +87,9 @@ class TrainConfig(_Strict):
     channels_last: bool = False
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_every: int = Field(1, ge=1)
+    #: also log each epoch's figures for TensorBoard in RUN_DIR/tensorboard (needs the
+    #: tensorboard package: pip install 'splitcem[tensorboard]'); changes no result
+    tensorboard: bool = False
 
     @field_validator("milestones")
     @classmethod
@@ -127,6 +130,8 @@ class AttackConfig(_Strict):
     threat: str | dict[str, Any] | list[str | dict[str, Any]] = "inference"
     attacks: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "decoder"}])
     show: int = Field(8, ge=1)  # images per grid
+    #: after the attacks, estimate the I(x; z) bound on held-out features (splitcem.leakage)
+    leakage: bool = True
 
     @field_validator("attacks")
     @classmethod

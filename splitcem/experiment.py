@@ -38,6 +38,7 @@ __all__ = [
     "build_defenses",
     "build_model",
     "check_attacks",
+    "leakage_run",
     "prepare",
     "run_experiment",
     "train_run",
@@ -126,6 +127,17 @@ def check_attacks(cfg: RunConfig) -> None:
     parse_specs(cfg.attack.attacks)
 
 
+def _tensorboard() -> Any:
+    """torch's SummaryWriter, or a ConfigError saying how to get it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "train.tensorboard: true needs the tensorboard package: pip install "
+            "'splitcem[tensorboard]' (or set train.tensorboard: false)") from None
+    return SummaryWriter
+
+
 def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     ckpt = run_dir / "checkpoints" / LAST
     if ckpt.exists() and not (resume or overwrite):
@@ -154,17 +166,31 @@ def train_run(
     """Train the run ``cfg`` describes into ``run_dir``; returns the results record."""
     run_dir = Path(run_dir)
     check_attacks(cfg)
+    writer_cls = _tensorboard() if cfg.train.tensorboard else None  # fail before training
     _check_run_dir(run_dir, cfg, resume, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     p = prepare(cfg, device=device)
     log.info("training %s on %s: %s", cfg.name, p.device, p.stack.describe())
+    writer = writer_cls(log_dir=str(run_dir / "tensorboard")) if writer_cls else None
+
+    def log_epoch(rec: dict[str, Any]) -> None:  # TensorBoard: every number of the epoch
+        if writer is not None:
+            for k, v in rec.items():
+                if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool):
+                    writer.add_scalar(k, v, int(rec["epoch"]))
+            writer.flush()
+
     trainer = Trainer(
         p.model, p.stack, p.splits, cfg.train, device=p.device, seed=cfg.seed,
         run_dir=run_dir, progress=progress, augment=augmentation(cfg),
-        meta={"name": cfg.name},
+        meta={"name": cfg.name}, on_epoch_end=log_epoch,
     )
-    result = trainer.fit(resume=resume)
+    try:
+        result = trainer.fit(resume=resume)
+    finally:
+        if writer is not None:
+            writer.close()
     record = _read_metrics(run_dir) if resume else {}
     record.update({
         "name": cfg.name,
@@ -187,6 +213,9 @@ def train_run(
     cem = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("cem/")}
     if cem:
         record["cem"] = cem
+    # why the I(x; z) bound does not apply to this stack (None: it does)
+    ne = p.stack.noise_entropy()
+    record["leakage_note"] = ne.note if ne.per_dim is None else None
     record.pop("attacks", None)  # attacks of an older model no longer apply
     write_json(run_dir / METRICS_FILE, record)
     report.write_summary(run_dir, record, cfg)
@@ -272,6 +301,10 @@ def attack_run(
     saved = _save_attack_decoder(run_dir, rep)
     if saved is not None:
         record["attacks"]["saved_decoder"] = saved
+    if cfg.attack.leakage:
+        from splitcem.leakage import heldout_leakage
+
+        record["leakage"] = heldout_leakage(p)
     write_json(run_dir / METRICS_FILE, record)
     report.save_reconstructions(run_dir, rep, show=cfg.attack.show)
     report.write_summary(run_dir, record, cfg)
@@ -297,6 +330,28 @@ def _save_attack_decoder(run_dir: Path, rep: Any) -> dict[str, Any] | None:
             "metrics": dict(rep.results[label].metrics), "checkpoint_sha256": ckpt}
     save_decoder(path, decoder, meta)
     return {"attack": label, "file": ATTACK_DECODER}
+
+
+def leakage_run(
+    run_dir: str | Path, *, write: bool = True, device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """The held-out I(x; z) plug-in estimate (:mod:`splitcem.leakage`) of a trained run.
+
+    With ``write`` it goes into the run's metrics.json (``leakage``) and summary; without,
+    the run directory is only read (e.g. runs made before the estimate existed, owned by
+    someone else).
+    """
+    from splitcem.leakage import heldout_leakage
+
+    run_dir = Path(run_dir)
+    p = load_trained(run_dir, device=device)
+    est = heldout_leakage(p)
+    if write:
+        record = _read_metrics(run_dir)
+        record["leakage"] = est
+        write_json(run_dir / METRICS_FILE, record)
+        report.write_summary(run_dir, record, p.cfg)
+    return est
 
 
 def run_experiment(

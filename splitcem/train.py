@@ -50,6 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LAST = "last.pt"
+#: training settings that change no result (a checkpoint resumes across them)
+_NOT_RESULTS = {"tensorboard"}
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -102,7 +104,7 @@ def setup_context(
         noise_sigma=stack.noise_sigma, train_size=len(splits.train),
         steps_per_epoch=steps_per_epoch(len(splits.train), cfg.batch_size),
         epochs=cfg.epochs, feature_shape=tuple(model.feature_shape),
-        mean=tuple(info.mean), std=tuple(info.std),
+        mean=tuple(info.mean), std=tuple(info.std), noise_entropy=stack.noise_entropy(),
     )
 
 
@@ -229,7 +231,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("train_config") != self.cfg.model_dump() or state.get("seed") != self.seed:
+        def settings(d: dict[str, Any] | None) -> dict[str, Any]:  # those that shape results
+            return {k: v for k, v in (d or {}).items() if k not in _NOT_RESULTS}
+
+        if settings(state.get("train_config")) != settings(self.cfg.model_dump()) \
+                or state.get("seed") != self.seed:
             raise CheckpointError(
                 "the checkpoint was written by a run with other training settings or seed; "
                 "resume with the run's own config.yaml, or start a new run directory"

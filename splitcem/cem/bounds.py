@@ -120,9 +120,16 @@ def feature_entropy_bound(pi: Tensor, var: Tensor, class_weights: Tensor, sigma:
     return _entropy_of_weights(w) + (w * per_class).sum()
 
 
-def mutual_information_bound(h_z_bound: float | Tensor, sigma: float, dim: int) -> float:
-    """Upper bound on I(x; z) in nats: ``h(z) bound - h(eps)`` (clamped at 0)."""
-    return max(0.0, float(h_z_bound) - noise_entropy(sigma, dim))
+def mutual_information_bound(
+    h_z_bound: float | Tensor, sigma: float, dim: int, *, noise_entropy_nats: float | None = None
+) -> float:
+    """Upper bound on I(x; z) in nats: ``h(z) bound - h(eps)`` (clamped at 0).
+
+    ``h(eps)`` is the Gaussian N(0, sigma^2 I) entropy unless ``noise_entropy_nats`` (the
+    actual noise's entropy of the whole vector, e.g. Laplace: ``dim * (1 + ln 2b)``) is given.
+    """
+    h_eps = noise_entropy(sigma, dim) if noise_entropy_nats is None else noise_entropy_nats
+    return max(0.0, float(h_z_bound) - float(h_eps))
 
 
 def conditional_entropy_lower_bound(h_x: float, mi_upper: float) -> float:

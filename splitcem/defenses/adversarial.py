@@ -78,6 +78,8 @@ class AdversarialTraining(Defense):
             ``gan_loss_type=SSIM``) or ``"mse"`` (on [0, 1] images).
     """
 
+    strength_param = "strength"
+
     def __init__(
         self,
         *,

@@ -36,6 +36,7 @@ __all__ = [
     "Defense",
     "DefenseStack",
     "EpochContext",
+    "NoiseEntropy",
     "SetupContext",
     "StepContext",
     "create_defense",
@@ -71,6 +72,19 @@ def list_defenses() -> list[str]:
     return DEFENSES.names()
 
 
+@dataclass(frozen=True)
+class NoiseEntropy:
+    """The entropy of the noise a stack adds, as the I(x; z) mixture bound needs it.
+
+    ``per_dim``: differential entropy of the noise in nats per feature, or ``None`` when the
+    bound does not apply (no noise, or a filter the mixture does not model); ``note`` then
+    says why.
+    """
+
+    per_dim: float | None
+    note: str | None = None
+
+
 @dataclass
 class SetupContext:
     """What a defense may know about the run when it is attached (before epoch 0)."""
@@ -90,6 +104,8 @@ class SetupContext:
     #: per-channel mean / std used to normalise the inputs (to denormalise to [0, 1])
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    #: the stack's noise entropy for the I(x; z) bound (None: Gaussian of ``noise_sigma``)
+    noise_entropy: NoiseEntropy | None = None
 
 
 @dataclass
@@ -133,6 +149,17 @@ class Defense(nn.Module):
     name: ClassVar[str] = ""
     #: standard deviation of Gaussian noise this defense adds (the stack sums variances)
     noise_sigma: float = 0.0
+    #: the hyperparameter that sets how strong the defense is (frontiers sweep it)
+    strength_param: ClassVar[str | None] = None
+    #: why the I(x; z) mixture bound does not hold for a stack with this defense (None: it
+    #: does): the bound models clean features plus Gaussian noise, nothing else
+    no_leakage_bound: ClassVar[str | None] = None
+
+    def noise_entropy(self) -> float | None:
+        """Differential entropy (nats per feature) of the noise this defense adds, or
+        ``None`` if it adds none. Default: Gaussian noise of std ``noise_sigma``."""
+        s = float(self.noise_sigma)
+        return 0.5 * math.log(2.0 * math.pi * math.e * s * s) if s > 0 else None
 
     def setup(self, ctx: SetupContext) -> None:
         """Called once when the defense is attached to a model, before training."""
@@ -225,6 +252,33 @@ class DefenseStack(nn.Module):
     def noise_sigma(self) -> float:
         """Total std of the independent Gaussian noises the stack adds."""
         return math.sqrt(sum(float(d.noise_sigma) ** 2 for d in self))
+
+    def noise_entropy(self) -> NoiseEntropy:
+        """Entropy per feature of the stack's total noise, for the I(x; z) bound.
+
+        Independent Gaussian noises add up to one Gaussian (variances add). Otherwise the
+        largest single entropy is used: for independent X, Y, h(X + Y) >= max(h(X), h(Y)),
+        so the bound I(x; z) <= h(z) bound - h(noise) stays an upper bound.
+        """
+        notes = [f"{d.name}: {d.no_leakage_bound}" for d in self if d.no_leakage_bound]
+        if notes:
+            return NoiseEntropy(None, "; ".join(notes))
+        parts: list[tuple[Defense, float]] = []
+        for d in self:
+            h = d.noise_entropy()
+            if h is not None:
+                parts.append((d, h))
+        if not parts:
+            return NoiseEntropy(None, "no noise on the features: I(x; z) is unbounded")
+        gauss = True
+        for d, h in parts:  # each is Gaussian noise of its noise_sigma
+            g = Defense.noise_entropy(d)
+            gauss = gauss and g is not None and abs(h - g) < 1e-12
+        if gauss:
+            s = self.noise_sigma
+            return NoiseEntropy(0.5 * math.log(2.0 * math.pi * math.e * s * s))
+        return NoiseEntropy(max(h for _, h in parts),
+                            "non-Gaussian noise: the largest single noise entropy is used")
 
     def setup(self, ctx: SetupContext) -> None:
         for d in self:

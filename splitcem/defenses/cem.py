@@ -33,6 +33,7 @@ from splitcem.cem.loss import Form, cem_loss, objective_from_stats, stored_terms
 from splitcem.defenses.base import (
     Defense,
     EpochContext,
+    NoiseEntropy,
     SetupContext,
     StepContext,
     register_defense,
@@ -159,6 +160,7 @@ class CEM(Defense):
 
         # run facts, known after setup()
         self._sigma = 0.0
+        self._noise_entropy: NoiseEntropy | None = None
         self._num_classes = 0
         self._dim = 0
         self._capacity = 0
@@ -183,6 +185,7 @@ class CEM(Defense):
     def setup(self, ctx: SetupContext) -> None:
         """Read sigma, C and D from the run; allocate the mixture buffers on its device."""
         self._sigma = float(ctx.noise_sigma)
+        self._noise_entropy = ctx.noise_entropy  # None: Gaussian of sigma
         self._num_classes = int(ctx.num_classes)
         self._dim = int(math.prod(ctx.feature_shape))
         self._capacity = max(1, int(ctx.train_size))
@@ -392,14 +395,22 @@ class CEM(Defense):
 
         ``h_z_bound_nats``: upper bound on h(z) of the noisy features (whole vector), from the
         mixture of class mixtures weighted by the class frequencies of the last fit;
-        ``mi_bound_bits``: upper bound on I(x; z); ``mse_lower_bound`` when ``h_x`` is set.
+        ``mi_bound_bits``: upper bound on I(x; z), the h(z) bound minus the entropy of the
+        stack's actual noise (Laplace for Laplace LDP), absent when the stack sends what the
+        mixture does not model (top-k, dropout); ``mse_lower_bound`` when ``h_x`` is set.
         """
         if not self._any_fitted or not self._sigma > 0:
             return {}
         w = self.counts.sum(1) * self.fitted  # (C,) class frequencies
         h_z = float(feature_entropy_bound(self.pi, self.var, w, self._sigma))
-        mi = mutual_information_bound(h_z, self._sigma, self._dim)
-        out = {"h_z_bound_nats": h_z, "mi_bound_bits": float(nats_to_bits(mi))}
+        out = {"h_z_bound_nats": h_z}
+        h_eps: float | None = None  # None: Gaussian noise of std sigma
+        if self._noise_entropy is not None:
+            if self._noise_entropy.per_dim is None:
+                return out  # what is sent is not what the mixture models: no I(x; z) bound
+            h_eps = self._noise_entropy.per_dim * self._dim
+        mi = mutual_information_bound(h_z, self._sigma, self._dim, noise_entropy_nats=h_eps)
+        out["mi_bound_bits"] = float(nats_to_bits(mi))
         if self.h_x is not None and self._input_dim:
             h_xz = conditional_entropy_lower_bound(self.h_x, mi)
             out["mse_lower_bound"] = mse_lower_bound(h_xz, self._input_dim)

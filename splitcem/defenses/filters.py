@@ -38,6 +38,10 @@ class FeatureDropout(Defense):
             regulariser rather than a privacy filter). Default ``False``.
     """
 
+    strength_param = "p"
+    no_leakage_bound = ("what is sent is dropout(z) + noise, which the clean-feature mixture "
+                        "does not model")
+
     def __init__(self, *, p: float = 0.2, rescale: bool = False, train_only: bool = False) -> None:
         super().__init__()
         p = float(p)
@@ -110,6 +114,10 @@ class TopK(Defense):
         ratio: Share of features kept, in (0, 1]. No paper default is recoverable here; the
             CPU configs use 0.3 (see docs/defenses.md). 1 disables the filter.
     """
+
+    strength_param = "ratio"
+    no_leakage_bound = ("what is sent is topk(z) + noise, which the clean-feature mixture "
+                        "does not model")
 
     def __init__(self, *, ratio: float = 0.3) -> None:
         super().__init__()

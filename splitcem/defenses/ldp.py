@@ -136,6 +136,8 @@ class LocalDP(Defense):
             (refuses epsilon >= 1). Gaussian only.
     """
 
+    strength_param = "epsilon"
+
     def __init__(
         self,
         *,
@@ -176,6 +178,13 @@ class LocalDP(Defense):
             calib = analytic_gaussian_sigma if calibration == "analytic" else classic_gaussian_sigma
             self.scale = calib(self.sensitivity, epsilon, delta)
             self.noise_sigma = self.scale
+
+    def noise_entropy(self) -> float:
+        """Entropy per feature of the mechanism's noise in nats: Laplace(b) has 1 + ln(2b),
+        less than a Gaussian of the same variance (0.5 ln(2 pi e 2 b^2)) by about 0.07."""
+        if self.mechanism == "laplace":
+            return 1.0 + math.log(2.0 * self.scale)
+        return 0.5 * math.log(2.0 * math.pi * math.e * self.scale**2)
 
     @property
     def norm_p(self) -> int:

@@ -20,6 +20,8 @@ class GaussianNoise(Defense):
             uses sigma in {0.01, 0.025, 0.05, 0.1, 0.15}. 0 disables the defense.
     """
 
+    strength_param = "sigma"
+
     def __init__(self, *, sigma: float = 0.1) -> None:
         super().__init__()
         sigma = check_float("noise sigma", sigma)

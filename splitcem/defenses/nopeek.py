@@ -79,6 +79,8 @@ class NoPeek(Defense):
             0.1 to 0.5. Default 0.3 (the reference's). 0 disables the term.
     """
 
+    strength_param = "weight"
+
     def __init__(self, *, weight: float = 0.3) -> None:
         super().__init__()
         self.weight = check_float("nopeek weight", weight)

@@ -89,6 +89,8 @@ class PatrolPruning(Defense):
 
     pruned: Tensor  # () bool buffer: whether the pruning epoch has passed
 
+    strength_param = "ratio"
+
     def __init__(
         self,
         *,

@@ -1,0 +1,259 @@
+"""Sweep files: a base config, named variants, a grid over dotted config keys, and seeds.
+
+A sweep file is YAML (paths are relative to the file)::
+
+    name: cifar10_cpu                  # the sweep's folder name (default: the file's stem)
+    base: ../cpu/cifar10_noise.yaml    # the run config every trial starts from
+    set:                               # overrides for every trial (dotted keys)
+      attack.attacks: [{name: decoder, epochs: 25}]
+    seeds: 1                           # N: seeds base, base+1, ...; or a list [125, 126]
+    grid:                              # cartesian product over dotted keys (optional)
+      defenses.0.sigma: [0.1, 0.2]
+    variants:                          # optional: named variants, each crossed with its grid
+      - name: noise{sigma}             # {last key part} takes the grid value
+        grid: {defenses.0.sigma: [0.1, 0.15]}
+        seeds: [125, 126]
+      - name: noise0.1_cem{lambda}
+        base: ../cpu/cifar10_noise.yaml   # a variant may start from another config
+        set: {cem: {lambda: 1.0, clusters: 5, form: paper}}
+        grid: {cem.lambda: [1, 3]}
+
+Each variant's grid extends the top-level one; its ``set`` and ``seeds`` override the
+top-level ones. Every trial is one run directory named ``NAME_s{seed}``, where NAME is the
+variant's name with ``{key}`` placeholders filled from the grid (the last part of the dotted
+key); a name without placeholders gets ``_{key}{value}`` appended per grid key. Everything is
+validated here, before any trial runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from splitcem.config import RunConfig, _set_path, load_config
+from splitcem.errors import ConfigError
+
+__all__ = ["SweepSpec", "Trial", "expand", "format_value", "is_sweep_file", "load_sweep"]
+
+_TOP_KEYS = {"name", "base", "set", "seeds", "grid", "variants", "out"}
+_VARIANT_KEYS = {"name", "base", "set", "seeds", "grid"}
+_SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+
+
+@dataclass
+class Trial:
+    """One run of a sweep: its directory name, resolved config and the values that made it."""
+
+    name: str
+    cfg: RunConfig
+    seed: int
+    values: dict[str, Any] = field(default_factory=dict)  # grid key -> value
+    variant: str = ""
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweep file (see the module docstring); ``root`` is the file's folder."""
+
+    name: str
+    root: Path
+    base: str | None
+    set: dict[str, Any]
+    seeds: int | list[int]
+    grid: dict[str, list[Any]]
+    variants: list[dict[str, Any]]
+    out: str | None = None
+    source: str = "(dict)"
+    #: command-line ``--set`` overrides: applied to every trial, last
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def _mapping(v: Any, what: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"sweep {what} must be a mapping of dotted keys to values, got {v!r}")
+    return dict(v)
+
+
+def _grid(v: Any, what: str) -> dict[str, list[Any]]:
+    g = _mapping(v, what)
+    for k, vals in g.items():
+        if not isinstance(vals, list) or not vals:
+            raise ConfigError(f"sweep {what}.{k} must be a non-empty list of values, got {vals!r}")
+    return g
+
+
+def _seeds(v: Any, what: str) -> int | list[int]:
+    if isinstance(v, bool) or v is None:
+        raise ConfigError(f"sweep {what} must be a count N >= 1 or a list of seeds, got {v!r}")
+    if isinstance(v, int):
+        if v < 1:
+            raise ConfigError(f"sweep {what} must be >= 1, got {v}")
+        return v
+    if isinstance(v, list) and v and all(isinstance(s, int) and not isinstance(s, bool)
+                                         for s in v):
+        if len(set(v)) != len(v):
+            raise ConfigError(f"sweep {what} lists a seed twice: {v}")
+        return list(v)
+    raise ConfigError(f"sweep {what} must be a count N >= 1 or a list of integer seeds, got {v!r}")
+
+
+def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
+    """Read and check a sweep file (or a dict with the same keys)."""
+    if isinstance(source, dict):
+        raw, root, where, stem = source, Path.cwd(), "(dict)", "sweep"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"sweep file {path} does not exist (see configs/sweeps/)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"sweep file {path} is not valid YAML: {e}") from e
+        root, where, stem = path.resolve().parent, str(path), path.stem
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep file {where} must be a mapping at the top level")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"sweep file {where}: unknown key(s) {unknown}; known: "
+                          f"{sorted(_TOP_KEYS)}")
+    variants = raw.get("variants") or []
+    if not isinstance(variants, list):
+        raise ConfigError(f"sweep file {where}: variants must be a list of mappings")
+    for i, v in enumerate(variants):
+        if not isinstance(v, dict) or not isinstance(v.get("name"), str):
+            raise ConfigError(f"sweep file {where}: variant #{i} needs a 'name', got {v!r}")
+        bad = sorted(set(v) - _VARIANT_KEYS)
+        if bad:
+            raise ConfigError(f"sweep file {where}: variant {v['name']!r} has unknown key(s) "
+                              f"{bad}; known: {sorted(_VARIANT_KEYS)}")
+    return SweepSpec(
+        name=str(raw.get("name") or stem),
+        root=root,
+        base=raw.get("base"),
+        set=_mapping(raw.get("set"), "set"),
+        seeds=_seeds(raw.get("seeds", 1), "seeds"),
+        grid=_grid(raw.get("grid"), "grid"),
+        variants=variants,
+        out=raw.get("out"),
+        source=where,
+    )
+
+
+def is_sweep_file(path: str | Path) -> bool:
+    """Whether a YAML file is a sweep file (has ``grid``, ``variants``, ``seeds`` or
+    ``base``) rather than a run config."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and bool({"grid", "variants", "seeds", "base"} & set(raw)) \
+        and not ({"model", "train", "data", "defenses"} & set(raw))
+
+
+def add_overrides(spec: SweepSpec, overrides: list[str] | tuple[str, ...]) -> SweepSpec:
+    """``key.sub=value`` overrides (values parsed as YAML) added to every trial's ``set``."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        k, v = ov.split("=", 1)
+        spec.overrides[k.strip()] = yaml.safe_load(v)
+    return spec
+
+
+def format_value(v: Any) -> str:
+    """A config value as it appears in a trial name: ``0.1``, ``3`` (for 3.0), ``true``."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, int | str):
+        return str(v)
+    return yaml.safe_dump(v, default_flow_style=True).strip()
+
+
+def _trial_name(template: str, values: dict[str, Any]) -> str:
+    short = {k.rsplit(".", 1)[-1]: format_value(v) for k, v in values.items()}
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    if fields:
+        missing = [f for f in fields if f not in short]
+        if missing:
+            raise ConfigError(f"sweep variant name {template!r} uses {missing}, which are not "
+                              f"grid keys (their last parts: {sorted(short) or 'none'})")
+        name = template.format(**short)
+    else:
+        name = "_".join([template] + [f"{k}{v}" for k, v in short.items()]) if short else template
+    return _SAFE.sub("-", name)
+
+
+def _seed_list(seeds: int | list[int], base_seed: int) -> list[int]:
+    return list(seeds) if isinstance(seeds, list) else [base_seed + i for i in range(seeds)]
+
+
+def _apply(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with each dotted key set to its value (values are used as they are, not
+    re-parsed from text)."""
+    out = copy.deepcopy(raw)
+    for k, v in values.items():
+        _set_path(out, k, copy.deepcopy(v))
+    return out
+
+
+def expand(spec: SweepSpec) -> list[Trial]:
+    """All trials of a sweep in file order, with validated configs; names are unique.
+
+    A trial listed twice with the same config (two variants that overlap) runs once; the
+    same name with another config is an error.
+    """
+    from splitcem.experiment import build_defenses, check_attacks
+
+    variants = spec.variants or [{"name": spec.name}]
+    trials: dict[str, Trial] = {}
+    for v in variants:
+        base = v.get("base", spec.base)
+        grid = {**spec.grid, **_grid(v.get("grid"), f"variant {v['name']!r} grid")}
+        common = {**spec.set, **_mapping(v.get("set"), f"variant {v['name']!r} set")}
+        seeds = _seeds(v["seeds"], "variant seeds") if "seeds" in v else spec.seeds
+        raw: dict[str, Any] = {}
+        where = "(defaults)"
+        if base is not None:
+            path = (spec.root / base) if not Path(base).is_absolute() else Path(base)
+            where = str(path)
+            raw = load_config(path).to_dict()
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            values = dict(zip(keys, combo, strict=True))
+            stem = _trial_name(v["name"], values)
+            try:
+                base_seed = load_config(_apply(raw, {**common, **values,
+                                                     **spec.overrides})).seed
+            except ConfigError as e:
+                raise ConfigError(f"sweep {spec.source}, trial {stem} (from {where}): "
+                                  f"{e}") from None
+            for seed in _seed_list(seeds, base_seed):
+                name = f"{stem}_s{seed}"
+                try:
+                    cfg = load_config(_apply(raw, {**common, **values, **spec.overrides,
+                                                   "name": name, "seed": seed}))
+                    build_defenses(cfg)  # defense names and parameters, checked now
+                    check_attacks(cfg)
+                except ConfigError as e:
+                    raise ConfigError(f"sweep {spec.source}, trial {name} (from {where}): "
+                                      f"{e}") from None
+                old = trials.get(name)
+                if old is not None:
+                    if old.cfg.to_dict() != cfg.to_dict():
+                        raise ConfigError(f"sweep {spec.source}: two trials are named {name!r} "
+                                          "with different configs; give the variants distinct "
+                                          "names or {key} placeholders")
+                    continue
+                trials[name] = Trial(name, cfg, seed, values, v["name"])
+    return list(trials.values())
