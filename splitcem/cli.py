@@ -1,4 +1,4 @@
-"""Command line: ``splitcem train | attack | run | sweep | demo | defenses | attacks``.
+"""Command line: ``splitcem train | attack | run | sweep | demo | configs | defenses | attacks``.
 
 Each command is a thin shell over :mod:`splitcem.experiment`; errors of ours are printed as
 one clear line (exit code 2), anything else keeps its traceback.
@@ -36,7 +36,8 @@ def _run_dir(out: Path | None, name: str) -> Path:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="Run config (YAML)")],
+    config: Annotated[Path, typer.Argument(
+        help="Run config: a YAML file or a bundled config's name (splitcem configs)")],
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/NAME)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again in an existing --out")] = False,
@@ -83,7 +84,8 @@ def attack(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="Run config (YAML)")],
+    config: Annotated[Path, typer.Argument(
+        help="Run config: a YAML file or a bundled config's name (splitcem configs)")],
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/NAME)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again in an existing --out")] = False,
@@ -149,6 +151,17 @@ def defenses() -> None:
 
     for name in DEFENSES.names():
         typer.echo(f"{name:>12}  {DEFENSES.doc(name)}")
+    for name, why in DEFENSES.failed_plugins().items():
+        typer.echo(f"{name:>12}  (not loaded) {why}")
+
+
+@app.command()
+def configs() -> None:
+    """List the bundled run configs: `splitcem run NAME` runs one."""
+    from splitcem.config import bundled_configs, config_summary
+
+    for name, path in bundled_configs().items():
+        typer.echo(f"{name:<28}  {config_summary(path)}")
 
 
 @app.command()
@@ -158,6 +171,8 @@ def attacks() -> None:
 
     for name in ATTACKS.names():
         typer.echo(f"{name:>12}  {ATTACKS.doc(name)}")
+    for name, why in ATTACKS.failed_plugins().items():
+        typer.echo(f"{name:>12}  (not loaded) {why}")
 
 
 @app.command()

@@ -195,8 +195,11 @@ class Trainer:
             )
         # One optimizer over the split model only: defenses with parameters of their own
         # (a simulated attacker) step them themselves, inside their loss hook.
-        self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            if cfg.optimizer == "adam" else
+            torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay)
         )
         self.amp = bool(cfg.amp and device.type in ("cuda", "cpu"))
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format

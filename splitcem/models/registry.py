@@ -14,7 +14,9 @@ from splitcem.models.backbone import Backbone
 
 __all__ = ["MODELS", "list_models", "register_model"]
 
-MODELS: Registry[Backbone] = Registry("model")
+#: entries build a :class:`Backbone` (cut by layer count) or, e.g. from a plugin's
+#: ``splitcem.models`` entry point, any chain-shaped ``nn.Module`` (cut by module name)
+MODELS: Registry[Backbone] = Registry("model", group="splitcem.models")
 
 
 def register_model(
