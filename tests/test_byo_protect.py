@@ -98,7 +98,7 @@ def test_order_mistakes_are_typed_errors():
     p = splitcem.protect(enc, [{"name": "noise", "sigma": 0.1}], cem=0.5, num_classes=2)
     with pytest.raises(ProtectError, match=r"call protected\(x\)"):
         p.loss(torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ProtectError, match="before any training forward"):
+    with pytest.raises(ProtectError, match="attached by the first forward"):
         p.epoch_end()
     p(torch.randn(4, 3, 6, 6))
     with pytest.raises(ProtectError, match="labels hold 3 entries"):

@@ -180,6 +180,12 @@ class Protected(nn.Module):
             mean=self.mean, std=self.std,
         ))
 
+    def _require_view(self) -> SplitModel:
+        if self._view is None:
+            raise ProtectError("the defenses are attached by the first forward: call "
+                               "protected(x) before protected.loss(y) or epoch_end()")
+        return self._view
+
     # ------------------------------------------------------------------ per step
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, *feature_shape)
         if not self.is_setup:
@@ -216,7 +222,7 @@ class Protected(nn.Module):
             raise ConfigError('cem lr_scaling needs the learning rate: '
                               'protected.loss(y, lr=opt.param_groups[0]["lr"])')
         ctx = StepContext(x=x, y=labels.to(z_clean.device), z_clean=z_clean, z_sent=z_sent,
-                          model=self._view, epoch=self.epoch, step=self.step,
+                          model=self._require_view(), epoch=self.epoch, step=self.step,
                           lr=float(lr) if lr is not None else math.nan)
         total, self.last_terms = self.defenses.loss(ctx)
         self.step += 1
@@ -235,11 +241,10 @@ class Protected(nn.Module):
         Returns:
             The defenses' metrics, ``{"cem/mi_bound_bits": ..., ...}``.
         """
-        if not self.is_setup:
-            raise ProtectError("epoch_end() before any training forward: nothing to refit")
+        view = self._require_view()
         device = next(iter(self.defenses.buffers()), None)
         dev = device.device if device is not None else _device_of(self.client)
-        ctx = EpochContext(model=self._view, epoch=self.epoch, device=dev,
+        ctx = EpochContext(model=view, epoch=self.epoch, device=dev,
                            train_batches=_batches(batches, dev), metrics={})
         out = self.defenses.on_epoch_end(ctx)
         self.epoch += 1
