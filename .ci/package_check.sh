@@ -13,7 +13,8 @@ TMP=$(mktemp -d /tmp/splitcem-pkg.XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
 export SPLITCEM_DATA=${SPLITCEM_DATA:-$REPO/../shared/datasets}
 
-"$PY" -m pip wheel -q --no-deps -w "$TMP/dist" . tests/plugin_pkg
+cp -r tests/plugin_pkg "$TMP/plugin_src"  # built there: no build/ left in the checkout
+"$PY" -m pip wheel -q --no-deps -w "$TMP/dist" . "$TMP/plugin_src"
 python3 -m venv "$TMP/venv"
 V=$TMP/venv/bin
 "$V/pip" install -q torch==2.13.0
