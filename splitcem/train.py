@@ -232,7 +232,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("train_config") != self.cfg.model_dump() or state.get("seed") != self.seed:
+        stored = state.get("train_config")
+        if isinstance(stored, dict):  # settings added since it was written take their defaults
+            stored = {**TrainConfig().model_dump(), **stored}
+        if stored != self.cfg.model_dump() or state.get("seed") != self.seed:
             raise CheckpointError(
                 "the checkpoint was written by a run with other training settings or seed; "
                 "resume with the run's own config.yaml, or start a new run directory"
