@@ -2,6 +2,7 @@
 
 The small public surface; everything else lives in its sub-package (``splitcem.data``,
 ``splitcem.models``, ``splitcem.defenses``, ``splitcem.cem``, ``splitcem.attacks``).
+Your own model and loop: ``split`` it, ``protect`` the client, ``audit`` it (docs/byo.md).
 
 Example:
     >>> import splitcem
@@ -9,12 +10,15 @@ Example:
     True
 """
 
+from splitcem.attacks.audit import audit
 from splitcem.config import RunConfig, load_config
-from splitcem.defenses import Defense, DefenseStack, create_defense, list_defenses
+from splitcem.defenses import Defense, DefenseStack, create_defense, list_defenses, protect
 from splitcem.experiment import run_experiment
 from splitcem.models import SplitModel, create_split_model
+from splitcem.models.cut import cut_points, split
 from splitcem.train import evaluate, train
 
+# The one place the version is written: pyproject.toml reads it (setuptools dynamic version).
 __version__ = "0.1.0"
 
 __all__ = [
@@ -22,11 +26,15 @@ __all__ = [
     "DefenseStack",
     "RunConfig",
     "SplitModel",
+    "audit",
     "create_defense",
     "create_split_model",
+    "cut_points",
     "evaluate",
     "list_defenses",
     "load_config",
+    "protect",
     "run_experiment",
+    "split",
     "train",
 ]

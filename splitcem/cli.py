@@ -1,5 +1,5 @@
-"""Command line: ``splitcem train | attack | run | sweep | frontier | reproduce | demo | ...``,
-and for deployment ``export | serve | infer | lens``.
+"""Command line: ``splitcem train | attack | run | sweep | frontier | reproduce | demo | configs``,
+``defenses | attacks``, and for deployment ``export | serve | infer | lens``.
 
 Each command is a thin shell over :mod:`splitcem.experiment`; errors of ours are printed as
 one clear line (exit code 2), anything else keeps its traceback.
@@ -37,7 +37,8 @@ def _run_dir(out: Path | None, name: str) -> Path:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="Run config (YAML)")],
+    config: Annotated[Path, typer.Argument(
+        help="Run config: a YAML file or a bundled config's name (splitcem configs)")],
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/NAME)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again in an existing --out")] = False,
@@ -95,7 +96,8 @@ def attack(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="Run config (YAML)")],
+    config: Annotated[Path, typer.Argument(
+        help="Run config: a YAML file or a bundled config's name (splitcem configs)")],
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/NAME)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start again in an existing --out")] = False,
@@ -263,6 +265,17 @@ def defenses() -> None:
 
     for name in DEFENSES.names():
         typer.echo(f"{name:>12}  {DEFENSES.doc(name)}")
+    for name, why in DEFENSES.failed_plugins().items():
+        typer.echo(f"{name:>12}  (not loaded) {why}")
+
+
+@app.command()
+def configs() -> None:
+    """List the bundled run configs: `splitcem run NAME` runs one."""
+    from splitcem.config import bundled_configs, config_summary
+
+    for name, path in bundled_configs().items():
+        typer.echo(f"{name:<28}  {config_summary(path)}")
 
 
 @app.command()
@@ -272,6 +285,8 @@ def attacks() -> None:
 
     for name in ATTACKS.names():
         typer.echo(f"{name:>12}  {ATTACKS.doc(name)}")
+    for name, why in ATTACKS.failed_plugins().items():
+        typer.echo(f"{name:>12}  (not loaded) {why}")
 
 
 @app.command()

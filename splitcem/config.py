@@ -9,7 +9,7 @@ signature when the objects are built (:func:`splitcem.experiment.build_defenses`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,7 +25,10 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
+    "bundled_configs",
+    "config_summary",
     "load_config",
+    "resolve_config",
 ]
 
 
@@ -58,7 +61,9 @@ class ModelConfig(_Strict):
     """Arguments of :func:`splitcem.models.create_split_model` (minus what the data fixes)."""
 
     arch: str = "vgg11_bn"
-    cut: int = Field(4, ge=1)
+    #: backbone layers on the client; for a registered model that is not a splitcem
+    #: Backbone (a plugin's nn.Module), the name of the client's last module
+    cut: Annotated[int, Field(ge=1)] | str = 4
     bottleneck_channels: int | None = Field(8, ge=1)
     bottleneck_stride: int = Field(1, ge=1)
     bottleneck_relu: bool = False
@@ -68,10 +73,13 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """SGD with momentum, linear warm-up, then step (x``gamma`` per milestone) or cosine decay."""
+    """SGD with momentum (or Adam), linear warm-up, then step (x``gamma`` per milestone) or
+    cosine decay."""
 
     epochs: int = Field(240, ge=1)
     batch_size: int = Field(128, ge=1)
+    #: "sgd" (with momentum, the paper's) or "adam" (betas 0.9 / 0.999; momentum unused)
+    optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
@@ -221,10 +229,57 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return out
 
 
+#: the run configs shipped inside the package (``splitcem configs`` lists them)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def bundled_configs() -> dict[str, Path]:
+    """Bundled config name -> file: names are paths under the package's ``configs/``
+    without ``.yaml`` (``cpu/cifar10_noise_cem``), sorted."""
+    if not CONFIG_DIR.is_dir():
+        return {}
+    return {p.relative_to(CONFIG_DIR).with_suffix("").as_posix(): p
+            for p in sorted(CONFIG_DIR.rglob("*.yaml"))}
+
+
+def config_summary(path: Path) -> str:
+    """The first line of a config's leading comment (for listings)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def resolve_config(source: str | Path) -> Path:
+    """A config file: ``source`` itself if it is a file, else the bundled config it names,
+    by its full name (``cpu/cifar10_noise_cem``) or, when unique, its last part
+    (``cifar10_noise_cem``); ``.yaml`` is optional."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    name = path.as_posix().removesuffix(".yaml").removeprefix("configs/")
+    bundled = bundled_configs()
+    if name in bundled:
+        return bundled[name]
+    hits = [k for k in bundled if k.rsplit("/", 1)[-1] == name]
+    if len(hits) == 1:
+        return bundled[hits[0]]
+    if len(hits) > 1:
+        raise ConfigError(f"config name {name!r} is ambiguous: {', '.join(hits)}; "
+                          "give the full name")
+    raise ConfigError(f"config {source} does not exist: it is neither a file nor a bundled "
+                      "config's name; "
+                      f"`splitcem configs` lists the bundled ones "
+                      f"({', '.join(list(bundled)[:6])}{', ...' if len(bundled) > 6 else ''})")
+
+
 def load_config(
     source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
 ) -> RunConfig:
-    """Read a YAML file (or a dict) into a validated :class:`RunConfig`.
+    """Read a YAML file, a bundled config by name, or a dict into a validated
+    :class:`RunConfig`.
 
     Example:
         >>> cfg = load_config({"train": {"epochs": 2}, "defenses": [{"name": "noise"}]})
@@ -234,9 +289,7 @@ def load_config(
     if isinstance(source, dict):
         raw, where = source, "(dict)"
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+        path = resolve_config(source)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -5,9 +5,12 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "CutPointError",
     "DataError",
     "DatasetNotFoundError",
     "NonFiniteError",
+    "PluginError",
+    "ProtectError",
     "ServingError",
     "SpecMismatchError",
     "SplitcemError",
@@ -30,6 +33,14 @@ class UnknownNameError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class CutPointError(ConfigError):
+    """A model cannot be cut where asked (the message lists the valid cut points)."""
+
+
+class ProtectError(SplitcemError, RuntimeError):
+    """A protected client was used out of order (the message says which call is missing)."""
+
+
 class DataError(SplitcemError, ValueError):
     """A dataset exists but cannot be used as is (corrupt file, empty class folder, ...)."""
 
@@ -41,6 +52,10 @@ class DatasetNotFoundError(DataError, FileNotFoundError):
 
 class NonFiniteError(SplitcemError, FloatingPointError):
     """A loss or a tensor became NaN or infinite (the message names the step)."""
+
+
+class PluginError(SplitcemError, ImportError):
+    """A third-party plugin (an entry point) failed to load (the message names the package)."""
 
 
 class CheckpointError(SplitcemError, RuntimeError):

@@ -25,7 +25,7 @@ from splitcem.trials import GridResult, run_grid
 
 __all__ = ["paper_table", "reproduce", "sweep_file"]
 
-SWEEPS = Path(__file__).resolve().parents[1] / "configs" / "sweeps"
+SWEEPS = Path(__file__).resolve().parent / "configs" / "sweeps"  # bundled in the package
 
 
 def sweep_file(dataset: str, protocol: str) -> Path:

@@ -197,8 +197,11 @@ class Trainer:
             )
         # One optimizer over the split model only: defenses with parameters of their own
         # (a simulated attacker) step them themselves, inside their loss hook.
-        self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            if cfg.optimizer == "adam" else
+            torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay)
         )
         self.amp = bool(cfg.amp and device.type in ("cuda", "cpu"))
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -232,7 +235,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         def settings(d: dict[str, Any] | None) -> dict[str, Any]:  # those that shape results
-            return {k: v for k, v in (d or {}).items() if k not in _NOT_RESULTS}
+            # settings added since the checkpoint was written take their defaults
+            full = {**TrainConfig().model_dump(), **(d or {})}
+            return {k: v for k, v in full.items() if k not in _NOT_RESULTS}
 
         if settings(state.get("train_config")) != settings(self.cfg.model_dump()) \
                 or state.get("seed") != self.seed:

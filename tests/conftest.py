@@ -19,6 +19,10 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# a package of its own (installed by .ci/package_check.sh); importing it while collecting
+# (e.g. for doctests) would register its attack in the global registry for every test
+collect_ignore = ["plugin_pkg"]
+
 
 def need(path: Path, how: str) -> Path:
     """Return ``path`` if it exists; otherwise skip (user machine) or fail (CI)."""

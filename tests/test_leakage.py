@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from splitcem.cem import CEM
 from splitcem.defenses import DefenseStack, SetupContext, create_defense
+from splitcem.defenses.cem import CEM
 from splitcem.leakage import mixture_leakage
 from splitcem.report import comparison_table, leakage_cell
 

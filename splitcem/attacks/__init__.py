@@ -5,6 +5,7 @@ Importing this package registers the built-in attacks (``list_attacks()``):
 ``rmle`` and ``gan``. See docs/attacks.md for the threat models and what each attack needs.
 """
 
+from splitcem.attacks.audit import as_dataset, audit
 from splitcem.attacks.base import (
     ATTACKS,
     Attack,
@@ -40,6 +41,8 @@ __all__ = [
     "ResDecoder",
     "ThreatModel",
     "all_attack_specs",
+    "as_dataset",
+    "audit",
     "create_attack",
     "list_attacks",
     "parse_threats",

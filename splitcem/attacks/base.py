@@ -55,7 +55,13 @@ __all__ = [
     "register_attack",
 ]
 
-ATTACKS: Registry[Attack] = Registry("attack")
+def _adopt(name: str, obj: Any) -> None:
+    """An attack class registered from an entry point gets its name, as from the decorator."""
+    if isinstance(obj, type) and issubclass(obj, Attack):
+        obj.name = name
+
+
+ATTACKS: Registry[Attack] = Registry("attack", group="splitcem.attacks", adopt=_adopt)
 
 #: number of held-out images kept (originals and reconstructions) for figures
 NUM_KEPT = 16

@@ -11,7 +11,7 @@ from splitcem.data.dataset import ArrayDataset
 from splitcem.data.registry import PathLike, load_dataset
 from splitcem.errors import ConfigError
 
-__all__ = ["DataSplits", "make_splits", "stratified_subset"]
+__all__ = ["DataSplits", "make_splits", "split_aux", "stratified_subset"]
 
 
 @dataclass
@@ -76,8 +76,16 @@ def make_splits(name: str, *, root: PathLike = None, seed: int = 125, aux_fracti
     if limit_test is not None and limit_test < len(test):
         test = test.subset(stratified_subset(test.labels, limit_test,
                                              np.random.default_rng([seed, 2])))
+    aux, held = split_aux(test, seed=seed, aux_fraction=aux_fraction)
+    return DataSplits(train=train, aux=aux, eval=held, test=test)
+
+
+def split_aux(test: ArrayDataset, *, seed: int = 125, aux_fraction: float = 0.9
+              ) -> tuple[ArrayDataset, ArrayDataset]:
+    """The seeded (aux, eval) partition of ``test`` that :func:`make_splits` makes (the
+    inference-time attacker learns from ``aux`` and is scored on ``eval``)."""
+    if not 0.0 < aux_fraction < 1.0:
+        raise ConfigError(f"aux_fraction must lie in (0, 1), got {aux_fraction}")
     perm = np.random.default_rng([seed, 3]).permutation(len(test))
     n_aux = math.floor(len(test) * aux_fraction + 1e-9)
-    aux = test.subset(np.sort(perm[:n_aux]))
-    held = test.subset(np.sort(perm[n_aux:]))
-    return DataSplits(train=train, aux=aux, eval=held, test=test)
+    return test.subset(np.sort(perm[:n_aux])), test.subset(np.sort(perm[n_aux:]))

@@ -23,15 +23,19 @@ from splitcem.defenses.base import (
     list_defenses,
     register_defense,
 )
+from splitcem.defenses.protect import Protected, make_stack, protect
 
 __all__ = [
     "DEFENSES",
     "Defense",
     "DefenseStack",
     "EpochContext",
+    "Protected",
     "SetupContext",
     "StepContext",
     "create_defense",
     "list_defenses",
+    "make_stack",
+    "protect",
     "register_defense",
 ]

@@ -44,7 +44,13 @@ __all__ = [
     "register_defense",
 ]
 
-DEFENSES: Registry[Defense] = Registry("defense")
+def _adopt(name: str, obj: Any) -> None:
+    """A defense class registered from an entry point gets its name, as from the decorator."""
+    if isinstance(obj, type) and issubclass(obj, Defense):
+        obj.name = name
+
+
+DEFENSES: Registry[Defense] = Registry("defense", group="splitcem.defenses", adopt=_adopt)
 
 
 _DefenseType = TypeVar("_DefenseType", bound="type[Defense]")

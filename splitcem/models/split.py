@@ -20,10 +20,12 @@ conv3x3-BN-ReLU adapter when the two widths give the cut layer different channel
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from splitcem._registry import Registry
@@ -31,7 +33,7 @@ from splitcem.errors import ConfigError
 from splitcem.models.backbone import Backbone, init_weights
 from splitcem.models.registry import MODELS
 
-__all__ = ["ACTIVATIONS", "SplitModel", "create_split_model", "split_backbones"]
+__all__ = ["ACTIVATIONS", "SplitModel", "create_split_model", "split_backbones", "split_module"]
 
 # The client's output activation, by name. "sigmoid" keeps features in (0, 1), the range the
 # noise levels sigma of the paper are quoted for.
@@ -119,10 +121,33 @@ def split_backbones(
     """
     c_cut, size = client_net.channels[cut - 1], client_net.sizes[cut - 1]
     c_cut_server = server_net.channels[cut - 1]
-    act = ACTIVATIONS.get(activation)()
-
     client = OrderedDict[str, nn.Module](features=nn.Sequential(*client_net.layers[:cut]))
     server = OrderedDict[str, nn.Module]()
+    feature_shape = _join(client, server, c_cut, c_cut_server, size,
+                          bottleneck_channels=bottleneck_channels,
+                          bottleneck_stride=bottleneck_stride, bottleneck_relu=bottleneck_relu,
+                          activation=activation)
+    server["features"] = nn.Sequential(*server_net.layers[cut:])
+    server["head"] = server_net.head
+    return nn.Sequential(client), nn.Sequential(server), feature_shape
+
+
+def _join(
+    client: OrderedDict[str, nn.Module],
+    server: OrderedDict[str, nn.Module],
+    c_cut: int,
+    c_cut_server: int,
+    size: int,
+    *,
+    bottleneck_channels: int | None,
+    bottleneck_stride: int,
+    bottleneck_relu: bool,
+    activation: str,
+) -> tuple[int, int, int]:
+    """Append the bottleneck and activation to ``client`` and the decompression (or a width
+    adapter) to ``server``, around a cut whose output is (c_cut, size, size) on the client
+    and has c_cut_server channels on the server; returns the features' shape."""
+    act = ACTIVATIONS.get(activation)()
     if bottleneck_channels is None:
         feature_shape = (c_cut, size, size)
         if c_cut != c_cut_server:  # widths differ: adapt the channel count
@@ -151,12 +176,64 @@ def split_backbones(
             up, nn.BatchNorm2d(c_cut_server), nn.ReLU(inplace=True)
         )
     client["activation"] = act
-    server["features"] = nn.Sequential(*server_net.layers[cut:])
-    server["head"] = server_net.head
-
     for new in (client.get("bottleneck"), server.get("decompress")):
         if new is not None:
             new.apply(init_weights)
+    return feature_shape
+
+
+def _build_net(arch: str, width: float, **common: int) -> nn.Module:
+    """Call the registered factory with the arguments it accepts (a third-party model may
+    take no ``width`` or ``image_size``); a width other than 1 needs a ``width`` argument."""
+    params = inspect.signature(MODELS.get(arch)).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs: dict[str, Any] = {k: v for k, v in common.items() if takes_all or k in params}
+    if takes_all or "width" in params:
+        kwargs["width"] = width
+    elif width != 1.0:
+        raise ConfigError(f"model {arch!r} takes no width argument; leave client_width and "
+                          "server_width at 1")
+    net = MODELS.create(arch, **kwargs)
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model {arch!r} must build an nn.Module, got {type(net).__name__}")
+    return net
+
+
+def split_module(
+    client_net: nn.Module,
+    server_net: nn.Module,
+    *,
+    cut: str,
+    example: Tensor,
+    bottleneck_channels: int | None = 8,
+    bottleneck_stride: int = 1,
+    bottleneck_relu: bool = False,
+    activation: str = "sigmoid",
+) -> tuple[nn.Sequential, nn.Sequential, tuple[int, int, int]]:
+    """:func:`split_backbones` for any chain-shaped model: cut at the module named ``cut``
+    with :func:`splitcem.split` (checked on ``example``), then add the same bottleneck,
+    activation and decompression around the cut."""
+    from splitcem.models.cut import _eval_no_grad, split
+
+    c_part, s_part = split(client_net, cut, example=example)
+    s_shape = None
+    if server_net is not client_net:
+        c_srv, s_part = split(server_net, cut, example=example)
+        with _eval_no_grad(c_srv):
+            s_shape = tuple(c_srv(example).shape[1:])
+    with _eval_no_grad(c_part):
+        shape = tuple(c_part(example).shape[1:])
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ConfigError(f"the cut {cut!r} gives features of shape {shape}; a run needs "
+                          "square image-like features (C, H, H): cut before any flatten")
+    c_cut_server = s_shape[0] if s_shape is not None else shape[0]
+    client = OrderedDict[str, nn.Module](features=c_part)
+    server = OrderedDict[str, nn.Module]()
+    feature_shape = _join(client, server, shape[0], c_cut_server, shape[1],
+                          bottleneck_channels=bottleneck_channels,
+                          bottleneck_stride=bottleneck_stride, bottleneck_relu=bottleneck_relu,
+                          activation=activation)
+    server["features"] = s_part
     return nn.Sequential(client), nn.Sequential(server), feature_shape
 
 
@@ -166,7 +243,7 @@ def create_split_model(
     num_classes: int,
     in_channels: int = 3,
     image_size: int = 32,
-    cut: int = 4,
+    cut: int | str = 4,
     bottleneck_channels: int | None = 8,
     bottleneck_stride: int = 1,
     bottleneck_relu: bool = False,
@@ -183,7 +260,9 @@ def create_split_model(
         in_channels: Image channels (1 for grayscale).
         image_size: Image height = width.
         cut: Number of backbone layers on the client, from 1 to the architecture's layer
-            count (a VGG config entry, or a ResNet stem / basic block).
+            count (a VGG config entry, or a ResNet stem / basic block). For a registered
+            model that is not a :class:`Backbone` (any chain-shaped ``nn.Module``, e.g. from
+            a plugin), the name of the client's last module, as for :func:`splitcem.split`.
         bottleneck_channels: Channels of the client's bottleneck conv3x3; None for none.
         bottleneck_stride: Stride of the bottleneck conv; the server restores the resolution
             with a transposed conv.
@@ -210,7 +289,8 @@ def create_split_model(
     num_classes = _check_int("num_classes", num_classes, 1)
     in_channels = _check_int("in_channels", in_channels, 1)
     image_size = _check_int("image_size", image_size, 1)
-    cut = _check_int("cut", cut, 1)
+    if not isinstance(cut, str):
+        cut = _check_int("cut", cut, 1)
     if bottleneck_channels is not None:
         bottleneck_channels = _check_int("bottleneck_channels", bottleneck_channels, 1)
     bottleneck_stride = _check_int("bottleneck_stride", bottleneck_stride, 1)
@@ -225,7 +305,35 @@ def create_split_model(
     server_width = _check_width("server_width", server_width)
 
     common = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-    client_net = MODELS.create(arch, width=client_width, **common)
+    client_net = _build_net(arch, client_width, **common)
+    server_net: nn.Module
+    if not isinstance(client_net, Backbone):  # a third-party model: cut by name
+        if not isinstance(cut, str):
+            raise ConfigError(f"model {arch!r} is not a splitcem Backbone: cut must name the "
+                              "client's last module (see splitcem.cut_points)")
+        server_net = (client_net if server_width == client_width
+                      else _build_net(arch, server_width, **common))
+        from splitcem.models.cut import _eval_no_grad
+
+        example = torch.zeros(2, in_channels, image_size, image_size)
+        client, server, feature_shape = split_module(
+            client_net, server_net, cut=cut, example=example,
+            bottleneck_channels=bottleneck_channels, bottleneck_stride=bottleneck_stride,
+            bottleneck_relu=bottleneck_relu, activation=activation)
+        whole = nn.Sequential(client, server)
+        with _eval_no_grad(whole):
+            out = whole(example)
+        if out.shape != (2, num_classes):
+            raise ConfigError(f"model {arch!r} outputs shape {tuple(out.shape[1:])} per "
+                              f"image; the data has {num_classes} classes")
+        return SplitModel(client, server, feature_shape=feature_shape, config=dict(
+            arch=arch, num_classes=num_classes, in_channels=in_channels,
+            image_size=image_size, cut=cut, bottleneck_channels=bottleneck_channels,
+            bottleneck_stride=bottleneck_stride, bottleneck_relu=bottleneck_relu,
+            activation=activation, client_width=client_width, server_width=server_width))
+    if isinstance(cut, str):
+        raise ConfigError(f"cut={cut!r}: for {arch!r} cut is the number of backbone layers "
+                          f"on the client (an integer from 1 to {len(client_net)})")
     n = len(client_net)
     if cut > n:
         layers = ", ".join(f"{i + 1}={name}" for i, name in enumerate(client_net.names))
@@ -237,8 +345,9 @@ def create_split_model(
     # second build at its width (the unused half of each build is dropped).
     server_net = (
         client_net if server_width == client_width
-        else MODELS.create(arch, width=server_width, **common)
+        else _build_net(arch, server_width, **common)
     )
+    assert isinstance(server_net, Backbone)
     client, server, feature_shape = split_backbones(
         client_net,
         server_net,
