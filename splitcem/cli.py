@@ -28,6 +28,14 @@ Overrides = Annotated[
 ]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps or auto")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")]
+Threads = Annotated[int | None, typer.Option(
+    min=1, help="CPU threads (default: $SPLITCEM_THREADS, else the cores free of other work)")]
+
+
+def _threads(n: int | None) -> None:
+    from splitcem.runtime import set_threads
+
+    set_threads(n)
 
 
 def _run_dir(out: Path | None, name: str) -> Path:
@@ -43,12 +51,14 @@ def train(
     set_: Overrides = None,
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Train a split model with its defenses; writes checkpoints and metrics.json."""
     from splitcem.config import load_config
     from splitcem.experiment import train_run
 
     cfg = load_config(config, set_ or [])
+    _threads(threads)
     run_dir = _run_dir(out, cfg.name)
     rec = train_run(cfg, run_dir, resume=resume, overwrite=overwrite, progress=not quiet,
                     device=device)
@@ -69,8 +79,10 @@ def attack(
     )] = None,
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Attack a trained run's features; adds the results to its metrics and summary."""
+    _threads(threads)
     from splitcem.experiment import attack_run
     from splitcem.report import attack_rows
 
@@ -90,6 +102,7 @@ def run(
     set_: Overrides = None,
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Train, attack and report one run."""
     from splitcem.config import load_config
@@ -97,6 +110,7 @@ def run(
     from splitcem.report import comparison_table
 
     cfg = load_config(config, set_ or [])
+    _threads(threads)
     run_dir = _run_dir(out, cfg.name)
     rec = run_experiment(cfg, run_dir, resume=resume, overwrite=overwrite,
                          progress=not quiet, device=device)
@@ -114,8 +128,10 @@ def sweep(
     set_: Overrides = None,
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Run several configs (resuming / reusing finished ones) and compare them in one table."""
+    _threads(threads)
     from splitcem.sweep import run_sweep
 
     table = run_sweep(configs, out, overrides=set_ or [], baseline=baseline,
@@ -132,13 +148,16 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the demo's runs go")] = Path("runs/demo"),
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
-    """Train an undefended and a noise-defended split model, attack both, compare."""
+    """Train undefended, noise-defended and noise + CEM split models, attack each, compare."""
+    _threads(threads)
     from splitcem.demo import run_demo
 
     table = run_demo(dataset=dataset, root=root, out=out, progress=not quiet, device=device)
     typer.echo(table)
-    typer.echo(f"-> {out / 'comparison.md'} and the images in {out}/*/reconstructions.png")
+    typer.echo(f"-> {out / 'comparison.md'}, {out / 'comparison.png'} and the images in "
+               f"{out}/*/reconstructions.png")
 
 
 @app.command()

@@ -79,6 +79,12 @@ def write_summary(run_dir: str | Path, record: dict[str, Any], cfg: RunConfig) -
         f"- defenses: {record.get('defenses', '-')}",
         f"- training: {tr.get('epochs', 0)} epochs in {_fmt(tr.get('seconds', float('nan')), 1)} s"
         f" on {record.get('device', '?')}",
+    ]
+    num = record.get("numerics") or {}
+    if num:
+        lines.append(f"- numerics: {num.get('path', '?')} ({num.get('reason', '?')}), "
+                     f"{num.get('threads', '?')} CPU threads")
+    lines += [
         f"- **test accuracy (under the deployed defense): "
         f"{_fmt(100 * tr.get('test_accuracy', float('nan')), 2)}%**",
     ]
