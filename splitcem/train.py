@@ -352,9 +352,8 @@ class Trainer:
         t0 = time.perf_counter()
         outer = progress_bar(total=self.cfg.epochs, initial=self.epoch, desc="training",
                              progress=self.progress)
-        if self.epoch == 0:
-            epoch_log(log, self.progress, "training %d epochs on %s: %s (%s)", self.cfg.epochs,
-                      self.device, self.numerics.describe(), self.numerics.reason)
+        log.info("training %d epochs on %s: %s (%s)", self.cfg.epochs - self.epoch,
+                 self.device, self.numerics.describe(), self.numerics.reason)
         while self.epoch < self.cfg.epochs:
             record = self.train_epoch()
             last = self.epoch + 1 == self.cfg.epochs

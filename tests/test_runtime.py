@@ -353,12 +353,12 @@ def test_demo_end_to_end_at_tiny_size(fashion_dir, tmp_path, cache_dir):
     table = run_demo(out=tmp_path, progress=False, overrides=tiny)
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [r.split("|")[1].strip() for r in rows] == [
-        "undefended", "noise_0.1", "noise_0.1_cem_10"]
+        "undefended", "noise_0.1", "noise_0.1_cem_30"]
     assert (tmp_path / "comparison.md").read_text().strip() == table.strip()
     png = (tmp_path / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    rec = json.loads((tmp_path / "noise_0.1_cem_10" / "metrics.json").read_text())
-    assert rec["cem_lambda"] == 10 and "loss/cem" in rec["train"]["history"][-1]
+    rec = json.loads((tmp_path / "noise_0.1_cem_30" / "metrics.json").read_text())
+    assert rec["cem_lambda"] == 30 and "loss/cem" in rec["train"]["history"][-1]
 
 
 # ---- CUDA only (benchmarks/gpu_check.sh runs these with -k cuda) -----------------------------
