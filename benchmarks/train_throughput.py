@@ -23,6 +23,7 @@ import json
 import statistics
 import time
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,7 @@ def main() -> None:
                                augment=False, device=dev, seed=0, drop_last=True))
     opt = torch.optim.SGD(model_b.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     if auto.channels_last:
-        model_b.to(memory_format=torch.channels_last)
+        model_b.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
     n_img = sum(int(y.numel()) for _, y in batches)
 
@@ -148,15 +149,15 @@ def main() -> None:
     for n in names:
         mark = " <- auto" if n == auto_name else ""
         print(f"{n:>20}: {med[n]:8.1f} img/s (median of {args.repeats}){mark}")
-    t, b = med[auto_name], statistics.median(bare)
-    out = {f"images_per_s_{n}": round(v, 1) for n, v in med.items()}
+    t_ips, b_ips = med[auto_name], statistics.median(bare)
+    out: dict[str, Any] = {f"images_per_s_{n}": round(v, 1) for n, v in med.items()}
     out.update({
         "auto_path": auto_name,
         "best_path": best,
         "auto_over_best": round(med[auto_name] / med[best], 3),
-        "trainer_images_per_s": round(t, 1),
-        "bare_images_per_s": round(b, 1),
-        "ratio_trainer_over_bare": round(t / b, 3),
+        "trainer_images_per_s": round(t_ips, 1),
+        "bare_images_per_s": round(b_ips, 1),
+        "ratio_trainer_over_bare": round(t_ips / b_ips, 3),
         "device": str(dev),
         "cpu_capability": cpu_capability(),
         "native_bf16": native,
