@@ -7,9 +7,9 @@ about 10x *slower* where it is emulated (measured on AVX2, see ``AMP_SLOWDOWN``)
 say ``auto`` and :func:`resolve_numeric_path` decides. Explicit ``true`` / ``false`` win.
 
 Channels-last rule (measured, not calibrated per run): with PyTorch's oneDNN convolutions on
-x86 CPUs it was faster in all six cases measured (the CPU protocol's model, the demo's model
+x86 CPUs it was faster in every case measured (the CPU protocol's model, the demo's model
 and the decoder attack; float32 and bfloat16; AVX512-BF16, and AVX2 with oneDNN limited to
-it): 1.2x to 2.6x. On CUDA it goes with bf16 autocast (the tensor-core kernels of cuDNN are
+it): 1.1x to 2.7x. On CUDA it goes with bf16 autocast (the tensor-core kernels of cuDNN are
 NHWC); elsewhere (MPS, non-x86 CPUs) nothing was measured and the default layout stays. A
 fixed rule keeps a run's numerics independent of how busy the machine was at its start;
 ``benchmarks/train_throughput.py`` checks it per machine (``auto_over_best``).
