@@ -29,6 +29,14 @@ Overrides = Annotated[
 ]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps or auto")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars")]
+Threads = Annotated[int | None, typer.Option(
+    min=1, help="CPU threads (default: $SPLITCEM_THREADS, else the cores free of other work)")]
+
+
+def _threads(n: int | None) -> None:
+    from splitcem.runtime import set_threads
+
+    set_threads(n)
 
 
 def _run_dir(out: Path | None, name: str) -> Path:
@@ -45,12 +53,14 @@ def train(
     set_: Overrides = None,
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Train a split model with its defenses; writes checkpoints and metrics.json."""
     from splitcem.config import load_config
     from splitcem.experiment import train_run
 
     cfg = load_config(config, set_ or [])
+    _threads(threads)
     run_dir = _run_dir(out, cfg.name)
     rec = train_run(cfg, run_dir, resume=resume, overwrite=overwrite, progress=not quiet,
                     device=device)
@@ -74,8 +84,10 @@ def attack(
     = False,
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Attack a trained run's features; adds the results to its metrics and summary."""
+    _threads(threads)
     from splitcem.experiment import attack_run, leakage_run
     from splitcem.report import attack_rows
 
@@ -104,6 +116,7 @@ def run(
     set_: Overrides = None,
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Train, attack and report one run."""
     from splitcem.config import load_config
@@ -111,6 +124,7 @@ def run(
     from splitcem.report import comparison_table
 
     cfg = load_config(config, set_ or [])
+    _threads(threads)
     run_dir = _run_dir(out, cfg.name)
     rec = run_experiment(cfg, run_dir, resume=resume, overwrite=overwrite,
                          progress=not quiet, device=device)
@@ -122,7 +136,7 @@ Address = Annotated[str | None, typer.Option(
     help="Ray cluster address (default: a local Ray sized to this machine)")]
 MaxConcurrent = Annotated[int | None, typer.Option(
     help="Trials at once (default: CPUs // threads per trial)")]
-Threads = Annotated[int, typer.Option(help="torch threads (and Ray CPUs) per trial")]
+TrialThreads = Annotated[int, typer.Option(help="torch threads (and Ray CPUs) per trial")]
 Gpus = Annotated[float, typer.Option(help="GPUs per trial (a fraction shares one)")]
 NoRay = Annotated[bool, typer.Option("--no-ray", help="Run the trials one after another here")]
 Adopt = Annotated[list[Path] | None, typer.Option(
@@ -151,15 +165,17 @@ def sweep(
     = None,
     address: Address = None,
     max_concurrent: MaxConcurrent = None,
-    threads_per_trial: Threads = 1,
+    threads_per_trial: TrialThreads = 1,
     gpus_per_trial: Gpus = 0.0,
     no_ray: NoRay = False,
     adopt: Adopt = None,
     set_: Overrides = None,
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """Run a sweep file on Ray (resumable, failures recorded), or several run configs."""
+    _threads(threads)
     from splitcem.grid import is_sweep_file
 
     if len(configs) == 1 and is_sweep_file(configs[0]):
@@ -222,7 +238,7 @@ def reproduce(
     = None,
     address: Address = None,
     max_concurrent: MaxConcurrent = None,
-    threads_per_trial: Threads = 1,
+    threads_per_trial: TrialThreads = 1,
     gpus_per_trial: Gpus = 0.0,
     no_ray: NoRay = False,
     adopt: Adopt = None,
@@ -249,13 +265,16 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the demo's runs go")] = Path("runs/demo"),
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
-    """Train an undefended and a noise-defended split model, attack both, compare."""
+    """Train undefended, noise-defended and noise + CEM split models, attack each, compare."""
+    _threads(threads)
     from splitcem.demo import run_demo
 
     table = run_demo(dataset=dataset, root=root, out=out, progress=not quiet, device=device)
     typer.echo(table)
-    typer.echo(f"-> {out / 'comparison.md'} and the images in {out}/*/reconstructions.png")
+    typer.echo(f"-> {out / 'comparison.md'}, {out / 'comparison.png'} and the images in "
+               f"{out}/*/reconstructions.png")
 
 
 @app.command()

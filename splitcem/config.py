@@ -88,11 +88,12 @@ class TrainConfig(_Strict):
     schedule: Literal["step", "cosine"] = "step"
     milestones: list[int] = Field(default_factory=lambda: [60, 120, 180, 210])
     gamma: float = Field(0.2, gt=0)
-    #: bfloat16 autocast for the model's convolutions (CUDA, and CPUs with bf16 support:
-    #: about 1.9x faster on an AVX512-BF16 CPU); features, noise and losses stay float32
-    amp: bool = False
-    #: channels-last memory layout (about 1.4x faster convolutions on CPU with oneDNN)
-    channels_last: bool = False
+    #: bfloat16 autocast of the model's convolutions; features, noise and losses stay
+    #: float32. ``auto``: on where bf16 is native (CUDA compute capability >= 8, CPUs with
+    #: AVX512-BF16 or AMX), float32 elsewhere (see splitcem.runtime)
+    amp: bool | Literal["auto"] = "auto"
+    #: channels-last memory layout; ``auto``: on x86 CPUs (oneDNN) and with bf16 on CUDA
+    channels_last: bool | Literal["auto"] = "auto"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_every: int = Field(1, ge=1)
     #: also log each epoch's figures for TensorBoard in RUN_DIR/tensorboard (needs the
@@ -218,6 +219,19 @@ def _set_path(d: Any, dotted: str, value: Any) -> None:
             raise ConfigError(f"override {dotted!r}: {k!r} is inside a value, not a section")
 
 
+def _yaml_error(e: yaml.YAMLError, where: str) -> str:
+    """One line: where the parser stopped and why (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if ctx and cmark is not None:
+        problem += f" ({ctx} started at line {cmark.line + 1}, column {cmark.column + 1})"
+    elif ctx:
+        problem += f" ({ctx})"
+    return f"{where} is not valid YAML{at}: {problem}; fix the syntax there"
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config dict."""
     out = yaml.safe_load(yaml.safe_dump(raw)) or {}
@@ -225,7 +239,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         key, val = ov.split("=", 1)
-        _set_path(out, key.strip(), yaml.safe_load(val))
+        try:
+            parsed = yaml.safe_load(val)
+        except yaml.YAMLError as e:
+            raise ConfigError(_yaml_error(e, f"override {ov!r}")) from None
+        _set_path(out, key.strip(), parsed)
     return out
 
 
@@ -293,7 +311,10 @@ def load_config(
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+            raise ConfigError(_yaml_error(e, f"config file {path}")) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a text file; pass a YAML config "
+                              "(see configs/)") from None
         where = str(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"config {where} must be a mapping at the top level")

@@ -29,6 +29,7 @@ from splitcem.data import Augment, DataSplits, make_splits
 from splitcem.defenses import DefenseStack, create_defense
 from splitcem.errors import CheckpointError, ConfigError
 from splitcem.models import SplitModel, create_split_model
+from splitcem.runtime import honour_env_threads
 from splitcem.train import LAST, Trainer, resolve_device, setup_context
 
 __all__ = [
@@ -90,7 +91,11 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, *, device: str | torch.device | None = None) -> Prepared:
-    """Load the data and build the (seeded) model and defenses for ``cfg``."""
+    """Load the data and build the (seeded) model and defenses for ``cfg``.
+
+    Honours ``$SPLITCEM_THREADS`` (a sweep sets it per trial) unless
+    :func:`splitcem.runtime.set_threads` was given a number."""
+    honour_env_threads()
     dev = resolve_device(device if device is not None else cfg.device)
     d = cfg.data
     splits = make_splits(
@@ -201,6 +206,8 @@ def train_run(
         "cem_lambda": cfg.cem.lam if cfg.cem is not None else 0.0,
         "client_parameters": sum(q.numel() for q in p.model.client.parameters()),
         "feature_shape": list(p.model.feature_shape),
+        # what ran: bf16 or float32, layout and why, CPU capability, threads
+        "numerics": {**result.numerics, "threads": torch.get_num_threads()},
         "train": {
             "test_accuracy": result.test_accuracy,
             "test_loss": result.test_loss,

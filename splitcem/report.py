@@ -84,6 +84,12 @@ def write_summary(run_dir: str | Path, record: dict[str, Any], cfg: RunConfig) -
         f"- defenses: {record.get('defenses', '-')}",
         f"- training: {tr.get('epochs', 0)} epochs in {_fmt(tr.get('seconds', float('nan')), 1)} s"
         f" on {record.get('device', '?')}",
+    ]
+    num = record.get("numerics") or {}
+    if num:
+        lines.append(f"- numerics: {num.get('path', '?')} ({num.get('reason', '?')}), "
+                     f"{num.get('threads', '?')} CPU threads")
+    lines += [
         f"- **test accuracy (under the deployed defense): "
         f"{_fmt(100 * tr.get('test_accuracy', float('nan')), 2)}%**",
     ]
@@ -252,8 +258,9 @@ def plot_frontier(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
         mse = _attack_metric(rec, "mse")
         marker = "s" if rec.get("cem_lambda") else "o"
         ax.scatter([mse], [acc], marker=marker)
-        ax.annotate(str(rec.get("name")), (mse, acc), fontsize=7, xytext=(3, 3),
+        ax.annotate(str(rec.get("name")), (mse, acc), fontsize=9, xytext=(4, 4),
                     textcoords="offset points")
+    ax.ticklabel_format(useOffset=False, style="plain")  # 0.0162, not 1.6 with "1e-2" apart
     ax.set_xlabel("attack MSE (higher = more private)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("utility vs inversion robustness")

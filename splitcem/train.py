@@ -15,7 +15,6 @@ weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -27,14 +26,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from splitcem._io import load_checkpoint, save_checkpoint
+from splitcem._progress import bar as progress_bar
+from splitcem._progress import epoch_log
 from splitcem.config import TrainConfig
 from splitcem.data import ArrayDataset, Augment, BatchLoader, DataSplits
 from splitcem.defenses import DefenseStack, EpochContext, SetupContext, StepContext
 from splitcem.errors import CheckpointError, ConfigError, NonFiniteError
 from splitcem.models import SplitModel
+from splitcem.runtime import NumericPath, resolve_numeric_path
 
 __all__ = [
     "TrainResult",
@@ -117,6 +118,8 @@ class TrainResult:
     test_loss: float = float("nan")
     seconds: float = 0.0
     checkpoint: Path | None = None
+    #: the numeric path that ran (bf16 / float32, layout, why; see splitcem.runtime)
+    numerics: dict[str, Any] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -154,10 +157,12 @@ class Trainer:
         splits: Data; only ``train`` and ``test`` are used here.
         cfg: Optimiser, schedule and epoch settings.
         device: Where to train. ``cfg.amp``: bfloat16 autocast (CUDA or CPU) of the client
-            and server; the features between them stay float32.
+            and server, ``cfg.channels_last``: their layout; ``auto`` picks per device
+            (:func:`splitcem.runtime.resolve_numeric_path`). The features between client and
+            server stay float32.
         seed: Seeds weights' RNG use during training, data order and augmentation.
         run_dir: Where ``checkpoints/last.pt`` is written each epoch (None: no checkpoints).
-        progress: Show tqdm progress bars.
+        progress: Show progress: bars on a terminal, one log line per epoch otherwise.
         on_epoch_end: Optional callback ``(epoch_record) -> None`` (e.g. to stop early in tests).
     """
 
@@ -203,9 +208,10 @@ class Trainer:
             torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                             weight_decay=cfg.weight_decay)
         )
-        self.amp = bool(cfg.amp and device.type in ("cuda", "cpu"))
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        if cfg.channels_last:
+        self.numerics: NumericPath = resolve_numeric_path(cfg.amp, cfg.channels_last, device)
+        self.amp = self.numerics.amp
+        self.memory_format = self.numerics.memory_format
+        if self.numerics.channels_last:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.epoch = 0
         self.step = 0
@@ -282,17 +288,14 @@ class Trainer:
         model.train()
         stack.train()
         self.loader.set_epoch(self.epoch)
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if self.amp else contextlib.nullcontext()
-        )  # re-entered twice per step: an autocast context object is reusable
+        autocast = self.numerics.autocast()  # re-entered twice per step: reusable
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         extra_sums: dict[str, Tensor] = {}
         seen = 0
         t0 = time.perf_counter()
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        bar = progress_bar(self.loader, progress=self.progress, leave=False,
+                           desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}")
         lr = self._set_lr()
         for i, (x, y) in enumerate(bar):
             lr = self._set_lr()
@@ -358,8 +361,10 @@ class Trainer:
             self.load_state_dict(load_checkpoint(self.checkpoint_path, self.device))
             log.info("resumed from %s at epoch %d", self.checkpoint_path, self.epoch)
         t0 = time.perf_counter()
-        outer = tqdm(total=self.cfg.epochs, initial=self.epoch, desc="training",
-                     disable=not self.progress, dynamic_ncols=True)
+        outer = progress_bar(total=self.cfg.epochs, initial=self.epoch, desc="training",
+                             progress=self.progress)
+        log.info("training %d epochs on %s: %s (%s)", self.cfg.epochs - self.epoch,
+                 self.device, self.numerics.describe(), self.numerics.reason)
         while self.epoch < self.cfg.epochs:
             record = self.train_epoch()
             last = self.epoch + 1 == self.cfg.epochs
@@ -371,6 +376,13 @@ class Trainer:
             self.save()  # atomic; RNG state is captured after evaluation
             outer.update(1)
             outer.set_postfix(test_acc=f"{record.get('test_accuracy', float('nan')):.3f}")
+            epoch_log(log, self.progress,
+                      "epoch %d/%d: loss %.4f, train acc %.4f%s, %.1f s (%.0f img/s)",
+                      self.epoch, self.cfg.epochs, record["train_loss"],
+                      record["train_accuracy"],
+                      f", test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record
+                      else "", record["train_seconds"] + record["epoch_end_seconds"],
+                      record["images_per_second"])
             if self.callback is not None:
                 self.callback(record)
         outer.close()
@@ -381,6 +393,7 @@ class Trainer:
             test_loss=float(last_rec.get("test_loss", float("nan"))),
             seconds=time.perf_counter() - t0,
             checkpoint=self.checkpoint_path,
+            numerics=self.numerics.to_dict(),
         )
 
 

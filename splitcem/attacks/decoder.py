@@ -21,6 +21,7 @@ train it:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,8 +29,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from splitcem._progress import bar as progress_bar
+from splitcem._progress import epoch_log
 from splitcem.attacks.base import (
     Attack,
     AttackTarget,
@@ -45,6 +47,7 @@ from splitcem.data.dataset import ArrayDataset
 from splitcem.errors import ConfigError
 from splitcem.metrics import ssim_unchecked
 from splitcem.models.decoder import ResBlock, ResDecoder
+from splitcem.runtime import NumericPath, Setting, check_setting, resolve_numeric_path
 
 __all__ = [
     "AdaptiveDecoderAttack",
@@ -58,6 +61,8 @@ __all__ = [
     "total_variation",
     "train_decoder",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def total_variation(x: Tensor) -> Tensor:
@@ -78,16 +83,8 @@ def reconstruction_loss(r: Tensor, x01: Tensor, *, ssim_weight: float = 0.0,
     return loss
 
 
-def _autocast(device: torch.device, amp: bool):
-    # bf16 autocast on CUDA and CPU (MPS lacks parts). With channels-last (see _layout) a
-    # decoder step ran 3.4x faster at width 32 on an AVX512-BF16 CPU than float32 NCHW.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=amp and device.type in ("cuda", "cpu"))
-
-
-def _layout(amp: bool) -> torch.memory_format:
-    """Channels-last goes with autocast: the bf16 convolution kernels prefer it."""
-    return torch.channels_last if amp else torch.contiguous_format
+_FLOAT32 = NumericPath(device="cpu", amp=False, channels_last=False, native_bf16=False,
+                       cpu_capability="", reason="float32 (the default)")
 
 
 def train_decoder(
@@ -103,7 +100,7 @@ def train_decoder(
     lr_min: float = 1e-5,
     ssim_weight: float = 0.0,
     tv_weight: float = 0.0,
-    amp: bool = False,
+    numerics: NumericPath | None = None,
     flip: bool = False,
     progress: bool = True,
     desc: str = "decoder",
@@ -115,6 +112,8 @@ def train_decoder(
     repeated to match). Adam with weight decay, cosine schedule per step down to ``lr_min``.
     ``flip``: mirror a random half of each batch before it is encoded (the attacker owns
     its auxiliary images, so it may augment them; twice the distinct training pairs).
+    ``numerics``: bf16 autocast / channels-last (:func:`splitcem.runtime.resolve_numeric_path`;
+    None: float32, default layout).
 
     Returns:
         The mean training loss of each epoch.
@@ -126,10 +125,12 @@ def train_decoder(
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
     imgs = images_to_device(aux, device)
     curve: list[float] = []
-    decoder.to(memory_format=_layout(amp))  # type: ignore[call-overload]  # not in torch's stubs
+    path = numerics or _FLOAT32
+    autocast, layout = path.autocast(), path.memory_format
+    decoder.to(memory_format=layout)  # type: ignore[call-overload]  # not in torch's stubs
     decoder.train()
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
+    bar = progress_bar(range(epochs), desc=desc, progress=progress, leave=False)
+    for epoch in bar:
         total = torch.zeros((), device=device)
         n = 0
         for x, x01 in iterate_images(aux, batch_size=batch_size, device=device, shuffle=True,
@@ -140,8 +141,8 @@ def train_decoder(
             z = features(x)  # (K * B, Cz, Hz, Wz), no grad
             k = z.shape[0] // x.shape[0]
             tgt = x01.repeat(k, 1, 1, 1) if k > 1 else x01
-            with _autocast(device, amp):
-                r = decoder(z.contiguous(memory_format=_layout(amp)))
+            with autocast:
+                r = decoder(z.contiguous(memory_format=layout))
             loss = reconstruction_loss(r.float(), tgt, ssim_weight=ssim_weight,
                                        tv_weight=tv_weight)
             opt.zero_grad(set_to_none=True)
@@ -153,16 +154,18 @@ def train_decoder(
         _check_finite(total, f"{desc} training loss")  # one sync per epoch
         curve.append(total.item() / max(1, n))
         bar.set_postfix(loss=f"{curve[-1]:.4f}")
+        epoch_log(log, progress, "%s epoch %d/%d: loss %.5f", desc, epoch + 1, epochs, curve[-1])
     decoder.eval()
     return curve
 
 
 @torch.no_grad()
-def decode(decoder: nn.Module, z: Tensor, *, amp: bool = False) -> Tensor:
+def decode(decoder: nn.Module, z: Tensor, *, numerics: NumericPath | None = None) -> Tensor:
     """Run a trained decoder in eval mode: (B, Cz, Hz, Wz) -> (B, C, H, W) in [0, 1]."""
     decoder.eval()
-    with _autocast(z.device, amp):
-        return decoder(z.contiguous(memory_format=_layout(amp))).float()
+    path = numerics or _FLOAT32
+    with path.autocast():
+        return decoder(z.contiguous(memory_format=path.memory_format)).float()
 
 
 @register_attack("decoder")
@@ -178,7 +181,8 @@ class DecoderAttack(Attack):
             256, 1e-3, 1e-4, 1e-5).
         width, depth: Decoder size (paper: 64, 8).
         ssim_weight, tv_weight: Optional extra loss terms (0 = the paper's plain MSE).
-        amp: bfloat16 autocast with a channels-last layout (CUDA and CPU).
+        amp: bfloat16 autocast: ``"auto"`` (default) where bf16 is native, or true / false;
+            the layout follows :func:`splitcem.runtime.resolve_numeric_path`.
         flip: Also train on mirrored auxiliary images (random horizontal flips).
         seed: Seeds the noise of the queries and the shuffling.
     """
@@ -188,7 +192,7 @@ class DecoderAttack(Attack):
     def __init__(self, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
                  weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 64,
                  depth: int = 8, ssim_weight: float = 0.0, tv_weight: float = 0.0,
-                 amp: bool = False, flip: bool = False, seed: int = 0) -> None:
+                 amp: Setting = "auto", flip: bool = False, seed: int = 0) -> None:
         super().__init__(seed=seed, batch_size=batch_size)
         self.epochs = _positive_int("epochs", epochs)
         self.lr = _nonneg_float("lr", lr, positive=True)
@@ -200,9 +204,10 @@ class DecoderAttack(Attack):
         self.depth = depth
         self.ssim_weight = _nonneg_float("ssim_weight", ssim_weight)
         self.tv_weight = _nonneg_float("tv_weight", tv_weight)
-        self.amp = bool(amp)
+        self.amp: Setting = check_setting("decoder amp", amp)
         self.flip = bool(flip)
         self.decoder: ResDecoder | None = None
+        self.numerics: NumericPath | None = None  # resolved for the target's device in fit
 
     def _features(self, target: AttackTarget) -> Callable[[Tensor], Tensor]:
         return target.observe
@@ -210,26 +215,30 @@ class DecoderAttack(Attack):
     def fit(self, target: AttackTarget, aux: ArrayDataset, *, progress: bool = True
             ) -> dict[str, Any]:
         self.decoder = ResDecoder.for_target(target, width=self.width, depth=self.depth)
+        self.numerics = resolve_numeric_path(self.amp, "auto", target.device,
+                                             what=self.name or "decoder")
         curve = train_decoder(
             self.decoder, target, aux, self._features(target), epochs=self.epochs,
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             lr_min=self.lr_min, ssim_weight=self.ssim_weight, tv_weight=self.tv_weight,
-            amp=self.amp, flip=self.flip, progress=progress, desc=self.name or "decoder",
+            numerics=self.numerics, flip=self.flip, progress=progress,
+            desc=self.name or "decoder",
         )
         return {"train_loss": [round(v, 6) for v in curve],
-                "decoder_params": sum(p.numel() for p in self.decoder.parameters())}
+                "decoder_params": sum(p.numel() for p in self.decoder.parameters()),
+                "numerics": f"{self.numerics.describe()} ({self.numerics.reason})"}
 
     def reconstruct(self, target: AttackTarget, z: Tensor) -> Tensor:
         if self.decoder is None:
             raise ConfigError("the decoder is not trained; call fit() (or run()) first")
-        return decode(self.decoder, z, amp=self.amp)
+        return decode(self.decoder, z, numerics=self.numerics)
 
 
 @register_attack("decoder_strong")
 def decoder_strong(*, epochs: int = 100, batch_size: int = 128, lr: float = 1e-3,
                    weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 96,
                    depth: int = 12, ssim_weight: float = 0.1, tv_weight: float = 0.0,
-                   amp: bool = False, flip: bool = True, seed: int = 0) -> DecoderAttack:
+                   amp: Setting = "auto", flip: bool = True, seed: int = 0) -> DecoderAttack:
     """A wider, deeper decoder trained longer with MSE + 0.1 (1 - SSIM) on flip-augmented
     auxiliary images (query access)."""
     return DecoderAttack(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -257,7 +266,7 @@ class AdaptiveDecoderAttack(DecoderAttack):
     def __init__(self, *, draws: int = 4, epochs: int = 50, batch_size: int = 128,
                  lr: float = 1e-3, weight_decay: float = 1e-4, lr_min: float = 1e-5,
                  width: int = 64, depth: int = 8, ssim_weight: float = 0.0,
-                 tv_weight: float = 0.0, amp: bool = False, flip: bool = False,
+                 tv_weight: float = 0.0, amp: Setting = "auto", flip: bool = False,
                  seed: int = 0) -> None:
         super().__init__(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          lr_min=lr_min, width=width, depth=depth, ssim_weight=ssim_weight,

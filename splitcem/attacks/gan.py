@@ -15,13 +15,15 @@ Query access, as the decoder attack: features are the deployed client's outputs.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from splitcem._progress import bar as progress_bar
+from splitcem._progress import epoch_log
 from splitcem.attacks.base import (
     Attack,
     AttackTarget,
@@ -38,6 +40,8 @@ from splitcem.data.dataset import ArrayDataset
 from splitcem.errors import ConfigError
 
 __all__ = ["Critic", "GanAttack", "gradient_penalty"]
+
+log = logging.getLogger(__name__)
 
 
 class Critic(nn.Module):
@@ -143,7 +147,8 @@ class GanAttack(Attack):
                                         "wasserstein": [], "gen_mse": []}
         step = 0
         gen.train()
-        for _ in tqdm(range(self.epochs), desc="gan", disable=not progress, leave=False):
+        for epoch in progress_bar(range(self.epochs), desc="gan", progress=progress,
+                                  leave=False):
             sums = torch.zeros(4, device=target.device)  # critic, generator, W, mse
             n_d = n_g = 0
             for x, x01 in iterate_images(aux, batch_size=self.batch_size, device=target.device,
@@ -179,6 +184,8 @@ class GanAttack(Attack):
             if n_g:
                 hist["generator_loss"].append(round(v[1] / n_g, 6))
                 hist["gen_mse"].append(round(v[3] / n_g, 6))
+            epoch_log(log, progress, "gan epoch %d/%d: critic loss %.4f, wasserstein %.4f",
+                      epoch + 1, self.epochs, hist["critic_loss"][-1], hist["wasserstein"][-1])
         gen.eval()
         self.decoder = gen
         extra.update(hist)

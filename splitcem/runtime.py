@@ -1,0 +1,338 @@
+"""Per-machine choices made at run time: the numeric path and the number of CPU threads.
+
+Why one module, decided at run time: the fastest path depends on the machine, not on the
+experiment. bfloat16 autocast roughly halves a training step where the hardware has bf16
+units (CUDA GPUs from compute capability 8.0, CPUs with AVX512-BF16 or AMX) and makes it
+about 10x *slower* where it is emulated (measured on AVX2, see ``AMP_SLOWDOWN``), so configs
+say ``auto`` and :func:`resolve_numeric_path` decides. Explicit ``true`` / ``false`` win.
+
+Channels-last rule (measured, not calibrated per run): with PyTorch's oneDNN convolutions on
+x86 CPUs it was faster in every case measured (the CPU protocol's model, the demo's model
+and the decoder attack; float32 and bfloat16; AVX512-BF16, and AVX2 with oneDNN limited to
+it): 1.1x to 2.7x. On CUDA it goes with bf16 autocast (the tensor-core kernels of cuDNN are
+NHWC); elsewhere (MPS, non-x86 CPUs) nothing was measured and the default layout stays. A
+fixed rule keeps a run's numerics independent of how busy the machine was at its start;
+``benchmarks/train_throughput.py`` checks it per machine (``auto_over_best``).
+
+Threads: :func:`set_threads` uses, in order, its argument (``--threads N``), the
+environment variable ``SPLITCEM_THREADS`` (a sweep sets it per trial), or
+:func:`default_threads`: the cores this process may use (CPU affinity and a cgroup CPU
+quota) minus the cores other processes keep busy right now. OpenMP threads that share a core
+with another busy process wait for each other at every parallel region: on this project's
+2-core machine, shared with other jobs (load average about 6), 30 training steps of the demo's
+model took 29 s and 51 s with two threads against 1.6 s and 3.3 s with one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+import warnings
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from splitcem.errors import ConfigError
+
+__all__ = [
+    "AMP_SLOWDOWN",
+    "ENV_THREADS",
+    "NumericPath",
+    "Setting",
+    "check_setting",
+    "cpu_capability",
+    "default_threads",
+    "native_bf16",
+    "resolve_numeric_path",
+    "set_threads",
+    "usable_cores",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``true``, ``false`` or ``"auto"`` (decide per device)
+Setting = bool | Literal["auto"]
+
+ENV_THREADS = "SPLITCEM_THREADS"
+
+#: What bf16 autocast costs on a CPU without native bf16 (AVX2 with oneDNN limited to it, one
+#: thread, a training step of batch 128; float32 = 1): 8x-18x, depending on the model/layout.
+AMP_SLOWDOWN = "about 10x slower than float32 (8x to 18x measured on AVX2)"
+
+
+def check_setting(name: str, value: Any) -> Setting:
+    """``True`` / ``False`` / ``"auto"``, or a :class:`ConfigError` naming ``name``."""
+    if isinstance(value, bool) or value == "auto":
+        return value  # type: ignore[no-any-return]
+    raise ConfigError(f"{name} must be true, false or auto, got {value!r}")
+
+
+# --------------------------------------------------------------------------- capabilities
+def cpu_capability() -> str:
+    """The SIMD level torch's CPU kernels use (``AVX512``, ``AVX2``, ``DEFAULT``, ...)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # an old or unusual build: treat as unknown
+        return "unknown"
+
+
+def _cpu_probe(name: str) -> bool:
+    """One of torch's private CPU feature probes; missing or failing means "no"."""
+    fn = getattr(torch.cpu, name, None)
+    if not callable(fn):
+        return False
+    try:
+        return bool(fn())
+    except Exception:
+        return False
+
+
+def _cpu_native_bf16() -> bool:
+    # the capability guards an ATEN_CPU_CAPABILITY override below AVX512 (kernels then lack
+    # the bf16 instructions even where the hardware has them)
+    return cpu_capability().startswith("AVX512") and (
+        _cpu_probe("_is_avx512_bf16_supported") or _cpu_probe("_is_amx_tile_supported"))
+
+
+def _cuda_native_bf16(device: torch.device) -> bool:
+    try:
+        if getattr(torch.version, "hip", None):
+            return bool(torch.cuda.is_bf16_supported())
+        return torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and later
+    except Exception:
+        return False
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls / convolutions in hardware."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_native_bf16(device)
+    if device.type == "cpu":
+        return _cpu_native_bf16()
+    return False
+
+
+def _channels_last_fast(device: torch.device, amp: bool) -> bool:
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and cpu_capability().startswith("AVX")
+    if device.type == "cuda":
+        return amp
+    return False
+
+
+# --------------------------------------------------------------------------- numeric path
+@dataclass(frozen=True)
+class NumericPath:
+    """How a model runs on one device: bf16 autocast or float32, and the memory layout.
+
+    Attributes:
+        device: ``cpu``, ``cuda``, ``mps``, ...
+        amp: bfloat16 autocast of the convolutions (features and losses stay float32).
+        channels_last: NHWC memory layout of the weights and inputs.
+        native_bf16: Whether the device has bf16 in hardware.
+        cpu_capability: torch's CPU kernel level (recorded with every run).
+        reason: One line: why this path (``auto: ...`` or ``set in the config``).
+    """
+
+    device: str
+    amp: bool
+    channels_last: bool
+    native_bf16: bool
+    cpu_capability: str
+    reason: str
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The autocast context (a reusable object; a no-op for float32)."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=torch.bfloat16)
+
+    def describe(self) -> str:
+        """``bf16 autocast + channels-last`` and the like."""
+        return (("bf16 autocast" if self.amp else "float32")
+                + (" + channels-last" if self.channels_last else ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": self.describe()}
+
+
+def resolve_numeric_path(
+    amp: Setting = "auto",
+    channels_last: Setting = "auto",
+    device: torch.device | str = "cpu",
+    *,
+    what: str = "train",
+) -> NumericPath:
+    """Pick bf16 autocast and channels-last for ``device``; ``"auto"`` follows the rules in
+    the module docstring, ``True`` / ``False`` are kept.
+
+    ``amp=True`` where bf16 is not native warns (:class:`RuntimeWarning`) with the expected
+    slowdown; on devices without bf16 autocast (MPS) it is switched off with a warning.
+    ``what`` names the settings in messages (``train`` -> ``train.amp``).
+
+    Example:
+        >>> resolve_numeric_path(False, False, "cpu").describe()
+        'float32'
+    """
+    amp, channels_last = check_setting(f"{what}.amp", amp), check_setting(
+        f"{what}.channels_last", channels_last)
+    dev = torch.device(device)
+    native = native_bf16(dev)
+    cap = cpu_capability()
+    why: list[str] = []
+    if amp == "auto":
+        use_amp = native
+        why.append("bf16 native" if native else "no native bf16: float32")
+    else:
+        use_amp = bool(amp)
+        if use_amp and dev.type not in ("cpu", "cuda"):
+            warnings.warn(f"{what}.amp: true is not supported on {dev.type}; training in "
+                          "float32 (set amp: auto to silence this)", RuntimeWarning,
+                          stacklevel=2)
+            use_amp = False
+        elif use_amp and not native:
+            where = (f"this CPU (capability {cap}) has neither AVX512-BF16 nor AMX"
+                     if dev.type == "cpu" else "this GPU has no native bf16 (before Ampere)")
+            warnings.warn(f"{what}.amp: true asks for bfloat16 autocast, but {where}: expect "
+                          f"it to run {AMP_SLOWDOWN}; use amp: auto (or false)",
+                          RuntimeWarning, stacklevel=2)
+    if channels_last == "auto":
+        use_cl = _channels_last_fast(dev, use_amp)
+        why.append("channels-last" if use_cl else "default layout")
+    else:
+        use_cl = bool(channels_last)
+    if amp != "auto" and channels_last != "auto":
+        reason = "set in the config"
+    else:
+        reason = f"auto on {dev.type}" + (f" ({cap})" if dev.type == "cpu" else "") + ": " + \
+            ", ".join(why)
+    return NumericPath(device=dev.type, amp=use_amp, channels_last=use_cl, native_bf16=native,
+                       cpu_capability=cap, reason=reason)
+
+
+# --------------------------------------------------------------------------- threads
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def _cgroup_quota() -> int | None:
+    """CPUs allowed by a cgroup v2 quota (``cpu.max``, rounded up); None when there is none."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota."""
+    quota = _cgroup_quota()
+    cores = len(_affinity())
+    return max(1, cores if quota is None else min(cores, quota))
+
+
+def _cpu_jiffies(cpus: set[int], stat: str = "/proc/stat") -> tuple[int, int] | None:
+    """(busy, total) jiffies summed over ``cpus`` from /proc/stat; None where unreadable."""
+    busy = total = 0
+    try:
+        with open(stat) as f:
+            for line in f:
+                if not (line.startswith("cpu") and line[3:4].isdigit()):
+                    continue
+                name, *vals = line.split()
+                if int(name[3:]) not in cpus:
+                    continue
+                v = [int(x) for x in vals[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(v)
+                busy += sum(v) - v[3] - v[4]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy, total) if total else None
+
+
+def busy_cores(interval: float = 0.25) -> float:
+    """Cores of this process's CPU set kept busy by other processes, sampled over
+    ``interval`` seconds while this process sleeps (0.0 where /proc/stat is unavailable)."""
+    cpus = _affinity()
+    a = _cpu_jiffies(cpus)
+    if a is None:
+        return 0.0
+    time.sleep(interval)
+    b = _cpu_jiffies(cpus)
+    if b is None or b[1] <= a[1]:
+        return 0.0
+    return len(cpus) * (b[0] - a[0]) / (b[1] - a[1])
+
+
+def default_threads() -> int:
+    """The cores this process may use (:func:`usable_cores`) minus those other processes
+    keep busy now (:func:`busy_cores`, rounded), at least 1."""
+    return max(1, usable_cores() - int(busy_cores() + 0.5))
+
+
+def _env_threads() -> int | None:
+    raw = os.environ.get(ENV_THREADS, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{ENV_THREADS} must be a positive integer, got {raw!r}; unset it "
+                          "to use the free cores")
+    return int(raw)
+
+
+_pinned = False  # set_threads(n) was called with an explicit n
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op CPU threads and return the number.
+
+    ``n`` (``--threads N``) if given (then it holds for the rest of the process); else
+    ``$SPLITCEM_THREADS``; else :func:`default_threads`. A sweep trial calls ``set_threads()``
+    (or only sets the variable: :func:`splitcem.experiment.prepare` honours it too).
+
+    Example:
+        >>> set_threads(2)  # doctest: +SKIP
+        2
+    """
+    global _pinned
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"threads must be a positive integer, got {n!r}")
+        _pinned, why = True, "--threads"
+    else:
+        env = _env_threads()
+        if env is not None:
+            n, why = env, f"${ENV_THREADS}"
+        else:
+            n = default_threads()
+            why = f"{usable_cores()} usable cores, the others busy" if n < usable_cores() \
+                else "usable cores"
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    log.info("%d CPU thread%s (%s)", n, "" if n == 1 else "s", why)
+    return n
+
+
+def honour_env_threads() -> int | None:
+    """Apply ``$SPLITCEM_THREADS`` unless :func:`set_threads` was given a number; returns
+    the threads set (None: nothing to do). Library entry points call this."""
+    if _pinned:
+        return None
+    env = _env_threads()
+    if env is not None and torch.get_num_threads() != env:
+        torch.set_num_threads(env)
+    return env
