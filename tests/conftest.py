@@ -12,12 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from splitcem.runtime import default_threads
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(os.environ.get("SPLITCEM_SHARED", REPO.parent / "shared")) / "datasets"
 CIFAR_TAR = SHARED_DATASETS / "cifar10-jpeg.tar.gz"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads, and only the cores other processes leave free: a thread per core that
+# another job keeps busy makes every parallel op wait for it (many-fold slower tests)
+torch.set_num_threads(min(2, default_threads()))
 
 # a package of its own (installed by .ci/package_check.sh); importing it while collecting
 # (e.g. for doctests) would register its attack in the global registry for every test

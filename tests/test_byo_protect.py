@@ -42,7 +42,10 @@ def test_own_loop_matches_the_trainer_bit_for_bit():
     """The oracle: protect drives the same stack hooks as splitcem.train.Trainer, so an SGD
     loop over the Trainer's batches gives the same weights and the same CEM mixture."""
     splits = toy_splits()
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, milestones=[], eval_every=3)
+    # float32 and the default layout, as the plain loop below (auto would pick bf16 on a CPU
+    # that has it natively)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, milestones=[], eval_every=3,
+                      amp=False, channels_last=False)
     torch.manual_seed(0)
     ref = tiny_model()
     ref_stack = make_stack(NOISE_CEM["defenses"], NOISE_CEM["cem"])

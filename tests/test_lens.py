@@ -22,6 +22,7 @@ from splitcem.attacks.decoder import ResDecoder, decode, load_decoder
 from splitcem.errors import ServingError
 from splitcem.experiment import ATTACK_DECODER, attack_run, load_trained
 from splitcem.metrics import image_metrics
+from splitcem.runtime import resolve_numeric_path
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -69,7 +70,9 @@ def test_attack_saves_its_strongest_decoder(served_run, trained):
         (x, x01), = iterate_images(trained.splits.eval, batch_size=256,
                                    device=torch.device("cpu"))
         z = target.observe(x)
-    got = image_metrics(decode(dec, z).clamp(0, 1), x01)
+    # the numeric path the attack itself decoded with (auto: bf16 where native)
+    numerics = resolve_numeric_path("auto", "auto", torch.device("cpu"), what="attack")
+    got = image_metrics(decode(dec, z, numerics=numerics).clamp(0, 1), x01)
     assert got["mse"] == pytest.approx(recorded["mse"], rel=1e-5)
     assert got["ssim"] == pytest.approx(recorded["ssim"], rel=1e-4)
 
