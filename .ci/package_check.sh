@@ -29,7 +29,9 @@ assert splitcem.__version__ == importlib.metadata.version("splitcem"), splitcem.
 assert (where.parent / "py.typed").is_file()
 print(f"splitcem {splitcem.__version__} from {where.parent}")
 PY
-"$V/splitcem" configs | grep -q "^cpu/cifar10_noise_cem "
+# to a file first: grep -q would close the pipe early and the CLI's next line hit EPIPE
+"$V/splitcem" configs > "$TMP/configs.txt"
+grep -q "^cpu/cifar10_noise_cem " "$TMP/configs.txt"
 "$V/splitcem" defenses | tee "$TMP/defenses.txt"
 grep -q "toy_uniform" "$TMP/defenses.txt" || { echo "plugin defense not listed" >&2; exit 1; }
 SHORT=(--set train.epochs=1 --set train.warmup_epochs=0 --set train.amp=false

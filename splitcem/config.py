@@ -251,13 +251,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
+#: bundled folders that hold sweep files (splitcem sweep / reproduce), not run configs
+SWEEP_DIRS = ("sweeps",)
+
+
 def bundled_configs() -> dict[str, Path]:
-    """Bundled config name -> file: names are paths under the package's ``configs/``
-    without ``.yaml`` (``cpu/cifar10_noise_cem``), sorted."""
+    """Bundled run config name -> file: names are paths under the package's ``configs/``
+    without ``.yaml`` (``cpu/cifar10_noise_cem``), sorted; sweep files are not listed."""
     if not CONFIG_DIR.is_dir():
         return {}
     return {p.relative_to(CONFIG_DIR).with_suffix("").as_posix(): p
-            for p in sorted(CONFIG_DIR.rglob("*.yaml"))}
+            for p in sorted(CONFIG_DIR.rglob("*.yaml"))
+            if p.relative_to(CONFIG_DIR).parts[0] not in SWEEP_DIRS}
 
 
 def config_summary(path: Path) -> str:

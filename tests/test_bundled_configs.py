@@ -20,6 +20,8 @@ def test_configs_live_in_the_package_and_the_root_path_still_works():
     names = bundled_configs()
     assert "cpu/cifar10_noise_cem" in names and "paper/cifar10" in names
     assert (REPO / "configs" / "cpu" / "cifar10.yaml").resolve() == names["cpu/cifar10"]
+    assert not any(n.startswith("sweeps/") for n in names)  # sweep files are not run configs
+    assert (CONFIG_DIR / "sweeps" / "cifar10_cpu.yaml").is_file()  # but they are bundled
 
 
 @pytest.mark.parametrize("name", ["cifar10_noise_cem", "cpu/cifar10_noise_cem",
