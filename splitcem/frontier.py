@@ -74,7 +74,8 @@ def verdict(gain: float | None, low: float | None, high: float | None) -> str:
         if high < 0:
             return "lower MSE than the baseline at this accuracy (less private)"
         return "no clear difference from the baseline (interval spans 0)"
-    return "higher MSE than the baseline" if gain > 0 else "not higher than the baseline"
+    return ("higher MSE than the baseline" if gain > 0 else "not higher than the baseline") \
+        + " (one seed per setting: no interval, not a verdict)"
 
 
 @dataclass
@@ -122,7 +123,10 @@ def matched_gain(
     base, gain = _gain(acc, mse, accs, mses)
     low = high = None
     valid = 0
-    if gain is not None and n_boot > 0:
+    # a resample of single-seed cells is the same point: a zero-width interval would read
+    # as certainty, so with one seed everywhere there is no interval at all
+    spread = len(cell) > 1 or any(len(b) > 1 for b in baseline.values())
+    if gain is not None and n_boot > 0 and spread:
         rng = np.random.default_rng(seed)
         c = np.asarray(cell, dtype=float)
         bcells = [np.asarray(b, dtype=float) for b in baseline.values() if len(b)]

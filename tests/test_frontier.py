@@ -45,6 +45,13 @@ def test_verdict_says_worse_when_it_is_worse():
     assert better.low is not None and better.low > 0 and "more private" in better.verdict
 
 
+def test_one_seed_everywhere_gives_no_interval_and_says_so():
+    base = {0.1: [(0.80, 0.010)], 0.2: [(0.70, 0.020)]}
+    m = matched_gain([(0.75, 0.020)], base, n_boot=300)
+    assert m.gain is not None and abs(m.gain - (0.020 / 0.015 - 1)) < 1e-12
+    assert m.low is None and m.high is None and "no interval" in m.verdict
+
+
 def test_bootstrap_interval_widens_with_seed_spread():
     base = {0.1: [(0.80, 0.010), (0.80, 0.010)], 0.2: [(0.70, 0.020), (0.70, 0.020)]}
     tight = matched_gain([(0.75, 0.018), (0.75, 0.018)], base, n_boot=300)
