@@ -22,7 +22,6 @@ import base64
 import io
 import logging
 import math
-import socket
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -194,17 +193,11 @@ def run_lens(run_dir: str | Path, url: str, *, port: int = 8765,
     """Serve the lens page on 127.0.0.1:``port`` until interrupted (prints its URL)."""
     import uvicorn
 
+    from splitcem.serving.server import listen_socket
+
     lens = Lens(run_dir, url, token_file=token_file)
     app = create_lens_app(lens)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # NODELAY
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError as e:
-        sock.close()
-        raise ServingError(f"cannot listen on 127.0.0.1:{port} ({e.strerror}); pick another "
-                           "--port (0 = any free port)") from e
-    sock.listen(2048)  # connections queue from now on, before uvicorn accepts them
+    sock = listen_socket("127.0.0.1", port)
     bound = sock.getsockname()[1]
     if lens.warning:
         log.warning("%s", lens.warning)

@@ -41,7 +41,7 @@ from splitcem.serving.wire import (
     decode_features,
 )
 
-__all__ = ["MODEL_HEADER", "ServerHalf", "create_app", "read_token", "serve"]
+__all__ = ["MODEL_HEADER", "ServerHalf", "create_app", "listen_socket", "read_token", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,26 @@ def _is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: any free port) for uvicorn to serve on.
+
+    Bound here, not by uvicorn, so the port is known (and connections queue) before the
+    server starts. proto=TCP: asyncio sets TCP_NODELAY only on sockets that say so (else
+    Nagle + delayed ACK add ~40 ms to every response).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServingError(f"cannot listen on {host}:{port} ({e.strerror}); pick another "
+                           "--port (0 = any free port)") from e
+    sock.listen(2048)  # connections queue from now on, before uvicorn accepts them
+    return sock
+
+
 def serve(
     path: str | Path,
     *,
@@ -269,20 +289,9 @@ def serve(
     if token is None and not _is_loopback(host):
         log.warning("serving on %s without --token-file: anyone who reaches it can query "
                     "the model", host)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto=TCP: asyncio sets TCP_NODELAY only on sockets that say so (else Nagle + delayed
-    # ACK add ~40 ms to every response)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ServingError(f"cannot listen on {host}:{port} ({e.strerror}); pick another "
-                           "--port (0 = any free port)") from e
-    sock.listen(2048)  # connections queue from now on, before uvicorn accepts them
+    sock = listen_socket(host, port)
     bound = sock.getsockname()[1]
-    url_host = f"[{host}]" if family == socket.AF_INET6 else host
+    url_host = f"[{host}]" if sock.family == socket.AF_INET6 else host
     print(f"splitcem serve: {half.model_id} on http://{url_host}:{bound} "
           f"(features {list(half.feature_shape)}, auth {'on' if token else 'off'})", flush=True)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=30)
