@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitcem.cem.kmeans import batched_kmeans, cluster_stats, pad_by_class
-from splitcem.cem.loss import cem_loss, objective_from_stats, paper_loss, reference_loss
+from splitcem.cem.loss import (
+    _paper_loss_per_cluster,
+    _paper_loss_per_sample,
+    cem_loss,
+    objective_from_stats,
+    paper_loss,
+    reference_loss,
+)
 
 # ----------------------------------------------------------------------------- oracles
 
@@ -110,9 +117,10 @@ def _check(fast, slow, z):
 
 
 @pytest.mark.parametrize("tau", [None, 0.5])
-def test_paper_form_matches_loop_oracle(tau):
+@pytest.mark.parametrize("b", [40, 12])  # C*K = 18: per-cluster layout at 40, per-sample at 12
+def test_paper_form_matches_loop_oracle(tau, b):
     m = _mixture(c=6, k=3, d=10, seed=0)
-    z, y = _batch(40, 6, 10, seed=0, classes=[0, 1, 3, 4])  # classes 2 and 5 absent
+    z, y = _batch(b, 6, 10, seed=0, classes=[0, 1, 3, 4])  # classes 2 and 5 absent
     fast = paper_loss(z, y, sigma=0.1, tau=tau, **m)
     slow = paper_oracle(z, y, sigma=0.1, tau=tau, **m)
     _check(fast, slow, z)
@@ -147,6 +155,28 @@ def test_both_forms_sweep(seed, b, c, k, form, unfitted):
     oracle = paper_oracle if form == "paper" else reference_oracle
     slow = oracle(z, y, sigma=sigma, **m)
     _check(fast, slow, z)
+
+
+@pytest.mark.parametrize("tau", [None, 0.5])
+def test_paper_layouts_agree(tau):
+    """The per-cluster layout (C*K <= B) and the per-sample one give one value and gradient."""
+    m = _mixture(c=4, k=3, d=16, seed=3)
+    m["fitted"][2] = False
+    z, y = _batch(48, 4, 16, seed=3)
+    args = (y, m["centroids"], m["pi"], m["var"], m["counts"], m["fitted"], 0.01, tau, 10.0)
+    _check(_paper_loss_per_cluster(z, *args), _paper_loss_per_sample(z, *args, None), z)
+
+
+@pytest.mark.parametrize("b", [48, 8])
+def test_nan_feature_of_an_ignored_class_still_poisons_the_loss(b):
+    """CEM checks only L_C while it is active: a NaN anywhere in z must reach it."""
+    m = _mixture(c=4, k=3, d=16, seed=4)
+    m["fitted"][1] = False
+    z, y = _batch(b, 4, 16, seed=4, classes=[0, 1])
+    z = z.detach().clone()
+    z[int((y == 1).nonzero()[0])] = float("nan")
+    for form in ("paper", "reference"):
+        assert torch.isnan(cem_loss(z, y, form=form, sigma=0.1, **m))
 
 
 def test_single_sample_cluster_and_absent_clusters():

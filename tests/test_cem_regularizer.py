@@ -144,6 +144,16 @@ def test_nonfinite_features_name_the_step():
         cem.loss(ctx)
 
 
+def test_nonfinite_features_name_the_step_while_the_loss_is_active():
+    cem, model, x, y, _ = _fitted(lam=0.5)
+    z = model.client(x[:32]).detach().clone()
+    z[3, 0, 0, 0] = float("inf")
+    ctx = StepContext(x=x[:32], y=y[:32], z_clean=z, z_sent=z, model=model, epoch=1, step=9,
+                      lr=0.1)
+    with pytest.raises(NonFiniteError, match=r"epoch 1, step 9"):
+        cem.loss(ctx)
+
+
 def test_epoch_cycle_metrics_and_gradient_only_to_encoder():
     cem, model, x, y, metrics = _fitted(lam=0.5, h_x=-3000.0)
     for key in (

@@ -136,8 +136,24 @@ def paper_loss(
     centroids, pi, var = centroids.detach(), pi.detach(), var.detach()
     if stored_terms is not None:
         stored_terms = stored_terms.detach()
-    c, k, d = centroids.shape
+    c, k = centroids.shape[:2]
     s2 = float(sigma) ** 2
+    if c * k <= z.shape[0]:
+        return _paper_loss_per_cluster(z, y, centroids, pi, var, counts, fitted, s2, tau,
+                                       blend_scale)
+    return _paper_loss_per_sample(z, y, centroids, pi, var, counts, fitted, s2, tau,
+                                  blend_scale, stored_terms)
+
+
+def _paper_loss_per_sample(
+    z: Tensor, y: Tensor, centroids: Tensor, pi: Tensor, var: Tensor, counts: Tensor,
+    fitted: Tensor, s2: float, tau: float | None, blend_scale: float,
+    stored_terms: Tensor | None,
+) -> Tensor:
+    """The paper form over the B samples: segment sums over the clusters present in the
+    batch (at most B rows), the absent clusters of present classes from ``stored_terms``.
+    The layout for many classes (C*K > B), where per-cluster rows would be mostly empty."""
+    c, k, d = centroids.shape
     seg, cid, dev, n_i, n_seg, blend, present = _segments(
         z, y, centroids, counts, fitted, blend_scale
     )
@@ -157,6 +173,39 @@ def paper_loss(
     stored_part = (pi * stored_terms * absent).sum()
     n_present = present.sum().clamp_min(1)
     return (batch_part + stored_part) / n_present
+
+
+def _paper_loss_per_cluster(
+    z: Tensor, y: Tensor, centroids: Tensor, pi: Tensor, var: Tensor, counts: Tensor,
+    fitted: Tensor, s2: float, tau: float | None, blend_scale: float,
+) -> Tensor:
+    """The paper form computed on the C*K clusters instead of the B samples (C*K <= B).
+
+    Same value and gradient as the per-sample path: a cluster without batch samples has
+    blend weight 0, so its mixed variance is its stored one and its term is the stored term.
+    Few classes (CIFAR-10: 50 clusters for 128 samples) make this the cheaper layout: the
+    (B, K, D) gather of the own-class centroids becomes one (B, D) x (D, C*K) product, and
+    the elementwise work runs over C*K rows with no sort or gather back to the samples.
+    """
+    c, k, d = centroids.shape
+    flat = centroids.reshape(c * k, d)  # (CK, D)
+    with torch.no_grad():
+        valid = fitted[y].to(z.dtype)  # (B,)
+        # squared distance up to the per-sample ||z||^2, own class's K columns only
+        scores = flat.pow(2).sum(-1) - 2.0 * (z.detach() @ flat.T)  # (B, CK)
+        own = y.unsqueeze(1) * k + torch.arange(k, device=y.device)  # (B, K)
+        seg = own.gather(1, scores.gather(1, own).argmin(1, keepdim=True)).squeeze(1)  # (B,)
+        n_seg = torch.zeros(c * k, dtype=z.dtype, device=z.device).index_add_(0, seg, valid)
+        present = torch.zeros(c, dtype=z.dtype, device=z.device).index_add_(0, y, valid) > 0
+        fit_n = counts.reshape(c * k).to(z.dtype).clamp_min(1.0)  # (CK,)
+        blend = (blend_scale * n_seg / fit_n).clamp_max(0.99).unsqueeze(-1)  # (CK, 1)
+        inv_n = (1.0 / n_seg.clamp_min(1.0)).unsqueeze(-1)  # (CK, 1)
+    dev = (z - flat[seg]).pow(2) * valid.unsqueeze(-1)  # (B, D) graph to z
+    b = torch.zeros(c * k, d, dtype=z.dtype, device=z.device).index_add_(0, seg, dev)  # sums
+    v_mix = (blend * inv_n) * b + (1.0 - blend) * var.reshape(c * k, d)  # (CK, D)
+    t = _dim_term(v_mix, s2, tau).view(c, k)  # (C, K)
+    per_class = (pi.to(t.dtype) * t).sum(1)  # (C,)
+    return (per_class * present).sum() / present.sum().clamp_min(1)
 
 
 def _dim_term(v: Tensor, s2: float, tau: float | None) -> Tensor:

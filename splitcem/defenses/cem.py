@@ -229,11 +229,13 @@ class CEM(Defense):
         y = ctx.y
         if not self._input_dim:
             self._input_dim = int(ctx.x[0].numel())  # shape only: no sync
-        self._check_finite(z.detach(), ctx.epoch, ctx.step)
         if self.bank == "epoch":
             self._bank_add(z.detach(), y)
         if self.lam == 0 or not self._any_fitted or ctx.epoch < self.warmup_epochs:
+            self._check_finite(z.detach(), ctx.epoch, ctx.step)
             return None
+        # while L_C is active its finiteness check covers z: every sample's deviation enters
+        # a sum (masked ones times 0, and NaN * 0 is NaN), so one scalar is checked, not B x D
         l_c = cem_loss(
             z,
             y,
