@@ -2,7 +2,8 @@
 
 The sweep: noise sigma in {0.05, 0.1, 0.15, 0.2} x 2 seeds on a CIFAR-10 subset (the CPU
 protocol's model at reduced width, a short decoder attack), sized so that one trial takes
-about a minute on one core of a 2-core machine. Each way runs the whole sweep from scratch
+about a minute on one core of a 2-core machine (48.7 s measured with AVX512-BF16; longer
+where float32 is the fast path). Each way runs the whole sweep from scratch
 into its own folder through :func:`splitcem.trials.run_grid`:
 
 * ``loop``: the trials one after another in this process (``--no-ray``), 1 thread each;
@@ -18,8 +19,8 @@ Run it on a quiet machine: other load changes every figure.
 
 Usage::
 
-    python benchmarks/sweep_scaling.py                  # ~1 min trials (about 35 min in all)
-    python benchmarks/sweep_scaling.py --threads        # + one 2-thread trial at a time
+    python benchmarks/sweep_scaling.py                  # ~50 s trials (about 17 min in all)
+    python benchmarks/sweep_scaling.py --threads        # + one 2-thread trial at a time (~21 min)
     python benchmarks/sweep_scaling.py --quick          # tiny trials: proves it works
 
 The last stdout line is one JSON object of the figures (units in the names).
@@ -51,11 +52,11 @@ def sweep_spec(root: str | None, *, quick: bool) -> dict[str, Any]:
         train = {"epochs": 1, "batch_size": 64, "warmup_epochs": 0}
         attack = {"name": "decoder", "epochs": 1, "width": 8, "depth": 1}
     else:  # about a minute per trial on one core of a 2-core AVX512-BF16 machine
-        data.update(limit_train=4000, limit_test=2000)
+        data.update(limit_train=10000, limit_test=2000)
         model = {"client_width": 0.5, "server_width": 0.25}
-        train = {"epochs": 2, "batch_size": 128, "warmup_epochs": 1, "amp": True,
-                 "channels_last": True}
-        attack = {"name": "decoder", "epochs": 4, "width": 32, "depth": 2, "amp": True}
+        train = {"epochs": 6, "batch_size": 128, "warmup_epochs": 1, "amp": "auto",
+                 "channels_last": "auto"}
+        attack = {"name": "decoder", "epochs": 12, "width": 32, "depth": 2, "amp": "auto"}
     return {
         "name": "sweep_scaling",
         "set": {"device": "cpu", "data": data, "model": {"arch": "vgg11_bn", "cut": 4, **model},
