@@ -116,6 +116,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     test_accuracy: float = float("nan")
     test_loss: float = float("nan")
+    #: wall time of all epochs, those trained before a resume included (evaluation counted)
     seconds: float = 0.0
     checkpoint: Path | None = None
     #: the numeric path that ran (bf16 / float32, layout, why; see splitcem.runtime)
@@ -360,17 +361,18 @@ class Trainer:
                 raise CheckpointError(f"--resume: no checkpoint at {where}; start without --resume")
             self.load_state_dict(load_checkpoint(self.checkpoint_path, self.device))
             log.info("resumed from %s at epoch %d", self.checkpoint_path, self.epoch)
-        t0 = time.perf_counter()
         outer = progress_bar(total=self.cfg.epochs, initial=self.epoch, desc="training",
                              progress=self.progress)
         log.info("training %d epochs on %s: %s (%s)", self.cfg.epochs - self.epoch,
                  self.device, self.numerics.describe(), self.numerics.reason)
         while self.epoch < self.cfg.epochs:
+            t_epoch = time.perf_counter()
             record = self.train_epoch()
             last = self.epoch + 1 == self.cfg.epochs
             if last or (self.epoch + 1) % self.cfg.eval_every == 0:
                 ev = evaluate(self.model, self.stack, self.splits.test, device=self.device)
                 record["test_accuracy"], record["test_loss"] = ev["accuracy"], ev["loss"]
+            record["wall_seconds"] = time.perf_counter() - t_epoch
             self.history.append(record)
             self.epoch += 1
             self.save()  # atomic; RNG state is captured after evaluation
@@ -391,10 +393,17 @@ class Trainer:
             history=self.history,
             test_accuracy=float(last_rec.get("test_accuracy", float("nan"))),
             test_loss=float(last_rec.get("test_loss", float("nan"))),
-            seconds=time.perf_counter() - t0,
+            seconds=sum(_epoch_wall(r) for r in self.history),
             checkpoint=self.checkpoint_path,
             numerics=self.numerics.to_dict(),
         )
+
+
+def _epoch_wall(record: dict[str, Any]) -> float:
+    """An epoch's wall time (records from before ``wall_seconds`` existed: train + epoch end)."""
+    if "wall_seconds" in record:
+        return float(record["wall_seconds"])
+    return float(record.get("train_seconds", 0.0)) + float(record.get("epoch_end_seconds", 0.0))
 
 
 def train(

@@ -117,6 +117,10 @@ def test_resume_after_crash_matches_uninterrupted(tiny_config, tmp_path):
     resumed = _trainer(cfg, run_dir=tmp_path)
     res = resumed.fit(resume=True)
     assert len(res.history) == 4
+    # the run's training time counts the epochs trained before the crash too
+    walls = [r["wall_seconds"] for r in res.history]
+    assert all(w > 0 for w in walls)
+    assert res.seconds == pytest.approx(sum(walls)) and res.seconds > sum(walls[2:])
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(),
                          strict=True):
         assert torch.equal(a, b), k
