@@ -11,9 +11,10 @@ by straight lines; a setting's gain over the baseline is
 its mean MSE against the MSE the baseline reaches at the same mean accuracy (linear
 interpolation; ``None`` outside the accuracy range the baseline covers: no extrapolation).
 The interval is a percentile bootstrap over seeds: every cell (the compared one and each of
-the baseline's) resamples its own seeds with replacement, and the gain is recomputed. Cells
-with one seed contribute no spread, so with few seeds the interval is optimistic; the
-number of seeds is reported beside it.
+the baseline's) resamples its own seeds with replacement, and the gain is recomputed. A
+compared setting with one seed gets no interval and no verdict; baseline cells with one seed
+contribute no spread, so with few seeds the interval is optimistic; the number of seeds is
+reported beside it.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def verdict(gain: float | None, low: float | None, high: float | None) -> str:
             return "lower MSE than the baseline at this accuracy (less private)"
         return "no clear difference from the baseline (interval spans 0)"
     return ("higher MSE than the baseline" if gain > 0 else "not higher than the baseline") \
-        + " (one seed per setting: no interval, not a verdict)"
+        + " (one seed of this setting: no interval, not a verdict)"
 
 
 @dataclass
@@ -123,10 +124,10 @@ def matched_gain(
     base, gain = _gain(acc, mse, accs, mses)
     low = high = None
     valid = 0
-    # a resample of single-seed cells is the same point: a zero-width interval would read
-    # as certainty, so with one seed everywhere there is no interval at all
-    spread = len(cell) > 1 or any(len(b) > 1 for b in baseline.values())
-    if gain is not None and n_boot > 0 and spread:
+    # a setting measured on one seed has no spread of its own: an interval from the
+    # baseline's seeds alone would leave out the larger part of the uncertainty (and with
+    # one-seed neighbours it is zero-wide, which reads as certainty), so it gets none
+    if gain is not None and n_boot > 0 and len(cell) > 1:
         rng = np.random.default_rng(seed)
         c = np.asarray(cell, dtype=float)
         bcells = [np.asarray(b, dtype=float) for b in baseline.values() if len(b)]

@@ -532,7 +532,8 @@ def _markdown(record: dict[str, Any], groups: dict[str, list[FrontierRun]],
             "mean accuracy (linear interpolation between the baseline's seed-mean points, no "
             "extrapolation); gain = MSE / baseline MSE - 1, with a 95% percentile bootstrap "
             "interval over seeds (each setting resamples its own seeds; a setting with one "
-            "seed adds no spread, so few seeds give an optimistic interval).", "",
+            "seed gets no interval and no verdict, and a baseline point with one seed adds no "
+            "spread, so few seeds give an optimistic interval).", "",
             "| group | strength | seeds | accuracy (%) | MSE | baseline MSE at that accuracy |"
             " MSE gain | 95% interval | verdict |",
             "|---|---|---|---|---|---|---|---|---|",

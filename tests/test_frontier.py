@@ -50,6 +50,11 @@ def test_one_seed_everywhere_gives_no_interval_and_says_so():
     m = matched_gain([(0.75, 0.020)], base, n_boot=300)
     assert m.gain is not None and abs(m.gain - (0.020 / 0.015 - 1)) < 1e-12
     assert m.low is None and m.high is None and "no interval" in m.verdict
+    # a one-seed setting against a baseline with seeds: the baseline's spread alone is not
+    # the setting's uncertainty, so still no interval
+    seeded = {0.1: [(0.80, 0.010), (0.81, 0.011)], 0.2: [(0.70, 0.020), (0.71, 0.019)]}
+    m = matched_gain([(0.75, 0.020)], seeded, n_boot=300)
+    assert m.gain is not None and m.low is None and "not a verdict" in m.verdict
 
 
 def test_bootstrap_interval_widens_with_seed_spread():
