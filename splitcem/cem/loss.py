@@ -28,9 +28,11 @@ Per batch (the plug-in estimate of the entropy bound's encoder-controlled term, 
      table, i.e. from the wrong class).
 
 Everything is one vectorised pass: segment sums with ``index_add`` over the flat
-(class, cluster) index, then a gather back to the samples. Each sample's term is divided by
-its cluster's batch count, so summing over samples sums over present clusters. Samples of
-classes without a fitted mixture (``fitted`` False) are ignored.
+(class, cluster) index. With few classes (C * K <= B) the paper form then works on the
+C * K cluster rows; otherwise (and always in the reference form) the sums are gathered back
+to the samples and each sample's term is divided by its cluster's batch count, so summing
+over samples sums over present clusters. Both layouts give one value and gradient. Samples
+of classes without a fitted mixture (``fitted`` False) are ignored.
 """
 
 from __future__ import annotations
