@@ -210,8 +210,6 @@ class Trainer:
                             weight_decay=cfg.weight_decay)
         )
         self.numerics: NumericPath = resolve_numeric_path(cfg.amp, cfg.channels_last, device)
-        self.amp = self.numerics.amp
-        self.memory_format = self.numerics.memory_format
         if self.numerics.channels_last:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.epoch = 0
@@ -300,7 +298,7 @@ class Trainer:
         lr = self._set_lr()
         for i, (x, y) in enumerate(bar):
             lr = self._set_lr()
-            x = x.contiguous(memory_format=self.memory_format)
+            x = x.contiguous(memory_format=self.numerics.memory_format)
             with autocast:
                 # features leave the client in float32: noise, filters and CEM see full
                 # precision even under bf16 autocast
