@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from splitcem.errors import ServingError
 
-__all__ = ["ONNX_FILE", "PROGRAM_FILES", "OnnxClientHalf", "build_half", "program_bytes",
-           "weights_sha256", "write_onnx"]
+__all__ = ["ONNX_FILE", "PROGRAM_FILES", "OnnxClientHalf", "build_half", "export_cli",
+           "program_bytes", "weights_sha256", "write_onnx"]
 
 #: the program file of each half, beside its .safetensors
 PROGRAM_FILES = {"server": "server.pt2", "client": "client.pt2"}
@@ -209,3 +209,22 @@ class OnnxClientHalf:
         sigma = np.float32(self.sigma if defense else 0.0)
         out = self.session.run(None, {"images": x, "noise_sigma": np.asarray(sigma)})[0]
         return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def export_cli(path: str | Path, out: str | Path | None = None, *, onnx: bool = False) -> Path:
+    """``splitcem export PATH [--out DIR] [--onnx]``: export a run (then its edge client), or
+    with ``--onnx`` add the edge client to an existing deployment (e.g. a BYO export)."""
+    from splitcem.serving.deploy import SPEC_FILE, find_deploy_dir
+    from splitcem.serving.export import export_run
+
+    p = Path(path)
+    if (p / "config.yaml").is_file() or not onnx:
+        d = export_run(p, out)
+    elif (find_deploy_dir(p) / SPEC_FILE).is_file():
+        d = find_deploy_dir(p)
+    else:
+        raise ServingError(f"{p} is neither a run directory nor a deployment; export it first "
+                           "(splitcem export RUN_DIR, or splitcem.export(...) in Python)")
+    if onnx:
+        write_onnx(d)
+    return d
