@@ -313,11 +313,10 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A trained run directory")],
     out: Annotated[Path | None, typer.Option(help="Deployment directory (default "
                                                   "RUN_DIR/deploy)")] = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Also write client.onnx, the edge "
-                                       "client (onnxruntime); RUN_DIR may be a deployment")]
-    = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also write client.onnx")] = False,
 ) -> None:
-    """Write a run's server half, client half and spec.json as separate files."""
+    """Write a run's server half, client half and spec.json as separate files (with --onnx
+    also the edge client, client.onnx; RUN_DIR may then be a deployment, e.g. a BYO one)."""
     from splitcem.serving.program import export_cli
 
     d = export_cli(run_dir, out, onnx=onnx)
@@ -354,8 +353,7 @@ def infer(
     token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image")] = False,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Encode with the deployment's "
-                                       "client.onnx in onnxruntime (the edge client)")] = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Encode with client.onnx")] = False,
 ) -> None:
     """Classify images: encode and protect them here, send only features to the server."""
     from splitcem.serving.client import Client

@@ -154,14 +154,21 @@ def write_onnx(path: str | Path) -> Path:
                    generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     import contextlib
+    import logging
     import warnings
 
+    quiet = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [lg.level for lg in quiet]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporter's progress lines and notes
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
         prog = torch.onnx.export(edge, (x, torch.tensor(0.0)), dynamo=True, verbose=False,
                                  input_names=["images", "noise_sigma"],
                                  output_names=["features"],
                                  dynamic_shapes=({0: batch}, None))
+    for lg, level in zip(quiet, levels, strict=True):
+        lg.setLevel(level)
     if prog is None:  # pragma: no cover - dynamo=True always returns a program
         raise ServingError("torch.onnx.export returned nothing")
     buf = io.BytesIO()
