@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # ---- the user's model, cut where the client should stop ----------------------------
     model = SmallCNN(num_classes=10)
-    real_batch = next(iter(loader))[0][:16]  # a real batch: the cut is checked on it
+    real_batch = (train_x[:16] - mean) / std  # a real batch: the cut is checked on it
     encoder, server = splitcem.split(model, at=s["cut"], example=real_batch)
     noise, cem = (([{"name": "noise", "sigma": s["sigma"]}], {"lambda": s["cem_lambda"]})
                   if args.defense == "noise_cem" else ([], None))
