@@ -1,9 +1,14 @@
 """Bring your own model and loop: a plain PyTorch CNN, Adam and a cosine schedule on
 CIFAR-10, cut in two with splitcem.split, protected with Gaussian noise + CEM (three added
-lines, marked ###), then audited with the decoder inversion attack.
+lines, marked ###), audited with the decoder inversion attack, and exported for serving.
 
     python examples/byo_cifar10.py               # 5,000 training images, 6 epochs, one thread
+    python examples/byo_cifar10.py --defense none   # the same model without protection
     python examples/byo_cifar10.py --tiny        # a smoke run in seconds (what CI runs)
+
+Then, from other shells: ``splitcem serve OUT`` and ``splitcem infer OUT IMAGE --url URL``
+(``--onnx`` here writes the edge client too, for ``splitcem infer --onnx``), and
+``splitcem lens OUT --url URL`` with the audit's decoder.
 
 The same run through splitcem's YAML path: examples/byo_cifar10_yaml.py. Both print one
 JSON line last: {"test_accuracy": ..., "attack_mse": ..., ...}.
@@ -68,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--root", default=None, help="CIFAR-10 location (default: search)")
     ap.add_argument("--out", default="runs/byo_cifar10", help="audit report directory")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--defense", choices=("noise_cem", "none"), default="noise_cem",
+                    help="noise 0.1 + CEM (default), or no protection (the baseline)")
+    ap.add_argument("--onnx", action="store_true", help="also export the edge client")
     args = ap.parse_args(argv)
     s = {**SETTING, **(TINY if tiny_requested(args.tiny) else {})}
     torch.set_num_threads(args.threads)
@@ -86,9 +94,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # ---- the user's model, cut where the client should stop ----------------------------
     model = SmallCNN(num_classes=10)
-    encoder, server = splitcem.split(model, at=s["cut"], example=torch.zeros(2, 3, 32, 32))
-    client = splitcem.protect(encoder, [{"name": "noise", "sigma": s["sigma"]}],  ### 1
-                              cem={"lambda": s["cem_lambda"]}, num_classes=10)
+    real_batch = (train_x[:16] - mean) / std  # a real batch: the cut is checked on it
+    encoder, server = splitcem.split(model, at=s["cut"], example=real_batch)
+    noise, cem = (([{"name": "noise", "sigma": s["sigma"]}], {"lambda": s["cem_lambda"]})
+                  if args.defense == "noise_cem" else ([], None))
+    client = splitcem.protect(encoder, noise, cem=cem, num_classes=10, mean=info.mean,  ### 1
+                              std=info.std)
     opt = torch.optim.Adam([*client.parameters(), *server.parameters()], lr=s["lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s["epochs"] * len(loader))
 
@@ -115,7 +126,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                             std=info.std, seed=args.seed, out=args.out, progress=False)
     print(report.table())
     worst = report.worst
-    result = {"test_accuracy": acc, "attack_mse": worst["mse"]["value"],
+
+    # ---- deploy: OUT/deploy for splitcem serve / infer / lens ---------------------------
+    splitcem.export(client, server, args.out, example=test_x[:8], classes=info.classes,
+                    onnx=args.onnx)
+    result = {"defense": args.defense, "test_accuracy": acc,
+              "attack_mse": worst["mse"]["value"], "scored_images": worst["mse"]["images"],
+              "attack_mse_ci95": worst["mse"].get("ci95"),
               "attack_ssim": worst["ssim"]["value"], "attack_psnr_db": worst["psnr"]["value"],
               "train_s": round(train_s, 1), "seed": args.seed}
     print(json.dumps(result))

@@ -2,7 +2,8 @@
 
 The small public surface; everything else lives in its sub-package (``splitcem.data``,
 ``splitcem.models``, ``splitcem.defenses``, ``splitcem.cem``, ``splitcem.attacks``).
-Your own model and loop: ``split`` it, ``protect`` the client, ``audit`` it (docs/byo.md).
+Your own model and loop: ``split`` it, ``protect`` the client, ``audit`` it, ``export`` it
+for serving (docs/byo.md).
 
 Example:
     >>> import splitcem
@@ -16,6 +17,7 @@ from splitcem.defenses import Defense, DefenseStack, create_defense, list_defens
 from splitcem.experiment import run_experiment
 from splitcem.models import SplitModel, create_split_model
 from splitcem.models.cut import cut_points, split
+from splitcem.serving.byo import export
 from splitcem.train import evaluate, train
 
 # The one place the version is written: pyproject.toml reads it (setuptools dynamic version).
@@ -31,6 +33,7 @@ __all__ = [
     "create_split_model",
     "cut_points",
     "evaluate",
+    "export",
     "list_defenses",
     "load_config",
     "protect",

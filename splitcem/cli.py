@@ -313,11 +313,13 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A trained run directory")],
     out: Annotated[Path | None, typer.Option(help="Deployment directory (default "
                                                   "RUN_DIR/deploy)")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also write client.onnx")] = False,
 ) -> None:
-    """Write a run's server half, client half and spec.json as separate files."""
-    from splitcem.serving.export import export_run
+    """Write a run's server half, client half and spec.json as separate files (with --onnx
+    also the edge client, client.onnx; RUN_DIR may then be a deployment, e.g. a BYO one)."""
+    from splitcem.serving.program import export_cli
 
-    d = export_run(run_dir, out)
+    d = export_cli(run_dir, out, onnx=onnx)
     typer.echo(f"-> {d} (server.safetensors + spec.json go to the server; "
                "client.safetensors stays with the client)")
 
@@ -351,11 +353,12 @@ def infer(
     token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image")] = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Encode with client.onnx")] = False,
 ) -> None:
     """Classify images: encode and protect them here, send only features to the server."""
     from splitcem.serving.client import Client
 
-    with Client(run_dir, url, token_file=token_file) as client:
+    with Client(run_dir, url, token_file=token_file, onnx=onnx) as client:
         preds = client.classify(images)
     for path, p in zip(images, preds, strict=True):
         if as_json:

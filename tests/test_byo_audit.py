@@ -24,16 +24,31 @@ def test_audit_reproduces_splitcem_attack_on_a_yaml_run(tiny_config, tmp_path):
     x01 = torch.from_numpy(p.splits.test.images).permute(0, 3, 1, 2).float() / 255
     y = torch.from_numpy(p.splits.test.labels)
     client = splitcem.protect(p.model.client, p.stack, num_classes=info.num_classes)
-    rep = splitcem.audit(client, (x01, y), attacks=cfg.attack.attacks, mean=info.mean,
-                         std=info.std, seed=cfg.seed, out=tmp_path / "audit", progress=False)
-    assert rep.to_dict()["worst"] == record["attacks"]["worst"]
+    with pytest.warns(UserWarning, match=r"rests on 13 scored images \(< 100\)"):
+        rep = splitcem.audit(client, (x01, y), attacks=cfg.attack.attacks, mean=info.mean,
+                             std=info.std, seed=cfg.seed, out=tmp_path / "audit",
+                             progress=False)
+    worst = rep.to_dict()["worst"]
+    mse = worst["mse"]
+    assert mse.pop("images") == 13  # 10% of the 128 test images are scored
+    lo, hi = mse.pop("ci95")
+    assert lo < mse["value"] < hi
+    # the re-scoring behind the interval repeats the attack's own scoring
+    assert rep.results["decoder"].extra["mse_rescored"] == pytest.approx(mse["value"],
+                                                                     rel=1e-3)
+    assert worst == record["attacks"]["worst"]
     assert rep.to_dict()["attacks"]["decoder"]["metrics"] == \
         record["attacks"]["attacks"]["decoder"]["metrics"]
     written = json.loads((tmp_path / "audit" / "metrics.json").read_text())
     # same record layout (a YAML run also points at the decoder it saved for `splitcem lens`)
-    assert set(written["attacks"]) == set(record["attacks"]) - {"saved_decoder"}
+    assert set(written["attacks"]) == set(record["attacks"])
     assert (tmp_path / "audit" / "reconstructions.png").stat().st_size > 1000
-    assert "worst case" in (tmp_path / "audit" / "summary.md").read_text()
+    summary = (tmp_path / "audit" / "summary.md").read_text()
+    assert "worst case" in summary and "on 13 scored images, 95% interval" in summary
+    from splitcem.attacks.decoder import load_decoder
+
+    _dec, meta = load_decoder(tmp_path / "audit" / "attack_decoder.safetensors")
+    assert meta["attack"] == "decoder" and meta["metrics"]["mse"] == mse["value"]
 
 
 def _toy(n: int = 40, size: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +66,28 @@ def test_images_round_trip_and_bad_inputs_are_explained():
     assert (as_dataset(pairs).images == ds.images).all()
     with pytest.raises(DataError, match=r"\[0, 1\] before normalisation"):
         as_dataset(((x - 0.5) / 0.2, y))
-    with pytest.raises(DataError, match="square"):
+    with pytest.raises(DataError, match=r"square.*center-crop or resize"):
         as_dataset(torch.rand(2, 3, 8, 10))
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[3, 0, 1, 1] = bad
+        with pytest.raises(DataError, match="1 of 40 images hold NaN or inf"):
+            as_dataset((xb, y))
+    with pytest.raises(DataError, match=r"in \[0, 1\] before normalisation, found \[.*, 1.5\]"):
+        as_dataset((x * 1.5 / x.max(), y))
+
+
+def test_a_forgotten_normalisation_is_one_line():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sigmoid())
+    x, y = _toy()
+    client = splitcem.protect(enc, ["noise"])
+    client((x - 0.5) / 0.2)  # trained on normalised inputs, but protect got no mean/std
+    with pytest.raises(ConfigError, match=r"normalised\?\) but neither protect nor audit"):
+        splitcem.audit(client, (x, y), attacks=["mean_image"], progress=False)
+    rep = splitcem.audit(client, (x, y), attacks=["mean_image"], mean=(0.5,) * 3,
+                         std=(0.2,) * 3, progress=False)
+    assert rep.worst["mse"]["images"] == 4
 
 
 def test_plain_encoder_and_threat_models():

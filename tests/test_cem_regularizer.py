@@ -166,7 +166,7 @@ def test_epoch_cycle_metrics_and_gradient_only_to_encoder():
     ):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["mi_bound_bits"] > 0 and metrics["mse_lower_bound"] > 0
-    assert cem.fitted.all() and cem._bank_n == 0  # bank cleared
+    assert cem.fitted.all() and cem._bank.n == 0  # bank cleared
     model.zero_grad(set_to_none=True)
     loss = _step(cem, model, x[:32], y[:32], epoch=1, step=2)
     assert loss is not None and loss.ndim == 0 and torch.isfinite(loss)
@@ -228,7 +228,7 @@ def test_bank_pass_uses_an_eval_pass_and_restores_train_mode():
     x, y = _data()
     model.train()
     assert _step(cem, model, x[:32], y[:32], epoch=0, step=0) is None
-    assert cem._bank_z is None  # nothing banked in pass mode
+    assert cem._bank.rows() is None  # nothing banked in pass mode
     metrics = _epoch_end(cem, model, 0, x, y)
     assert model.client.training and cem.fitted.all() and "mi_bound_bits" in metrics
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from splitcem._io import write_json, write_text
+from splitcem.attacks.audit_score import mse_intervals, scoring_note
 from splitcem.attacks.base import AttackTarget
 from splitcem.attacks.suite import AttackReport, all_attack_specs, run_attacks
 from splitcem.attacks.threat import parse_threats
@@ -88,11 +89,17 @@ def as_dataset(
         raise DataError(f"audit: images must be (N, C, H, W), got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     if h != w:
-        raise DataError(f"audit: images must be square (H == W), got {h} x {w}")
+        raise DataError(f"audit: images must be square (H == W), got {h} x {w}: splitcem's "
+                        "datasets and attack decoders describe an image by one size; "
+                        "center-crop or resize them to square (docs/byo.md)")
     if x.dtype == torch.uint8:
         u8 = x
     else:
         x = x.detach().float().cpu()
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum()) if n else 0
+        if bad:
+            raise DataError(f"audit: {bad} of {n} images hold NaN or inf pixels; drop or fix "
+                            "them (images in [0, 1])")
         lo, hi = (float(x.min()), float(x.max())) if n else (0.0, 0.0)
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise DataError(
@@ -167,9 +174,16 @@ def audit(
     stack: DefenseStack | None = None
     encoder = client
     if isinstance(client, Protected):
-        encoder, stack = client.client, client.defenses
+        encoder, stack = client.encoder, client.defenses
         mean = mean if mean is not None else (client.mean or None)
         std = std if std is not None else (client.std or None)
+        lo_hi = client.input_range
+        if mean is None and std is None and lo_hi is not None and (
+                lo_hi[0] < -1e-3 or lo_hi[1] > 1 + 1e-3):
+            raise ConfigError(
+                f"audit: the client was trained on inputs in [{lo_hi[0]:.3g}, {lo_hi[1]:.3g}] "
+                "(normalised?) but neither protect nor audit was given mean=/std=; pass the "
+                "normalisation, e.g. audit(..., mean=MEAN, std=STD)")
     p = next(iter(encoder.parameters()), None)
     dev = torch.device(device) if device is not None else (
         p.device if p is not None else torch.device("cpu"))
@@ -184,8 +198,9 @@ def audit(
     t0 = time.perf_counter()
     report = run_attacks(target, splits, _attack_specs(attacks), threat=threats,
                          progress=progress)
+    mse_intervals(report, target, splits, threats)
     if out is not None:
-        _write(Path(out), report, time.perf_counter() - t0, stack)
+        _write(Path(out), report, time.perf_counter() - t0, stack, encoder)
     return report
 
 
@@ -209,19 +224,35 @@ def _splits(data: AuditData, train: AuditData | None, threats: list[Any], *,
                       aux=aux, eval=held, test=test)
 
 
-def _write(out: Path, report: AttackReport, seconds: float, stack: DefenseStack | None) -> None:
+def _write(out: Path, report: AttackReport, seconds: float, stack: DefenseStack | None,
+           encoder: nn.Module) -> None:
     from splitcem import report as reports
+    from splitcem.attacks.decoder import save_decoder
+    from splitcem.experiment import ATTACK_DECODER
+    from splitcem.serving.program import weights_sha256
 
     record: dict[str, Any] = {
         "name": out.name,
         "defenses": stack.describe() if stack is not None else "none",
         "attacks": {**report.to_dict(), "seconds": seconds},
     }
+    best = report.strongest_decoder()
+    dec_path = out / ATTACK_DECODER
+    if best is not None:  # what splitcem attack keeps for the lens
+        label, decoder = best
+        save_decoder(dec_path, decoder, {  # type: ignore[arg-type]
+            "attack": label, "threat": report.result_threat.get(label),
+            "metrics": dict(report.results[label].metrics),
+            "checkpoint_sha256": weights_sha256(encoder)})
+        record["attacks"]["saved_decoder"] = {"attack": label, "file": ATTACK_DECODER}
+    else:
+        dec_path.unlink(missing_ok=True)
+        dec_path.with_suffix(".json").unlink(missing_ok=True)
     write_json(out / "metrics.json", record)
     grid = reports.save_reconstructions(out, report)
     lines = [f"# audit: {out.name}", "", f"- defenses: {record['defenses']}",
              f"- threat model(s): {', '.join(t.short for t in report.threats)}", "",
-             report.table()]
+             report.table(), "", f"- {scoring_note(report)}"]
     if grid is not None:
         lines += ["", f"![reconstructions]({grid.name})", "",
                   "Top row: originals; below: one row per attack."]

@@ -38,7 +38,8 @@ from splitcem.defenses.base import (
     StepContext,
     register_defense,
 )
-from splitcem.errors import ConfigError, NonFiniteError
+from splitcem.defenses.cem_bank import FeatureBank, FiniteWatch, collect_pass
+from splitcem.errors import ConfigError
 
 __all__ = ["CEM"]
 
@@ -168,11 +169,8 @@ class CEM(Defense):
         self._enabled = False
         self._any_fitted = False
         self._stored_terms: Tensor | None = None  # cache of stored_terms(var), (C, K)
-        # epoch bank: preallocated device buffers and a host-side fill level (no syncs)
-        self._bank_z: Tensor | None = None  # (capacity, D)
-        self._bank_y: Tensor | None = None  # (capacity,)
-        self._bank_n = 0
-        self._first_bad_step: Tensor | None = None  # device scalar, -1 while all finite
+        self._bank = FeatureBank(1)  # the epoch's clean features (sized in setup)
+        self._watch = FiniteWatch()
 
         # the fitted mixture: persistent buffers, so it goes into checkpoints
         self.register_buffer("centroids", torch.zeros(0, self.clusters, 0))  # (C, K, D)
@@ -189,6 +187,7 @@ class CEM(Defense):
         self._num_classes = int(ctx.num_classes)
         self._dim = int(math.prod(ctx.feature_shape))
         self._capacity = max(1, int(ctx.train_size))
+        self._bank = FeatureBank(self._capacity)
         self._enabled = self._sigma > 0
         if not self._enabled and self.lam > 0:
             warnings.warn(
@@ -208,7 +207,7 @@ class CEM(Defense):
             self._any_fitted = False
         else:
             self._mixture_changed()
-        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=dev)
+        self._watch.reset(dev)
 
     @property
     def sigma(self) -> float:
@@ -230,9 +229,9 @@ class CEM(Defense):
         if not self._input_dim:
             self._input_dim = int(ctx.x[0].numel())  # shape only: no sync
         if self.bank == "epoch":
-            self._bank_add(z.detach(), y)
+            self._bank.add(z.detach(), y)
         if self.lam == 0 or not self._any_fitted or ctx.epoch < self.warmup_epochs:
-            self._check_finite(z.detach(), ctx.epoch, ctx.step)
+            self._watch.check(z.detach(), ctx.epoch, ctx.step)
             return None
         # while L_C is active its finiteness check covers z: every sample's deviation enters
         # a sum (masked ones times 0, and NaN * 0 is NaN), so one scalar is checked, not B x D
@@ -250,7 +249,7 @@ class CEM(Defense):
             blend_scale=self.blend_scale,
             stored_terms=self._get_stored_terms(),
         )
-        self._check_finite(l_c.detach().reshape(1, 1), ctx.epoch, ctx.step)
+        self._watch.check(l_c.detach().reshape(1, 1), ctx.epoch, ctx.step)
         return self.lam * self._lr_scale(ctx.lr) * l_c
 
     def _lr_scale(self, lr: float) -> float:
@@ -258,49 +257,6 @@ class CEM(Defense):
         if not self.lr_scaling or lr <= 4.1e-4:
             return 1.0
         return 0.001 / lr
-
-    def _check_finite(self, t: Tensor, epoch: int, step: int) -> None:
-        """NaN / inf check without a host sync per step on accelerators.
-
-        On the CPU reading the flag is free (no asynchronous queue), so the error is raised
-        at the offending step. On an accelerator the first bad step is recorded in a device
-        scalar (``masked_fill_`` with a host int: no transfer, no sync) and raised at the
-        epoch end; the trainer's own loss check usually fires first.
-        """
-        bad = ~torch.isfinite(t).all()  # () bool, on t's device
-        if t.device.type == "cpu":
-            if bool(bad):
-                raise NonFiniteError(self._nonfinite_msg(epoch, step))
-            return
-        if self._first_bad_step is None or self._first_bad_step.device != t.device:
-            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=t.device)
-        self._first_bad_step.masked_fill_(bad & (self._first_bad_step < 0), step)
-
-    @staticmethod
-    def _nonfinite_msg(epoch: int, step: int | str) -> str:
-        return (
-            f"CEM: non-finite client features (or L_C) at epoch {epoch}, step {step}. The "
-            "encoder diverged: lower the learning rate or lambda, or check the input data."
-        )
-
-    def _bank_add(self, z: Tensor, y: Tensor) -> None:
-        """Copy a batch into the preallocated bank; grows (rarely) if the epoch is larger."""
-        b = z.shape[0]
-        if self._bank_z is None or self._bank_z.device != z.device:
-            self._bank_z = torch.empty(self._capacity, z.shape[1], device=z.device)
-            self._bank_y = torch.empty(self._capacity, dtype=torch.long, device=z.device)
-            self._bank_n = 0
-        assert self._bank_y is not None
-        if self._bank_n + b > self._bank_z.shape[0]:
-            cap = max(2 * self._bank_z.shape[0], self._bank_n + b)
-            nz = torch.empty(cap, z.shape[1], device=z.device)
-            ny = torch.empty(cap, dtype=torch.long, device=z.device)
-            nz[: self._bank_n] = self._bank_z[: self._bank_n]
-            ny[: self._bank_n] = self._bank_y[: self._bank_n]
-            self._bank_z, self._bank_y = nz, ny
-        self._bank_z[self._bank_n : self._bank_n + b] = z  # casts AMP half to float32
-        self._bank_y[self._bank_n : self._bank_n + b] = y
-        self._bank_n += b
 
     def _get_stored_terms(self) -> Tensor | None:
         if self.form != "paper":
@@ -321,42 +277,19 @@ class CEM(Defense):
         if not self._enabled:
             return {}
         t0 = time.perf_counter()
-        # host sync (once per epoch): a non-finite feature seen on an accelerator
-        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
-            raise NonFiniteError(self._nonfinite_msg(ctx.epoch, int(self._first_bad_step)))
+        self._watch.raise_if_bad(ctx.epoch)  # host sync, once per epoch
         if self.bank == "pass":
-            z, y = self._collect_pass(ctx)
+            z, y, d_in = collect_pass(ctx.model.client, ctx.train_batches, ctx.epoch)
+            self._input_dim = self._input_dim or d_in
         else:
-            if self._bank_z is None or self._bank_n == 0:
+            rows = self._bank.rows()
+            if rows is None:
                 return {}
-            assert self._bank_y is not None
-            z, y = self._bank_z[: self._bank_n], self._bank_y[: self._bank_n]
+            z, y = rows
         metrics = self.fit(z, y, epoch=ctx.epoch)
-        self._bank_n = 0  # clear the bank (keep its memory for the next epoch)
+        self._bank.clear()
         metrics["refit_ms"] = 1000.0 * (time.perf_counter() - t0)
         return metrics
-
-    @torch.no_grad()
-    def _collect_pass(self, ctx: EpochContext) -> tuple[Tensor, Tensor]:
-        """The reference's extra pass: clean features of the training set in eval mode."""
-        client = ctx.model.client
-        was_training = client.training
-        client.eval()
-        zs, ys = [], []
-        try:
-            for x, y in ctx.train_batches():
-                zs.append(client(x).flatten(1).float())  # (B, D)
-                ys.append(y)
-                if not self._input_dim:
-                    self._input_dim = int(x[0].numel())
-        finally:
-            client.train(was_training)
-        if not zs:
-            raise ConfigError("CEM bank='pass': train_batches() yielded no batches")
-        z, y = torch.cat(zs), torch.cat(ys).to(torch.long)
-        if not bool(torch.isfinite(z).all()):  # host sync, once per epoch
-            raise NonFiniteError(self._nonfinite_msg(ctx.epoch, "end-of-epoch feature pass"))
-        return z, y
 
     @torch.no_grad()
     def fit(self, z: Tensor, y: Tensor, *, epoch: int = 0) -> dict[str, float]:

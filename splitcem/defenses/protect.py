@@ -30,6 +30,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from splitcem.defenses._protect_checks import (
+    Bounded,
+    cem_settings_error,
+    check_input_shape,
+    check_labels,
+    resolve_bound,
+    warn_unbounded,
+)
 from splitcem.defenses.base import (
     Defense,
     DefenseStack,
@@ -81,7 +89,7 @@ def make_stack(
             try:
                 kwargs = CEMConfig.model_validate(raw).kwargs()
             except ValueError as e:  # pydantic's ValidationError
-                raise ConfigError(f"invalid cem settings {raw!r}: {e}") from None
+                raise cem_settings_error(raw, e) from None
             items.append(create_defense("cem", **kwargs))
     return DefenseStack(items)
 
@@ -104,6 +112,7 @@ class Protected(nn.Module):
 
     _server: nn.Module | None
     _view: SplitModel | None
+    encoder: nn.Module
 
     def __init__(
         self,
@@ -115,9 +124,18 @@ class Protected(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         train_size: int | None = None,
+        bound: str = "sigmoid",
     ) -> None:
         super().__init__()
         self.client = client
+        self.bound = bound
+        extra = resolve_bound(client, bound)
+        #: what the deployed client computes before its defenses: the encoder, then the
+        #: feature bound when one is added (not registered: the state is the client's)
+        self.__dict__["encoder"] = client if extra is None else Bounded(client, extra)
+        self._input_shape: tuple[int, ...] = ()
+        #: (min, max) of the first batch's inputs: tells audit whether they were normalised
+        self.input_range: tuple[float, float] | None = None
         self.defenses = defenses
         self.num_classes = num_classes
         self.mean = tuple(float(v) for v in mean) if mean is not None else ()
@@ -144,23 +162,31 @@ class Protected(nn.Module):
     def setup(self, example: Tensor) -> None:
         """Attach the defenses, given a batch of inputs (the first forward does it).
 
-        The features' shape comes from one eval-mode pass of ``example[:1]`` through the
-        encoder (BatchNorm statistics untouched).
+        The features' shape comes from one eval-mode pass of ``example`` through the
+        encoder (BatchNorm statistics untouched); with ``bound="none"`` their scale is
+        measured on it and compared with the noise sigma in a warning.
         """
         from splitcem.models import SplitModel
 
-        example = example[:1]
         saved = [(m, m.training) for m in self.client.modules()]
         self.client.eval()
         try:
-            z = self.client(example)
+            z = self.encoder(example[:256])
         finally:
             for m, was in saved:
                 m.training = was
+        self._input_shape = tuple(int(v) for v in example.shape[1:])
+        if example.numel():
+            xf = example.detach().float()
+            self.input_range = (float(xf.min()), float(xf.max()))
+        example = example[:1]
         if not isinstance(z, Tensor):
             raise ConfigError(f"the client must return one tensor of features, got "
                               f"{type(z).__name__}")
         feature_shape = tuple(int(v) for v in z.shape[1:])
+        if self.bound == "none":
+            warn_unbounded(z, self.defenses.noise_sigma, resolve_bound(self.client, "sigmoid")
+                           is None or resolve_bound(self.client, "tanh") is None)
         needs_classes = [d.name for d in self.defenses if d.name == "cem"]
         if needs_classes and self.num_classes is None:
             raise ConfigError("CEM fits a mixture per class: protect(..., num_classes=N)")
@@ -169,14 +195,14 @@ class Protected(nn.Module):
                               f"{example.shape[1]} channels")
         server = self._server if self._server is not None else _NoServer()
         config = {"in_channels": int(example.shape[1]), "image_size": int(example.shape[-1])}
-        view = SplitModel(self.client, server, feature_shape=_pad3(feature_shape),
+        view = SplitModel(self.encoder, server, feature_shape=_pad3(feature_shape),
                           config=config)
         self.__dict__["_view"] = view
         self.defenses.setup(SetupContext(
             model=view, num_classes=int(self.num_classes or 0), device=example.device,
             noise_sigma=self.defenses.noise_sigma, train_size=int(self.train_size or 0),
             steps_per_epoch=0, epochs=0, feature_shape=_pad3(feature_shape),
-            mean=self.mean, std=self.std,
+            mean=self.mean, std=self.std, noise_entropy=self.defenses.noise_entropy(),
         ))
 
     def _require_view(self) -> SplitModel:
@@ -189,8 +215,10 @@ class Protected(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, *feature_shape)
         if not self.is_setup:
             self.setup(x)
+        elif self._input_shape:
+            check_input_shape(self._input_shape, x)
         # features leave the client in float32: noise and CEM see full precision under AMP
-        z_clean = self.client(x).float()
+        z_clean = self.encoder(x).float()
         z_sent = self.defenses.transform(z_clean)
         if self.training and torch.is_grad_enabled():
             self._pending = (x, z_clean, z_sent)
@@ -214,9 +242,9 @@ class Protected(nn.Module):
             )
         x, z_clean, z_sent = self._pending
         self._pending = None
-        if labels.shape[:1] != x.shape[:1]:
-            raise ProtectError(f"labels hold {labels.shape[0] if labels.dim() else 1} entries "
-                               f"but the last forward had a batch of {x.shape[0]}")
+        # the values cost a host sync: every step on the CPU, the first one elsewhere
+        check_labels(labels, int(x.shape[0]), self.num_classes,
+                     values=self.step == 0 or labels.device.type == "cpu")
         if lr is None and any(getattr(d, "lr_scaling", False) for d in self.defenses):
             raise ConfigError('cem lr_scaling needs the learning rate: '
                               'protected.loss(y, lr=opt.param_groups[0]["lr"])')
@@ -306,6 +334,7 @@ def protect(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     train_size: int | None = None,
+    bound: str = "sigmoid",
 ) -> Protected:
     """Wrap a client encoder with obfuscation defenses (and CEM) for the user's own loop.
 
@@ -321,6 +350,11 @@ def protect(
             that look at images in [0, 1], e.g. ``adversarial``; default: none).
         train_size: Training images per epoch, if known (CEM preallocates its feature bank;
             without it the bank grows as needed).
+        bound: What bounds the features before the defenses, as a YAML run's ``activation``:
+            ``"sigmoid"`` (default; nothing is added when the encoder already ends with a
+            sigmoid), ``"tanh"``, or ``"none"``. Noise sigma is absolute, in feature units:
+            with bounded features it is relative to their range; with ``"none"`` a warning
+            measures the features' scale against it.
 
     Returns:
         A :class:`Protected` module. Train it with your optimizer over its
@@ -343,4 +377,4 @@ def protect(
     if num_classes is None and any(d.name == "cem" for d in stack):
         raise ConfigError("CEM fits a mixture per class: protect(..., num_classes=N)")
     return Protected(client, stack, num_classes=num_classes, server=server, mean=mean, std=std,
-                     train_size=train_size)
+                     train_size=train_size, bound=bound)

@@ -19,16 +19,17 @@ lists the valid cut points with their output shapes.
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from splitcem.errors import CutPointError
+from splitcem.models._trace import Node as _Node
+from splitcem.models._trace import child_name as _child_name
+from splitcem.models._trace import is_sequential as _is_sequential
+from splitcem.models._trace import run_modes, same, sequential_nodes, trace, trace_inputs
 
 __all__ = ["CutPoint", "cut_points", "split"]
 
@@ -54,149 +55,6 @@ class CutPoint:
     def __str__(self) -> str:
         shape = " x ".join(map(str, self.shape)) if self.shape else "?"
         return f"{self.name} -> {shape} ({self.client_parameters:,} client parameters)"
-
-
-@dataclass
-class _Node:
-    """A module in the model tree, with what the example forward recorded about it."""
-
-    name: str  # dotted path from the root ("" for the root)
-    module: nn.Module
-    calls: int = 0
-    inp: Tensor | None = None
-    out: Tensor | None = None
-    #: for a chain container: its children in call order, and whether a flatten(1) sits
-    #: between child i-1 and child i (flat[0] is always False)
-    chain: list[tuple[str, nn.Module]] | None = None
-    flat: list[bool] = field(default_factory=list)
-    why_not: str = ""  # why this container is not a chain
-
-
-def _is_sequential(m: nn.Module) -> bool:
-    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
-
-
-@contextlib.contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout, BN running statistics untouched) and no grad; modes restored."""
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, was in saved:
-            m.training = was
-
-
-def _record(model: nn.Module, example: Tensor) -> tuple[dict[str, _Node], Tensor]:
-    """Run ``model(example)`` once, recording each module's first input and output."""
-    nodes = {name: _Node(name, m) for name, m in model.named_modules(remove_duplicate=False)}
-    order: list[str] = []  # first-call order
-    handles = []
-
-    def pre(node: _Node) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            node.calls += 1
-            if node.calls == 1:
-                order.append(node.name)
-                if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
-                    node.inp = args[0].detach().clone()  # before any in-place op touches it
-
-        return hook
-
-    def post(node: _Node) -> Any:
-        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-            if node.calls == 1 and isinstance(out, Tensor):
-                node.out = out.detach().clone()
-
-        return hook
-
-    seen: set[int] = set()
-    for node in nodes.values():
-        if id(node.module) in seen:  # a module registered twice: hook it once
-            continue
-        seen.add(id(node.module))
-        handles.append(node.module.register_forward_pre_hook(pre(node), with_kwargs=True))
-        handles.append(node.module.register_forward_hook(post(node)))
-    try:
-        with _eval_no_grad(model):
-            out = model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    if not isinstance(out, Tensor):
-        raise CutPointError(
-            f"{type(model).__name__}(example) returned {type(out).__name__}, not a tensor; "
-            "split needs a model that maps a batch of inputs to one output tensor"
-        )
-    rank = {n: i for i, n in enumerate(order)}
-    for node in nodes.values():
-        _analyse(node, nodes, rank)
-    return nodes, out
-
-
-def _child_name(parent: str, child: str) -> str:
-    return f"{parent}.{child}" if parent else child
-
-
-def _analyse(node: _Node, nodes: dict[str, _Node], rank: dict[str, int]) -> None:
-    """Decide whether ``node``'s forward is the chain of its (called) children."""
-    children = list(node.module.named_children())
-    if not children:
-        return
-    if node.calls != 1:
-        node.why_not = "it is called more than once (or never) in the forward"
-        return
-    if node.inp is None or node.out is None:
-        node.why_not = "its input or output is not a single tensor"
-        return
-    called = [(n, m) for n, m in children if nodes[_child_name(node.name, n)].calls > 0]
-    called.sort(key=lambda nm: rank[_child_name(node.name, nm[0])])
-    if not called:
-        node.why_not = "none of its children run in the forward"
-        return
-    flat = [False]
-    prev = node.inp
-    for i, (n, _m) in enumerate(called):
-        child = nodes[_child_name(node.name, n)]
-        if child.calls != 1 or child.inp is None or child.out is None:
-            node.why_not = f"its child {n!r} is called more than once or not on one tensor"
-            return
-        if _same(prev, child.inp):
-            if i:
-                flat.append(False)
-        elif i and prev.dim() > 2 and _same(prev.flatten(1), child.inp):
-            flat.append(True)  # torch.flatten(x, 1) between the two children
-        else:
-            node.why_not = (f"its child {n!r} does not receive the previous child's output "
-                            "(a skip connection or a functional op in the forward)")
-            return
-        prev = child.out
-    if not _same(prev, node.out):
-        node.why_not = ("its output is not its last child's output (the forward does "
-                        "more after its children)")
-        return
-    node.chain, node.flat = called, flat
-
-
-def _same(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-
-
-def _sequential_nodes(model: nn.Module) -> dict[str, _Node]:
-    """Without an example: only ``nn.Sequential`` containers are known chains."""
-    nodes = {name: _Node(name, m) for name, m in model.named_modules(remove_duplicate=False)}
-    for node in nodes.values():
-        children = list(node.module.named_children())
-        if not children:
-            continue
-        if _is_sequential(node.module):
-            node.chain, node.flat = children, [False] * len(children)
-        else:
-            node.why_not = (f"it is a {type(node.module).__name__}, not an nn.Sequential, so "
-                            "its forward cannot be read without running it: pass example=")
-    return nodes
 
 
 def _enumerate(
@@ -234,15 +92,19 @@ def cut_points(model: nn.Module, example: Tensor) -> list[CutPoint]:
 
     Args:
         model: Any ``nn.Module``; see the module docstring for what counts as a chain.
-        example: A batch of inputs, e.g. ``torch.zeros(2, 3, 32, 32)`` (run once in eval
-            mode, without gradients; the model's modes are restored).
+        example: A real batch of inputs, e.g. ``next(iter(loader))[0][:8]``. The forward
+            runs on it and on seeded random-normal inputs of its shape, in eval and in train
+            mode, without gradients; the model's modes and BatchNorm statistics are restored.
+            A constant batch (``torch.zeros``) is replaced by the random inputs, with a
+            warning.
 
     Example:
+        >>> import torch
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
-        >>> [str(p) for p in cut_points(net, torch.zeros(1, 3, 4, 4))][:2]
+        >>> [str(p) for p in cut_points(net, torch.rand(2, 3, 4, 4))][:2]
         ['0 -> 4 x 2 x 2 (112 client parameters)', '1 -> 4 x 2 x 2 (112 client parameters)']
     """
-    nodes, _ = _record(model, example)
+    nodes = trace(model, example)
     return _points(model, nodes, _valid(nodes))
 
 
@@ -318,6 +180,22 @@ def _free_name(chain: list[tuple[str, nn.Module]], *more: list[tuple[str, nn.Mod
     return name
 
 
+def _check_halves(model: nn.Module, client: nn.Module, server: nn.Module, at: str,
+                  example: Tensor) -> None:
+    """``server(client(x))`` equals ``model(x)`` exactly on the traced inputs, in eval mode
+    and in train mode (same RNG draws), or a CutPointError."""
+    for x in trace_inputs(example):
+        want = run_modes(model, x, model)
+        got = run_modes(model, x, lambda v: server(client(v)))
+        for mode, w, g in zip(("eval", "train"), want, got, strict=True):
+            if not same(g, w):
+                diff = float((g.float() - w.float()).abs().max()) if g.shape == w.shape else -1
+                raise CutPointError(
+                    f"the halves cut at {at!r} do not reproduce {type(model).__name__} in "
+                    f"{mode} mode (max difference {diff:.3g}): its forward does something "
+                    "the chain check cannot see; cut elsewhere or report the model")
+
+
 def split(
     model: nn.Module, at: str, *, example: Tensor | None = None
 ) -> tuple[nn.Sequential, nn.Sequential]:
@@ -327,8 +205,9 @@ def split(
         model: The whole model. An ``nn.Sequential`` (nested or not) needs nothing else; any
             other model needs ``example`` so its forward can be checked to be a chain.
         at: Dotted name of the client's last module (as in ``model.named_modules()``).
-        example: A batch of inputs; when given, the halves are also checked to reproduce
-            ``model(example)`` exactly.
+        example: A real batch of inputs (see :func:`cut_points`); when given, the halves
+            are also checked to reproduce the model exactly on it and on random-normal
+            inputs, in eval and in train mode.
 
     Returns:
         ``(client, server)``, two ``nn.Sequential`` s sharing the model's modules, with
@@ -339,6 +218,7 @@ def split(
             cut points (with output shapes when ``example`` is given).
 
     Example:
+        >>> import torch
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
         >>> client, server = split(net, at="1")
         >>> x = torch.randn(2, 3, 4, 4)
@@ -355,17 +235,10 @@ def split(
             "children; pass example=<a batch of inputs> (splitcem.cut_points(model, example) "
             "lists where it can be cut)"
         )
-    nodes = _record(model, example)[0] if example is not None else _sequential_nodes(model)
+    nodes = trace(model, example) if example is not None else sequential_nodes(model)
     if at not in _valid(nodes):
         raise CutPointError(_explain(model, nodes, at, example))
     client, server = _build(model, nodes, at)
     if example is not None:
-        with _eval_no_grad(model):
-            want = model(example)
-            got = server(client(example))
-        if not _same(got, want):  # pragma: no cover - the chain analysis guarantees it
-            raise CutPointError(
-                f"the halves cut at {at!r} do not reproduce {type(model).__name__}(example); "
-                "please report this with the model's definition"
-            )
+        _check_halves(model, client, server, at, example)
     return client, server

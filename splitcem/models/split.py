@@ -213,7 +213,8 @@ def split_module(
     """:func:`split_backbones` for any chain-shaped model: cut at the module named ``cut``
     with :func:`splitcem.split` (checked on ``example``), then add the same bottleneck,
     activation and decompression around the cut."""
-    from splitcem.models.cut import _eval_no_grad, split
+    from splitcem.models._trace import eval_no_grad as _eval_no_grad
+    from splitcem.models.cut import split
 
     c_part, s_part = split(client_net, cut, example=example)
     s_shape = None
@@ -313,9 +314,11 @@ def create_split_model(
                               "client's last module (see splitcem.cut_points)")
         server_net = (client_net if server_width == client_width
                       else _build_net(arch, server_width, **common))
-        from splitcem.models.cut import _eval_no_grad
+        from splitcem.models._trace import eval_no_grad as _eval_no_grad
 
-        example = torch.zeros(2, in_channels, image_size, image_size)
+        # random-normal inputs: a constant batch would hide ReLUs and skips from the check
+        example = torch.randn(2, in_channels, image_size, image_size,
+                              generator=torch.Generator().manual_seed(0))
         client, server, feature_shape = split_module(
             client_net, server_net, cut=cut, example=example,
             bottleneck_channels=bottleneck_channels, bottleneck_stride=bottleneck_stride,

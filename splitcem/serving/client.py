@@ -88,12 +88,12 @@ class ClientHalf:
 
     def __init__(self, path: str | Path, *, device: str | torch.device = "cpu") -> None:
         from splitcem.defenses import DefenseStack, create_defense
-        from splitcem.models import create_split_model
+        from splitcem.serving.program import build_half
 
         spec, tensors = read_half(path, "client")
         self.spec = spec
         self.device = torch.device(device)
-        enc: nn.Module = create_split_model(**spec["model"]).client
+        enc: nn.Module = build_half(path, spec, "client")  # a program, or rebuilt
         self._load(enc, tensors, "client.")
         defenses = []
         for i, s in enumerate(spec["defense"]["transforms"]):
@@ -264,18 +264,24 @@ class Client:
         check: Compare the server's spec with this client's before the first request
             (raises :class:`~splitcem.errors.SpecMismatchError` on any difference).
         timeout: Seconds per request.
+        onnx: Encode with the deployment's ``client.onnx`` in onnxruntime (the edge client,
+            ``splitcem export ... --onnx``) instead of torch.
     """
 
     def __init__(self, path: str | Path, url: str, *, token: str | None = None,
                  token_file: str | Path | None = None, dtype: str = "float32",
                  check: bool = True, timeout: float = 30.0,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", onnx: bool = False) -> None:
         from splitcem.serving.export import ensure_export
         from splitcem.serving.server import read_token
 
         if token is None and token_file is not None:
             token = read_token(token_file)
-        self.half = ClientHalf(ensure_export(path), device=device)
+        from splitcem.serving.program import OnnxClientHalf
+
+        d = ensure_export(path)  # onnx: the edge client's client.onnx, run by onnxruntime
+        self.half: ClientHalf | OnnxClientHalf = OnnxClientHalf(d) if onnx else ClientHalf(
+            d, device=device)
         self.spec = self.half.spec
         self.model_id: str = self.spec["model_id"]
         self.dtype = dtype

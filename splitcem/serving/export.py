@@ -81,19 +81,48 @@ def export_model(
         ``out_dir``. The export is checked by loading both halves back and comparing their
         composition with ``model`` on a random input.
     """
-    from safetensors.torch import save
-
     if not model.config:
         raise ServingError("the model has no config to rebuild it from; build it with "
-                           "splitcem.models.create_split_model")
+                           "splitcem.models.create_split_model; for any other model use "
+                           "splitcem.export(client, server, out, example=...)")
+    return write_deployment(out_dir, client=model.client, server=model.server,
+                            feature_shape=model.feature_shape, model_spec=dict(model.config),
+                            info=info, name=name, transforms=transforms, source=source)
+
+
+def write_deployment(
+    out_dir: str | Path,
+    *,
+    client: torch.nn.Module,
+    server: torch.nn.Module,
+    feature_shape: Sequence[int],
+    model_spec: dict[str, Any],
+    info: DatasetInfo,
+    name: str,
+    transforms: Sequence[tuple[dict[str, Any], Defense]] = (),
+    source: dict[str, Any] | None = None,
+    programs: dict[str, bytes] | None = None,
+) -> Path:
+    """Write the two halves, their programs (if any: ``{"server": bytes, "client": bytes}``,
+    see :mod:`splitcem.serving.program`) and ``spec.json`` into ``out_dir``, then load both
+    halves back and check that they compose to ``server(client(x))``."""
+    from safetensors.torch import save
+
+    from splitcem.serving.program import PROGRAM_FILES
+
     out = Path(out_dir)
-    client_t = _tensors("client.", model.client)
+    client_t = _tensors("client.", client)
     for i, (_, d) in enumerate(transforms):
         client_t.update(_tensors(f"defense.{i}.", d))
-    server_bytes = save(_tensors("server.", model.server), metadata={"half": "server"})
+    server_bytes = save(_tensors("server.", server), metadata={"half": "server"})
     client_bytes = save(client_t, metadata={"half": "client"})
-    c, h, w = model.feature_shape
     sigma = sum(float(d.noise_sigma) ** 2 for _, d in transforms) ** 0.5
+    files = {"server": {"path": SERVER_FILE, "sha256": sha256_bytes(server_bytes)},
+             "client": {"path": CLIENT_FILE, "sha256": sha256_bytes(client_bytes)}}
+    blobs = [(SERVER_FILE, server_bytes), (CLIENT_FILE, client_bytes)]
+    for half, data in (programs or {}).items():
+        files[f"{half}_program"] = {"path": PROGRAM_FILES[half], "sha256": sha256_bytes(data)}
+        blobs.append((PROGRAM_FILES[half], data))
     spec = {
         "format": FORMAT,
         "model_id": f"{name}@{sha256_bytes(server_bytes + client_bytes)[:12]}",
@@ -102,8 +131,8 @@ def export_model(
         "classes": list(info.classes),
         "image": {"channels": info.channels, "size": info.image_size,
                   "mean": list(info.mean), "std": list(info.std)},
-        "features": {"shape": [c, h, w], "dtype": "float32"},
-        "model": dict(model.config),
+        "features": {"shape": [int(v) for v in feature_shape], "dtype": "float32"},
+        "model": dict(model_spec),
         "defense": {
             "transforms": [s for s, _ in transforms],
             "noise_sigma": sigma,
@@ -111,35 +140,38 @@ def export_model(
             "describe": " + ".join(f"{d.name}({d.extra_repr()})" for _, d in transforms)
             or "none",
         },
-        "files": {"server": {"path": SERVER_FILE, "sha256": sha256_bytes(server_bytes)},
-                  "client": {"path": CLIENT_FILE, "sha256": sha256_bytes(client_bytes)}},
+        "files": files,
         "source": dict(source or {}),
     }
-    for fname, data in ((SERVER_FILE, server_bytes), (CLIENT_FILE, client_bytes)):
+    for fname, data in blobs:
         _write_bytes(out / fname, data)
     write_text(out / SPEC_FILE, json.dumps(spec, indent=2) + "\n")  # last: names the files
-    _verify(model, out)
+    _verify(client, server, out, info)
     return out
 
 
 @torch.no_grad()
-def _verify(model: SplitModel, out: Path) -> None:
-    """Load both halves from ``out`` and check they compose to ``model`` (no transforms)."""
+def _verify(client: torch.nn.Module, server: torch.nn.Module, out: Path,
+            info: DatasetInfo) -> None:
+    """Load both halves from ``out`` and check they compose to ``server(client(x))`` (no
+    transforms) on a seeded random input, in eval mode (modes restored)."""
     from splitcem.serving.client import ClientHalf
     from splitcem.serving.server import ServerHalf
 
-    client, server = ClientHalf(out), ServerHalf(out)
-    was = model.training
-    model.eval()
+    c_half, s_half = ClientHalf(out), ServerHalf(out)
+    saved = [(m, m.training) for m in [*client.modules(), *server.modules()]]
+    client.eval()
+    server.eval()
     try:
-        cfg = model.config
-        x = torch.randn(2, cfg["in_channels"], cfg["image_size"], cfg["image_size"],
+        x = torch.randn(2, info.channels, info.image_size, info.image_size,
                         generator=torch.Generator().manual_seed(0))
-        dev = next(model.parameters()).device
-        want = model(x.to(dev)).float().cpu()
-        got = server.logits(client.encoder(x))
+        p = next(iter(client.parameters()), None)
+        dev = p.device if p is not None else torch.device("cpu")
+        want = server(client(x.to(dev)).float()).float().cpu()
+        got = s_half.logits(c_half.encoder(x))
     finally:
-        model.train(was)
+        for m, was in saved:
+            m.training = was
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         raise ServingError(f"the export in {out} does not reproduce the model (max logit "
                            f"difference {float((got - want).abs().max()):.3g}); please report")

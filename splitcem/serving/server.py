@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from splitcem.errors import ServingError
 from splitcem.serving.deploy import contract, read_half
+from splitcem.serving.program import build_half
 from splitcem.serving.wire import (
     BINARY,
     DTYPES,
@@ -49,12 +50,6 @@ log = logging.getLogger(__name__)
 MODEL_HEADER = "X-Splitcem-Model"
 
 
-def _build(spec: dict[str, Any]) -> Any:
-    from splitcem.models import create_split_model
-
-    return create_split_model(**spec["model"])
-
-
 class ServerHalf:
     """The server tail and classifier of a deployment, loaded from its server file only.
 
@@ -71,7 +66,7 @@ class ServerHalf:
         spec, tensors = read_half(path, "server")
         self.spec = spec
         self.device = torch.device(device)
-        tail: nn.Module = _build(spec).server
+        tail: nn.Module = build_half(path, spec, "server")  # a program, or rebuilt
         state = {k[len("server."):]: v for k, v in tensors.items()}
         try:
             tail.load_state_dict(state, strict=True)
