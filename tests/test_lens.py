@@ -115,6 +115,12 @@ def test_lens_shows_exactly_what_was_sent_and_rebuilt(serving, trained):
         lens.analyze(b"not an image at all")
 
 
+def _lens_url(proc: Proc) -> str:
+    m = re.search(r"open (http://127\.0\.0\.1:\d+/#token=[\w-]+)", proc.line)
+    assert m, proc.line
+    return m.group(1)
+
+
 def _browser_or_skip() -> None:
     missing = [n for n, p in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not p]
     try:
@@ -148,7 +154,7 @@ def test_lens_page_in_headless_chromium(serving, trained, tmp_path):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
         driver.set_page_load_timeout(60)
-        driver.get(lens.url + "/")
+        driver.get(_lens_url(lens))  # the printed URL, with its launch token
         body = driver.find_element(By.TAG_NAME, "body")
         WebDriverWait(driver, 60).until(lambda d: body.get_attribute("data-state") == "ready")
         assert "tiny_served@" in driver.find_element(By.ID, "info").text

@@ -125,8 +125,7 @@ def export_model(
 @torch.no_grad()
 def _verify(model: SplitModel, out: Path) -> None:
     """Load both halves from ``out`` and check they compose to ``model`` (no transforms)."""
-    from splitcem.serving.client import ClientHalf
-    from splitcem.serving.server import ServerHalf
+    from splitcem.serving.halves import ClientHalf, ServerHalf
 
     client, server = ClientHalf(out), ServerHalf(out)
     was = model.training
