@@ -163,6 +163,50 @@ def test_serving_package_imports_no_training_or_attack_code():
             assert not bad, f"{path.name} imports {bad}"
 
 
+# the serving package's internal order (issue 17): each module imports only modules of a
+# lower level, lazy imports included; so export never imports the client or the server, and
+# neither of those imports the other
+SERVING_LEVELS = {
+    "wire": 0, "deploy": 0, "auth": 0, "transport": 0,
+    "protocol": 1, "metrics": 1, "batching": 1, "halves": 1,
+    "export": 2,
+    "client": 3, "server": 3,
+    "__init__": 4,
+}
+
+
+def _serving_imports(path: Path) -> set[str]:
+    """Names of the splitcem.serving modules ``path`` imports, anywhere in the file."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from . import x / from .x import y
+                base = "splitcem.serving" + (f".{node.module}" if node.module else "")
+                mods = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                mods = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for m in mods:
+            parts = m.split(".")
+            if parts[:2] == ["splitcem", "serving"] and len(parts) > 2 and \
+                    parts[2] in SERVING_LEVELS:
+                out.add(parts[2])
+    return out
+
+
+def test_serving_import_order():
+    files = sorted((REPO / "splitcem" / "serving").glob("*.py"))
+    assert {f.stem for f in files} == set(SERVING_LEVELS), "give a new module its level"
+    bad = [(f.stem, m) for f in files for m in sorted(_serving_imports(f))
+           if SERVING_LEVELS[m] >= SERVING_LEVELS[f.stem]]
+    assert not bad, f"imports against the serving order (module, imported): {bad}"
+    # the walk sees lazy imports: export checks its output with the halves inside a function
+    assert "halves" in _serving_imports(REPO / "splitcem" / "serving" / "export.py")
+
+
 def test_server_process_opens_only_the_server_half(serving):
     _client(serving).close()  # at least one spec request served
     opened = opened_files(serving.audit_log)

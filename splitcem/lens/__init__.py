@@ -304,11 +304,13 @@ def run_lens(run_dir: str | Path, url: str, *, port: int = 8765,
     carries the launch token). Waits up to ``wait_s`` for the server first."""
     import secrets
 
-    import uvicorn
-
-    from splitcem.serving.transport import Deadlines, listen_socket, require_extra, uvicorn_config
+    from splitcem.serving.transport import Deadlines, listen_socket, require_extra
 
     require_extra(("fastapi", "uvicorn"))
+    import uvicorn
+
+    from splitcem.serving.protocol import uvicorn_config
+
     wait_for_server(url, wait_s=wait_s, cafile=cafile)
     lens = Lens(run_dir, url, token_file=token_file, cafile=cafile)
     sock = listen_socket("127.0.0.1", port)

@@ -1,7 +1,8 @@
-"""uvicorn's h11 protocol with a request-head deadline and a connection limit.
+"""uvicorn's h11 protocol with a request-head deadline and a connection limit, and the
+uvicorn settings of the server and the lens.
 
-Imported only when a server starts (it imports uvicorn); :func:`splitcem.serving.transport.
-uvicorn_config` sets :attr:`GuardedH11Protocol.deadlines` before any connection is made.
+Imported only when a server starts (it imports uvicorn); :func:`uvicorn_config` sets
+:attr:`GuardedH11Protocol.deadlines` before any connection is made.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from splitcem.serving.transport import STATS, Deadlines
 
-__all__ = ["GuardedH11Protocol"]
+__all__ = ["GuardedH11Protocol", "uvicorn_config"]
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -72,3 +73,16 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+
+def uvicorn_config(app: Any, deadlines: Deadlines, *, log_level: str = "warning",
+                   **kwargs: Any) -> Any:
+    """A ``uvicorn.Config`` for ``app`` with :class:`GuardedH11Protocol` and ``deadlines``."""
+    import uvicorn
+
+    GuardedH11Protocol.deadlines = deadlines
+    return uvicorn.Config(
+        app, http=GuardedH11Protocol, loop="asyncio", log_level=log_level, access_log=False,
+        timeout_keep_alive=deadlines.keep_alive_s,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=deadlines.max_head_bytes, timeout_graceful_shutdown=5,
+        **kwargs)

@@ -46,7 +46,6 @@ from splitcem.serving.transport import (
     is_loopback,
     listen_socket,
     require_extra,
-    uvicorn_config,
 )
 from splitcem.serving.wire import (
     BINARY,
@@ -364,6 +363,8 @@ def serve(
           f"auth {'on' if auth else 'off'}, workers {workers}, batching "
           f"{'off' if settings.batch_window_ms is None else 'on'})", flush=True)
     import uvicorn
+
+    from splitcem.serving.protocol import uvicorn_config
 
     config = uvicorn_config(app, settings.deadlines, log_level=log_level, workers=workers,
                             factory=workers > 1, **tls)

@@ -13,12 +13,10 @@ from __future__ import annotations
 import importlib
 import socket
 from dataclasses import dataclass
-from typing import Any
 
 from splitcem.errors import ServingError
 
-__all__ = ["STATS", "Deadlines", "is_loopback", "listen_socket", "require_extra",
-           "uvicorn_config"]
+__all__ = ["STATS", "Deadlines", "is_loopback", "listen_socket", "require_extra"]
 
 #: connections the transport closed itself, by reason (the server's /metrics reports them)
 STATS: dict[str, int] = {"header_timeout": 0, "connection_limit": 0}
@@ -85,18 +83,3 @@ def listen_socket(host: str, port: int) -> socket.socket:
                            "--port (0 = any free port)") from e
     sock.listen(2048)  # connections queue from now on, before uvicorn accepts them
     return sock
-
-
-def uvicorn_config(app: Any, deadlines: Deadlines, *, log_level: str = "warning",
-                   **kwargs: Any) -> Any:
-    """A ``uvicorn.Config`` for ``app`` with the guarded h11 protocol and ``deadlines``."""
-    import uvicorn
-
-    from splitcem.serving.protocol import GuardedH11Protocol
-
-    GuardedH11Protocol.deadlines = deadlines
-    return uvicorn.Config(
-        app, http=GuardedH11Protocol, loop="asyncio", log_level=log_level, access_log=False,
-        timeout_keep_alive=deadlines.keep_alive_s,  # type: ignore[arg-type]
-        h11_max_incomplete_event_size=deadlines.max_head_bytes, timeout_graceful_shutdown=5,
-        **kwargs)
