@@ -2,11 +2,11 @@
 
 A request's features join a queue; one task takes what is queued (at most ``max_samples``
 samples), concatenates it, runs the forward pass in one worker thread, and hands each
-request its own rows. While a pass runs, new requests queue for the next one, so under load
-the passes grow by themselves. The window only matters when the server is idle: when a
-request finds the queue empty but other requests are still being received (their heads
-are in, their bodies not yet decoded), it waits for them at most ``window_s``; a lone
-request runs at once.
+request its own rows. While a pass runs, new requests queue for the next one. Before a pass
+starts it waits at most ``window_s`` for more requests, but only while some may come: while
+requests are being received (head in, body not yet decoded), or while fewer requests are
+queued than there are open connections (``peers()``: other clients that may send one
+any moment). A lone client's request runs at once.
 """
 
 from __future__ import annotations
@@ -30,17 +30,21 @@ class DynamicBatcher:
         max_samples: Most samples in one pass (requests are never split).
         window_s: Most seconds a pass waits for requests still being received.
         on_batch: Called with (samples, requests) for every pass (metrics).
+        peers: How many clients may send a request soon (open connections); None: only
+            requests being received are waited for.
     """
 
     def __init__(self, forward: Callable[[np.ndarray], Any], *, max_samples: int,
                  window_s: float = 0.002,
-                 on_batch: Callable[[int, int], None] | None = None) -> None:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 peers: Callable[[], int] | None = None) -> None:
         if max_samples < 1 or not 0 <= window_s <= 0.05:
             raise ValueError("max_samples >= 1 and 0 <= window_s <= 0.05 (50 ms)")
         self.forward = forward
         self.max_samples = max_samples
         self.window_s = window_s
         self.on_batch = on_batch
+        self.peers = peers
         self._queue: list[tuple[np.ndarray, asyncio.Future[Any]]] = []
         self._queued = 0  # samples in the queue
         self._arriving = 0  # requests received but not yet queued
@@ -69,6 +73,13 @@ class DynamicBatcher:
         self._wake.set()
         return await fut
 
+    def _more_may_come(self) -> bool:
+        if self._queued >= self.max_samples:
+            return False
+        if self._arriving > 0:
+            return True
+        return self.peers is not None and len(self._queue) < self.peers()
+
     def _take(self) -> list[tuple[np.ndarray, asyncio.Future[Any]]]:
         taken: list[tuple[np.ndarray, asyncio.Future[Any]]] = []
         n = 0
@@ -88,8 +99,7 @@ class DynamicBatcher:
             if not self._queue:
                 continue
             deadline = loop.time() + self.window_s
-            while (self._arriving > 0 and self._queued < self.max_samples
-                   and loop.time() < deadline):
+            while self._more_may_come() and loop.time() < deadline:
                 await asyncio.sleep(min(0.0005, max(0.0, deadline - loop.time())))
             taken = self._take()
             if self._queue:

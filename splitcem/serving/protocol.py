@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from splitcem.serving.transport import STATS, Deadlines
+from splitcem.serving.transport import OPEN, STATS, Deadlines
 
 __all__ = ["GuardedH11Protocol", "uvicorn_config"]
 
@@ -32,6 +32,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        OPEN[0] = len(self.connections)
         if len(self.connections) > self.deadlines.max_connections:
             STATS["connection_limit"] += 1
             transport.close()
@@ -73,6 +74,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        OPEN[0] = len(self.connections)
 
 
 def uvicorn_config(app: Any, deadlines: Deadlines, *, log_level: str = "warning",

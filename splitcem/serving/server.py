@@ -42,6 +42,7 @@ from splitcem.serving.export import ensure_export
 from splitcem.serving.halves import ServerHalf
 from splitcem.serving.metrics import MetricsMiddleware, ServerMetrics
 from splitcem.serving.transport import (
+    OPEN,
     Deadlines,
     is_loopback,
     listen_socket,
@@ -111,7 +112,8 @@ def create_app(
     if batch_window_ms is not None:
         batcher = DynamicBatcher(
             lambda z: half.logits(torch.from_numpy(z)), max_samples=lim.max_batch,
-            window_s=batch_window_ms / 1e3, on_batch=metrics.observe_batch)
+            window_s=batch_window_ms / 1e3, on_batch=metrics.observe_batch,
+            peers=lambda: OPEN[0])
     app = FastAPI(title="splitcem server", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
@@ -195,6 +197,9 @@ def create_app(
             return b"".join(chunks)
 
         try:
+            if hasattr(asyncio, "timeout"):  # 3.11+: no extra task per request
+                async with asyncio.timeout(body_timeout_s):
+                    return await read()
             return await asyncio.wait_for(read(), body_timeout_s)
         except asyncio.TimeoutError:
             raise WireError(408, "body_timeout",

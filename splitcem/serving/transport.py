@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 from splitcem.errors import ServingError
 
-__all__ = ["STATS", "Deadlines", "is_loopback", "listen_socket", "require_extra"]
+__all__ = ["OPEN", "STATS", "Deadlines", "is_loopback", "listen_socket", "require_extra"]
 
 #: connections the transport closed itself, by reason (the server's /metrics reports them)
 STATS: dict[str, int] = {"header_timeout": 0, "connection_limit": 0}
+#: connections open now in this process (kept by the guarded protocol; the batcher reads it)
+OPEN: list[int] = [0]
 
 #: what ``pip install 'splitcem[serve]'`` brings, by import name
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
