@@ -46,7 +46,7 @@ class Proc:
     line on stdout. Output is drained by a thread into ``lines``."""
 
     def __init__(self, args: list[str], *, timeout: float = 180.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, url_re: re.Pattern[str] = URL_RE) -> None:
         self.args = args
         self.lines: list[str] = []
         self._q: queue.Queue[str | None] = queue.Queue()
@@ -66,7 +66,7 @@ class Proc:
                 break
             if line is None:
                 break
-            m = URL_RE.search(line)
+            m = url_re.search(line)
             if m:
                 self.scheme, self.port, self.line = m.group(1), int(m.group(2)), line
                 break

@@ -6,6 +6,7 @@ public address without a token. Every socket has a timeout; every loop is bounde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import torch
 from _serving_utils import start_server
 
 from splitcem.errors import ServingError
-from splitcem.serving import ServerConnection, encode_features
+from splitcem.serving import ServerConnection, encode_features, ensure_export
 from splitcem.serving.halves import ClientHalf, ServerHalf
 from splitcem.serving.wire import BINARY, JSON
 
@@ -51,6 +52,7 @@ def strict(served_run, token_file):
 @pytest.fixture(scope="module")
 def features(served_run):
     """Clean (noise off) features of 4 random images, and the in-process answer to them."""
+    ensure_export(served_run)
     half = ClientHalf(served_run / "deploy")
     z = half.encode(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)),
                     defense=False)
@@ -249,9 +251,9 @@ def test_dynamic_batching_answers_each_request_its_own_rows(strict, features, se
             barrier.wait()
             for _ in range(15):
                 ans = conn.infer_bytes(encode_features(zs[i]))
+                got = torch.tensor(ans["probs"], dtype=torch.float64)
                 if ans["labels"] != want[i][1].tolist() or not torch.allclose(
-                        torch.tensor(ans["probs"], dtype=torch.float64), torch.from_numpy(want[i][0]),
-                        atol=1e-6):
+                        got, torch.from_numpy(want[i][0]), atol=1e-6):
                     errors.append(f"client {i}: {ans['labels']} != {want[i][1]}")
         except Exception as e:
             errors.append(f"client {i}: {e!r}")
@@ -321,7 +323,7 @@ def _self_signed(d: Path) -> tuple[Path, Path]:
 
 
 def test_tls_with_a_certificate_made_here(served_run, token_file, features, tmp_path):
-    z, probs, labels = features
+    z, _, labels = features
     cert, key = _self_signed(tmp_path)
     proc = start_server(served_run, token_file=token_file,
                         extra=("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)))
@@ -331,7 +333,7 @@ def test_tls_with_a_certificate_made_here(served_run, token_file, features, tmp_
         assert conn.spec()["feature_shape"] == [8, 8, 8]
         ans = conn.infer_bytes(encode_features(z))
         assert ans["labels"] == labels.tolist()
-        with pytest.raises(ServingError, match="CERTIFICATE_VERIFY_FAILED|certificate verify"):
+        with pytest.raises(ServingError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
             ServerConnection(proc.url, token=TOKEN).spec()  # not trusted without the cert
         plain = ServerConnection(proc.url.replace("https", "http"), token=TOKEN)
         with pytest.raises(ServingError):
@@ -349,12 +351,18 @@ def test_workers_share_one_port(served_run, token_file, features):
     proc = start_server(served_run, token_file=token_file, extra=("--workers", "2"))
     try:
         pids: set[str] = set()
-        for _ in range(200):  # new connections until both workers have answered
-            for k in _metrics(proc.url):
-                if k.startswith("splitcem_worker_info{"):
-                    pids.add(k)
-            if len(pids) == 2:
-                break
+
+        def scrape() -> None:
+            with contextlib.suppress(Exception):
+                pids.update(k for k in _metrics(proc.url) if k.startswith("splitcem_worker_"))
+
+        deadline = time.monotonic() + 60  # the second worker may still be loading
+        while len(pids) < 2 and time.monotonic() < deadline:
+            threads = [threading.Thread(target=scrape) for _ in range(8)]  # concurrent
+            for t in threads:                                               # connections
+                t.start()
+            for t in threads:
+                t.join(timeout=30)
         assert len(pids) == 2, pids
         for _ in range(4):
             _answer_ok(proc.url, z, probs, labels)
