@@ -196,21 +196,37 @@ def _pct(xs: list[float], q: float) -> float:
 
 def _compare(target: Path, body: bytes, args: argparse.Namespace,
              out: dict[str, float | int | str]) -> None:
-    """The before / after figures: batch 1 from ``args.procs`` client processes."""
+    """The before / after figures: batch 1 from ``args.procs`` client processes, each
+    variant ``args.rounds`` times, interleaved (A B C A B C ...) so that a passing load on
+    a shared machine hits all of them; the figures pool the rounds."""
+    pooled: dict[str, dict[str, list[float]]] = {
+        n: {"lat": [], "reqs": [], "cpu": []} for n in args.variants}
+    for r in range(args.rounds):
+        for name in args.variants:
+            server = _Server(target, args.server_threads, VARIANTS[name])
+            try:
+                cpu0 = _tree_cpu_s(server.p.pid)
+                reqs, lat = _load_procs(server.url, body, args.procs, args.seconds)
+                cpu = _tree_cpu_s(server.p.pid) - cpu0
+            finally:
+                server.stop()
+            pooled[name]["lat"] += lat
+            pooled[name]["reqs"].append(reqs)
+            pooled[name]["cpu"].append(cpu)
+            print(f"round {r + 1}: {name:>11}: {reqs / args.seconds:8.1f} req/s  p99 "
+                  f"{1e3 * _pct(lat, 0.99):7.2f} ms", flush=True)
     first: dict[str, float] = {}
     for name in args.variants:
-        server = _Server(target, args.server_threads, VARIANTS[name])
-        try:
-            cpu0 = _tree_cpu_s(server.p.pid)
-            reqs, lat = _load_procs(server.url, body, args.procs, args.seconds)
-            cpu_ms = 1e3 * (_tree_cpu_s(server.p.pid) - cpu0) / max(reqs, 1)
-        finally:
-            server.stop()
-        rps, p50, p99 = reqs / args.seconds, 1e3 * _pct(lat, 0.5), 1e3 * _pct(lat, 0.99)
+        lat, reqs = pooled[name]["lat"], sum(pooled[name]["reqs"])
+        rps = reqs / (args.seconds * args.rounds)
+        p50, p99 = 1e3 * _pct(lat, 0.5), 1e3 * _pct(lat, 0.99)
+        cpu_ms = 1e3 * sum(pooled[name]["cpu"]) / max(reqs, 1)
         key = f"{name}_p{args.procs}"
         out.update({f"{key}_req_per_s": round(rps, 1), f"{key}_p50_ms": round(p50, 2),
                     f"{key}_p99_ms": round(p99, 2),
-                    f"{key}_server_cpu_ms_per_req": round(cpu_ms, 2)})
+                    f"{key}_server_cpu_ms_per_req": round(cpu_ms, 2),
+                    f"{key}_req_per_s_rounds": "/".join(
+                        f"{n / args.seconds:.0f}" for n in pooled[name]["reqs"])})
         if not first:
             first = {"rps": rps, "p99": p99}
         else:
@@ -218,7 +234,8 @@ def _compare(target: Path, body: bytes, args: argparse.Namespace,
             out[f"{key}_p99_ratio"] = round(p99 / first["p99"], 2)
         print(f"{name:>11} ({' '.join(VARIANTS[name]) or 'default'}): batch 1, {args.procs} "
               f"client processes: {rps:8.1f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  "
-              f"server CPU {cpu_ms:.2f} ms/request ({reqs} requests)", flush=True)
+              f"server CPU {cpu_ms:.2f} ms/request ({reqs} requests, {args.rounds} rounds)",
+              flush=True)
 
 
 def _grid(target: Path, z_all: torch.Tensor, args: argparse.Namespace,
@@ -249,6 +266,7 @@ def main() -> None:
                     "protocol's model, untrained)")
     ap.add_argument("--seconds", type=float, default=10.0, help="per setting")
     ap.add_argument("--procs", type=int, default=8, help="client processes (before / after)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--grid", action="store_true", help="also the thread grid (batch x "
                     "clients) against the batched server")
@@ -288,6 +306,7 @@ def main() -> None:
             "server_threads": args.server_threads,
             "client_processes": args.procs,
             "seconds_per_setting": args.seconds,
+            "rounds": args.rounds,
             "cpu_count": os.cpu_count() or 0,
             "model_id": half.spec["model_id"],
         })

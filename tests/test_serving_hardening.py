@@ -369,3 +369,24 @@ def test_workers_share_one_port(served_run, token_file, features):
     finally:
         proc.stop()
     assert not proc.alive()
+
+
+# ---------------------------------------------------------------- the soak, short
+
+@pytest.mark.slow
+def test_short_soak_no_5xx_right_answers_bounded_memory(served_run):
+    """benchmarks/soak.py at a CI size: 1,500 requests from 3 processes plus 12 slow
+    sockets, capped at 35 s of load (the full soak: 12,000 requests, 80 slow sockets)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--run", str(served_run),
+         "--requests", "1500", "--procs", "3", "--slow", "6", "--seconds", "35"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0 and res["ok"], (res, out.stderr[-2000:])
+    assert res["load_requests"] >= 1000 and res["valid"] >= 400
+    assert res["status_5xx"] == 0 and res["valid_wrong"] == 0
+    assert res["fuzzed"] > 0 and res["wrong_token"] > 0 and res["mid_body_disconnects"] > 0
+    assert res["server_counted_disconnects"] == res["mid_body_disconnects"]
+    assert res["slow_held_past_deadline"] == 0 and res["slow_body_408"] == 6
+    assert res["rss_growth_mb"] <= 50 and res["healthy_after"]
