@@ -350,13 +350,12 @@ def serve(
     if workers == 1:
         app, half, auth = build_app(settings)
         model_id, shape = half.model_id, list(half.feature_shape)
-    else:
+    else:  # load it once here too: a broken deployment fails in one line, not in N workers
+        half = ServerHalf(d, device="cpu")
+        model_id, shape = half.model_id, list(half.feature_shape)
+        del half
         os.environ[SETTINGS_ENV] = settings.to_json()
-        from splitcem.serving.deploy import read_spec
-
-        spec = read_spec(d)
         app, auth = "splitcem.serving.server:worker_app", token_file is not None
-        model_id, shape = spec["model_id"], spec["features"]["shape"]
     if not auth and not is_loopback(host):
         log.warning("serving on %s without --token-file (--insecure): anyone who reaches it "
                     "can query the model", host)
