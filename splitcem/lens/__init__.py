@@ -268,6 +268,7 @@ def wait_for_server(url: str, *, wait_s: float, cafile: str | Path | None = None
                     every_s: float = 5.0) -> None:
     """Poll ``GET /v1/health`` at ``url`` until it answers (at most ``wait_s`` seconds),
     printing a progress line every ``every_s`` seconds; raises if it never does."""
+    import ssl
     import time
 
     from splitcem.serving.client import ServerConnection
@@ -281,8 +282,8 @@ def wait_for_server(url: str, *, wait_s: float, cafile: str | Path | None = None
                 conn.health()
                 return
             except ServingError as e:
-                if e.status is not None:  # it answered, and not "ok": nothing to wait for
-                    raise
+                if e.status is not None or isinstance(e.__cause__, ssl.SSLError):
+                    raise  # it answered (not "ok"), or its certificate is not trusted: no wait
                 waited = time.monotonic() - start
                 if waited >= wait_s:
                     raise ServingError(f"cannot reach the server at {url} after waiting "

@@ -176,6 +176,10 @@ class ServerConnection:
                 if attempt:
                     raise ServingError(f"the server at {self.url} closed the connection "
                                        f"({type(e).__name__})") from e
+            except ssl.SSLError as e:
+                self.close()
+                raise ServingError(f"TLS with the server at {self.url} failed ({e}); for a "
+                                   "self-signed certificate give it with --ca-file CERT") from e
             except (OSError, http.client.HTTPException) as e:
                 self.close()
                 raise ServingError(f"cannot reach the server at {self.url} ({e}); is "
