@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-URL_RE = re.compile(r"http://127\.0\.0\.1:(\d+)")
+URL_RE = re.compile(r"(https?)://127\.0\.0\.1:(\d+)")
 
 # Runs the splitcem CLI with an audit hook that logs every file the process opens
 # (builtins.open, io.open and os.open all raise the "open" audit event), so a test can list
@@ -46,7 +46,7 @@ class Proc:
     line on stdout. Output is drained by a thread into ``lines``."""
 
     def __init__(self, args: list[str], *, timeout: float = 180.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, url_re: re.Pattern[str] = URL_RE) -> None:
         self.args = args
         self.lines: list[str] = []
         self._q: queue.Queue[str | None] = queue.Queue()
@@ -57,6 +57,8 @@ class Proc:
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + timeout
         self.port = 0
+        self.scheme = "http"
+        self.line = ""
         while time.monotonic() < deadline:
             try:
                 line = self._q.get(timeout=max(0.01, deadline - time.monotonic()))
@@ -64,14 +66,14 @@ class Proc:
                 break
             if line is None:
                 break
-            m = URL_RE.search(line)
+            m = url_re.search(line)
             if m:
-                self.port = int(m.group(1))
+                self.scheme, self.port, self.line = m.group(1), int(m.group(2)), line
                 break
         if not self.port:
             self.stop()
             raise RuntimeError(f"{args[:3]} did not start:\n" + "".join(self.lines[-30:]))
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
 
     def _drain(self) -> None:
         assert self.p.stdout is not None

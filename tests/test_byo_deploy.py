@@ -22,7 +22,9 @@ from PIL import Image
 import splitcem
 from splitcem.serving import Client, ClientHalf
 from splitcem.serving.deploy import CLIENT_FILE, SERVER_FILE, SPEC_FILE, read_spec
-from splitcem.serving.program import ONNX_FILE, PROGRAM_FILES, OnnxClientHalf, write_onnx
+from splitcem.serving.edge import write_onnx
+from splitcem.serving.halves import OnnxClientHalf
+from splitcem.serving.program import ONNX_FILE, PROGRAM_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))

@@ -5,17 +5,21 @@ a real headless browser (Debian's chromium + chromedriver, driven by selenium)."
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
-from _serving_utils import Proc
+from _serving_utils import Proc, RecordingProxy, start_server
 from PIL import Image
 
 from splitcem.attacks.decoder import ResDecoder, decode, load_decoder
@@ -115,6 +119,12 @@ def test_lens_shows_exactly_what_was_sent_and_rebuilt(serving, trained):
         lens.analyze(b"not an image at all")
 
 
+def _lens_url(proc: Proc) -> str:
+    m = re.search(r"open (http://127\.0\.0\.1:\d+/#token=[\w-]+)", proc.line)
+    assert m, proc.line
+    return m.group(1)
+
+
 def _browser_or_skip() -> None:
     missing = [n for n, p in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not p]
     try:
@@ -148,7 +158,7 @@ def test_lens_page_in_headless_chromium(serving, trained, tmp_path):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
         driver.set_page_load_timeout(60)
-        driver.get(lens.url + "/")
+        driver.get(_lens_url(lens))  # the printed URL, with its launch token
         body = driver.find_element(By.TAG_NAME, "body")
         WebDriverWait(driver, 60).until(lambda d: body.get_attribute("data-state") == "ready")
         assert "tiny_served@" in driver.find_element(By.ID, "info").text
@@ -176,3 +186,144 @@ def test_lens_page_in_headless_chromium(serving, trained, tmp_path):
     finally:
         driver.quit()
         lens.stop()
+
+
+LENS_URL = re.compile(r"open (https?)://127\.0\.0\.1:(\d+)/#token=")
+
+
+def _start_lens(run, url: str, token_file, *extra: str) -> Proc:
+    return Proc(["-m", "splitcem.cli", "lens", str(run), "--url", url, "--token-file",
+                 str(token_file), "--port", "0", *extra], url_re=LENS_URL)
+
+
+def _ask(port: int, method: str, path: str, headers: dict[str, str], body: bytes | None = None
+         ) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_lens_refuses_forged_requests_without_asking_the_server(serving, trained):
+    """Forged Host (DNS rebinding), foreign Origin, cross-site fetch, a text/plain or form
+    upload, no or a wrong token: each a 4xx, and not one byte reaches the server."""
+    proxy = RecordingProxy(serving.proc.port)
+    lens = _start_lens(serving.run, proxy.url, serving.token_file)
+    try:
+        token = _lens_url(lens).split("#token=", 1)[1]
+        host = f"127.0.0.1:{lens.port}"
+        png = _png_bytes(torch.from_numpy(trained.splits.test.images[1]).permute(2, 0, 1)
+                         .float() / 255, 32)
+        good = {"Host": host, "X-Lens-Token": token}
+        seen = len(proxy.received())  # the lens's startup: health + spec
+        forged = [
+            ("rebound Host", "GET", "/api/info", {**good, "Host": f"evil.example:{lens.port}"},
+             None, 421),
+            ("rebound Host, page", "GET", "/", {"Host": "evil.example"}, None, 421),
+            ("foreign Origin", "POST", "/api/analyze",
+             {**good, "Origin": "http://evil", "Content-Type": "application/octet-stream"},
+             png, 403),
+            ("cross-site fetch", "GET", "/api/info", {**good, "Sec-Fetch-Site": "cross-site"},
+             None, 403),
+            ("text/plain upload", "POST", "/api/analyze", {**good, "Content-Type": "text/plain"},
+             png, 415),
+            ("form upload", "POST", "/api/analyze",
+             {**good, "Content-Type": "application/x-www-form-urlencoded"}, png, 415),
+            ("no content type", "POST", "/api/analyze", good, png, 415),
+            ("no token", "POST", "/api/analyze",
+             {"Host": host, "Content-Type": "application/octet-stream"}, png, 401),
+            ("no token, info", "GET", "/api/info", {"Host": host}, None, 401),
+            ("wrong token", "GET", "/api/info", {**good, "X-Lens-Token": token[:-1] + "x"},
+             None, 401),
+            ("the issue's request", "POST", "/api/analyze",
+             {"Host": "evil.example", "Origin": "http://evil", "Content-Type": "text/plain"},
+             png, 421),
+        ]
+        for name, method, path, headers, body, want in forged:
+            status, data = _ask(lens.port, method, path, headers, body)
+            assert status == want, (name, status, data[:200])
+        time.sleep(0.5)
+        assert len(proxy.received()) == seen, "a forged request reached the server"
+        # the same requests, made right, work (and do reach the server)
+        status, page = _ask(lens.port, "GET", "/", {"Host": f"localhost:{lens.port}"})
+        assert status == 200 and b"splitcem lens" in page
+        status, data = _ask(lens.port, "GET", "/api/info", {**good, "Origin": f"http://{host}"})
+        assert status == 200 and json.loads(data)["model_id"].startswith("tiny_served@")
+        status, data = _ask(lens.port, "POST", "/api/analyze",
+                            {**good, "Content-Type": "application/octet-stream",
+                             "Sec-Fetch-Site": "same-origin"}, png)
+        assert status == 200 and "prediction" in json.loads(data)
+        assert proxy.received().count(b"POST /v1/infer ") == 1
+    finally:
+        lens.stop()
+        proxy.close()
+
+
+def test_lens_waits_for_a_server_still_exporting(served_run, tmp_path):
+    """`serve RUN & lens RUN` in one script: the lens starts first, says it is waiting, and
+    comes up once the server has exported the run and listens."""
+    run = tmp_path / "run"
+    shutil.copytree(served_run, run, ignore=shutil.ignore_patterns("deploy"))  # not exported
+    token_file = tmp_path / "token"
+    token_file.write_text("lens-wait-token\n")
+    with socket.socket() as s:  # a free port for the server-to-be
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    box: dict[str, object] = {}
+
+    def start() -> None:
+        try:
+            box["lens"] = _start_lens(run, f"http://127.0.0.1:{port}", token_file,
+                                      "--wait", "240")
+        except Exception as e:
+            box["error"] = e
+
+    t = threading.Thread(target=start)
+    t.start()
+    time.sleep(3)  # the lens is polling by now
+    server = start_server(run, token_file=token_file, extra=("--port", str(port)))
+    try:
+        t.join(timeout=240)
+        assert "error" not in box, box.get("error")
+        lens = box["lens"]
+        assert isinstance(lens, Proc)
+        try:
+            log = "".join(lens.lines)
+            assert f"waiting for the server at http://127.0.0.1:{port}" in log
+            assert "cannot reach" not in log and "Traceback" not in log
+            token = _lens_url(lens).split("#token=", 1)[1]
+            status, data = _ask(lens.port, "GET", "/api/info",
+                                {"Host": f"127.0.0.1:{lens.port}", "X-Lens-Token": token})
+            assert status == 200, data
+        finally:
+            lens.stop()
+    finally:
+        server.stop()
+
+
+def test_lens_gives_up_after_its_wait(served_run, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token_file = tmp_path / "token"
+    token_file.write_text("x\n")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "splitcem.cli", "lens", str(served_run),
+                          "--url", f"http://127.0.0.1:{port}", "--token-file", str(token_file),
+                          "--port", "0", "--wait", "2"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert "waiting for the server" in out.stdout
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot reach the server")
+    assert re.search(r"after waiting \d+ s", last), last

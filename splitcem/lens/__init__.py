@@ -10,6 +10,9 @@ decoder-based attack with the lowest MSE) on those same features, with the MSE /
 PSNR of its reconstruction against the image.
 
 The page and the image stay on the client's machine: only the features reach the server.
+The lens answers only its own Host names, and every API call must carry the random token of
+this launch (the printed URL holds it in its fragment; the page sends it in a header), so
+another site cannot drive it, with or without DNS rebinding (:class:`LensGuard`).
 The lens lives outside :mod:`splitcem.serving` because it uses attack code (the decoder),
 which the serving package must not.
 """
@@ -32,7 +35,7 @@ from torch import Tensor
 
 from splitcem.errors import ServingError, SplitcemError
 
-__all__ = ["Lens", "create_lens_app", "run_lens"]
+__all__ = ["Lens", "LensGuard", "allowed_hosts", "create_lens_app", "run_lens", "wait_for_server"]
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +83,15 @@ class Lens:
     """
 
     def __init__(self, run_dir: str | Path, url: str, *, token: str | None = None,
-                 token_file: str | Path | None = None) -> None:
+                 token_file: str | Path | None = None,
+                 cafile: str | Path | None = None) -> None:
         from splitcem.attacks.decoder import load_decoder
         from splitcem.experiment import ATTACK_DECODER
         from splitcem.serving.client import Client
 
         self.run_dir = Path(run_dir)
-        self.client = Client(self.run_dir, url, token=token, token_file=token_file)
+        self.client = Client(self.run_dir, url, token=token, token_file=token_file,
+                             cafile=cafile)
         self.spec = self.client.spec
         self.decoder: torch.nn.Module | None = None
         self.attack: dict[str, Any] = {}
@@ -149,19 +154,90 @@ class Lens:
         return out
 
 
-def create_lens_app(lens: Lens) -> Any:
+#: the header every API call carries the lens's per-launch token in
+TOKEN_HEADER = "X-Lens-Token"
+#: what POST /api/analyze accepts (the page sends octet-stream; a form post cannot)
+UPLOAD_TYPES = ("application/octet-stream", "image/png", "image/jpeg", "image/gif",
+                "image/webp", "image/bmp")
+
+
+def allowed_hosts(bound: str, port: int) -> set[str]:
+    """The Host header values the lens answers: its own address names, with its port."""
+    names = {bound, "localhost", "127.0.0.1", "[::1]"}
+    return {f"{n}:{port}" for n in names}
+
+
+class LensGuard:
+    """Pure ASGI middleware in front of the lens: refuses (4xx, before any work) a request
+    with a foreign ``Host`` (DNS rebinding), a foreign ``Origin`` or a cross-site fetch, an
+    API call without the launch token, and an upload of another content type."""
+
+    def __init__(self, app: Any, *, token: str, hosts: set[str]) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.hosts = {h.encode() for h in hosts}
+        self.origins = {b"http://" + h for h in self.hosts}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        why = self._refusal(scope)
+        if why is None:
+            await self.app(scope, receive, send)
+            return
+        from starlette.responses import JSONResponse
+
+        status, detail = why
+        await JSONResponse({"detail": detail}, status, headers={"Connection": "close"})(
+            scope, receive, send)
+
+    def _refusal(self, scope: dict[str, Any]) -> tuple[int, str] | None:
+        import hmac
+
+        h = dict(scope["headers"])  # lower-case names; a repeated header keeps its last
+        if h.get(b"host", b"").lower() not in self.hosts:
+            return 421, "unknown Host: open the lens at the URL it printed"
+        origin = h.get(b"origin")
+        if origin is not None and origin.lower() not in self.origins:
+            return 403, "cross-origin request refused"
+        if h.get(b"sec-fetch-site", b"same-origin") not in (b"same-origin", b"none"):
+            return 403, "cross-site request refused"
+        path = scope["path"]
+        if path == "/":
+            return None if scope["method"] in ("GET", "HEAD") else (405, "GET / only")
+        if not path.startswith("/api/"):
+            return 404, "not found"
+        if not hmac.compare_digest(h.get(TOKEN_HEADER.lower().encode(), b""), self.token):
+            return 401, "missing or wrong lens token: open the lens at the URL it printed"
+        if path == "/api/analyze":
+            ctype = h.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+            if ctype not in UPLOAD_TYPES:
+                return 415, f"send the image file's bytes as one of {', '.join(UPLOAD_TYPES)}"
+        return None
+
+
+def create_lens_app(lens: Lens, *, token: str, hosts: set[str]) -> Any:
     """The lens's FastAPI app: ``GET /`` (the page), ``GET /api/info``,
-    ``POST /api/analyze`` (the image file's bytes as the body)."""
+    ``POST /api/analyze`` (the image file's bytes as the body), behind :class:`LensGuard`
+    (``token``: the launch token every ``/api/`` call carries; ``hosts``: the Host values
+    answered)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
 
     page = resources.files("splitcem.lens").joinpath("page.html").read_text()
     app = FastAPI(title="splitcem lens", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(LensGuard, token=token, hosts=hosts)
+    security = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; img-src data:; connect-src 'self'; "
+                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+                "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
     @app.get("/", response_class=HTMLResponse)
-    async def index() -> str:
-        return page
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers=security)
 
     @app.get("/api/info")
     async def info() -> dict[str, Any]:
@@ -188,20 +264,63 @@ def create_lens_app(lens: Lens) -> Any:
     return app
 
 
+def wait_for_server(url: str, *, wait_s: float, cafile: str | Path | None = None,
+                    every_s: float = 5.0) -> None:
+    """Poll ``GET /v1/health`` at ``url`` until it answers (at most ``wait_s`` seconds),
+    printing a progress line every ``every_s`` seconds; raises if it never does."""
+    import ssl
+    import time
+
+    from splitcem.serving.client import ServerConnection
+
+    start = time.monotonic()
+    said = start
+    conn = ServerConnection(url, timeout=5.0, cafile=cafile)
+    try:
+        for _ in range(1_000_000):  # bounded by the deadline below; the count is a backstop
+            try:
+                conn.health()
+                return
+            except ServingError as e:
+                if e.status is not None or isinstance(e.__cause__, ssl.SSLError):
+                    raise  # it answered (not "ok"), or its certificate is not trusted: no wait
+                waited = time.monotonic() - start
+                if waited >= wait_s:
+                    raise ServingError(f"cannot reach the server at {url} after waiting "
+                                       f"{waited:.0f} s; is `splitcem serve` running there? "
+                                       "(--wait sets how long to wait)") from e
+                if time.monotonic() - said >= every_s or said == start:
+                    print(f"splitcem lens: waiting for the server at {url} ({waited:.0f} s of "
+                          f"{wait_s:.0f} s; it may still be exporting)", flush=True)
+                    said = time.monotonic()
+                time.sleep(0.25)
+    finally:
+        conn.close()
+
+
 def run_lens(run_dir: str | Path, url: str, *, port: int = 8765,
-             token_file: str | Path | None = None) -> None:
-    """Serve the lens page on 127.0.0.1:``port`` until interrupted (prints its URL)."""
+             token_file: str | Path | None = None, cafile: str | Path | None = None,
+             wait_s: float = 300.0) -> None:
+    """Serve the lens page on 127.0.0.1:``port`` until interrupted (prints its URL, which
+    carries the launch token). Waits up to ``wait_s`` for the server first."""
+    import secrets
+
+    from splitcem.serving.transport import Deadlines, listen_socket, require_extra
+
+    require_extra(("fastapi", "uvicorn"))
     import uvicorn
 
-    from splitcem.serving.server import listen_socket
+    from splitcem.serving.protocol import uvicorn_config
 
-    lens = Lens(run_dir, url, token_file=token_file)
-    app = create_lens_app(lens)
+    wait_for_server(url, wait_s=wait_s, cafile=cafile)
+    lens = Lens(run_dir, url, token_file=token_file, cafile=cafile)
     sock = listen_socket("127.0.0.1", port)
     bound = sock.getsockname()[1]
+    token = secrets.token_urlsafe(24)
+    app = create_lens_app(lens, token=token, hosts=allowed_hosts("127.0.0.1", bound))
     if lens.warning:
         log.warning("%s", lens.warning)
-    print(f"splitcem lens: open http://127.0.0.1:{bound}/ (server {url}, model "
+    print(f"splitcem lens: open http://127.0.0.1:{bound}/#token={token} (server {url}, model "
           f"{lens.spec['model_id']})", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(
+    uvicorn.Server(uvicorn_config(app, Deadlines(body_s=60.0, max_connections=64))).run(
         sockets=[sock])

@@ -9,15 +9,20 @@
   apply the run's deployed defense, and send only features.
 
 Features travel in the typed binary format of :mod:`splitcem.serving.wire`
-(docs/serving.md). This package knows no training or attack code: it uses the models,
+(docs/serving.md). Inside the package imports point one way: :mod:`~splitcem.serving.wire`,
+:mod:`~splitcem.serving.deploy` and the other support modules at the bottom, then
+:mod:`~splitcem.serving.halves`, then :mod:`~splitcem.serving.export`, then
+:mod:`~splitcem.serving.client` and :mod:`~splitcem.serving.server` (neither imports the
+other). This package knows no training or attack code: it uses the models,
 the defenses' transforms and the data normalisation only. ``fastapi`` and ``uvicorn`` (the
 ``serve`` extra) are needed by the server only.
 """
 
-from splitcem.serving.client import Client, ClientHalf, Prediction, ServerConnection
+from splitcem.serving.client import Client, Prediction, ServerConnection
 from splitcem.serving.deploy import read_spec
 from splitcem.serving.export import ensure_export, export_model, export_run
-from splitcem.serving.server import ServerHalf, create_app, serve
+from splitcem.serving.halves import ClientHalf, ServerHalf
+from splitcem.serving.server import create_app, serve
 from splitcem.serving.wire import FeatureLimits, WireError, decode_features, encode_features
 
 __all__ = [

@@ -25,8 +25,9 @@ from splitcem.defenses.base import Defense
 from splitcem.defenses.protect import Protected
 from splitcem.errors import ConfigError
 from splitcem.serving.deploy import DEPLOY_DIR
+from splitcem.serving.edge import write_onnx
 from splitcem.serving.export import transforms_features, write_deployment
-from splitcem.serving.program import program_bytes, weights_sha256, write_onnx
+from splitcem.serving.program import program_bytes, weights_sha256
 
 __all__ = ["defense_spec", "export"]
 
@@ -66,7 +67,7 @@ def export(
         mean, std: The input normalisation the client applies (default: a Protected
             client's; none only when it was trained on images in [0, 1]).
         name: The model name in the spec (its id is ``name@hash``).
-        onnx: Also write ``client.onnx``, the edge client (:mod:`splitcem.serving.program`).
+        onnx: Also write ``client.onnx``, the edge client (:mod:`splitcem.serving.edge`).
 
     Returns:
         The deployment directory ``OUT/deploy``.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,10 +29,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from splitcem.errors import ServingError, SpecMismatchError
-from splitcem.serving.deploy import contract, read_half
+from splitcem.serving.auth import read_token
+from splitcem.serving.deploy import contract
+from splitcem.serving.export import ensure_export
+from splitcem.serving.halves import ClientHalf, OnnxClientHalf
 from splitcem.serving.wire import BINARY, JSON, encode_features
 
 __all__ = ["Client", "ClientHalf", "InferResult", "Prediction", "ServerConnection",
@@ -57,6 +61,8 @@ def load_images(paths: Sequence[str | Path | bytes], *, channels: int, size: int
     for p in paths:
         name = "uploaded image" if isinstance(p, bytes) else str(p)
         try:
+            if not isinstance(p, bytes) and Path(p).stat().st_size > MAX_IMAGE_BYTES:
+                raise ServingError(f"{name}: over {MAX_IMAGE_BYTES} bytes; use a smaller image")
             data = p if isinstance(p, bytes) else Path(p).read_bytes()
             if len(data) > MAX_IMAGE_BYTES:
                 raise ServingError(f"{name}: over {MAX_IMAGE_BYTES} bytes; use a smaller image")
@@ -76,61 +82,6 @@ def load_images(paths: Sequence[str | Path | bytes], *, channels: int, size: int
     if not out:
         raise ServingError("no images given")
     return torch.stack(out)  # (B, C, H, W)
-
-
-class ClientHalf:
-    """The client encoder and deployed defense transforms of a deployment.
-
-    Reads ``spec.json`` and ``client.safetensors`` only. ``encode(x01)`` is exactly what a
-    client sends for images in [0, 1]: normalise, encoder, then the defense transforms in
-    eval mode (noise is fresh on every call; it draws from torch's global generator).
-    """
-
-    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu") -> None:
-        from splitcem.defenses import DefenseStack, create_defense
-        from splitcem.serving.program import build_half
-
-        spec, tensors = read_half(path, "client")
-        self.spec = spec
-        self.device = torch.device(device)
-        enc: nn.Module = build_half(path, spec, "client")  # a program, or rebuilt
-        self._load(enc, tensors, "client.")
-        defenses = []
-        for i, s in enumerate(spec["defense"]["transforms"]):
-            d = create_defense(s["name"], **{k: v for k, v in s.items() if k != "name"})
-            self._load(d, tensors, f"defense.{i}.")
-            defenses.append(d)
-        self.encoder = enc.to(self.device).eval()
-        self.defenses = DefenseStack(defenses).to(self.device).eval()
-        img = spec["image"]
-        self.channels, self.size = int(img["channels"]), int(img["size"])
-        self._mean = torch.tensor(img["mean"], device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(img["std"], device=self.device).view(1, -1, 1, 1)
-
-    @staticmethod
-    def _load(module: nn.Module, tensors: dict[str, Tensor], prefix: str) -> None:
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            module.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ServingError(f"client weights ({prefix}*) do not fit the spec ({e}); "
-                               "re-export: splitcem export RUN_DIR") from e
-
-    def normalize(self, x01: Tensor) -> Tensor:
-        """Images in [0, 1] -> the encoder's input scale."""
-        return (x01.to(self.device) - self._mean) / self._std
-
-    @torch.no_grad()
-    def encode(self, x01: Tensor, *, defense: bool = True) -> Tensor:
-        """(B, C, H, W) images in [0, 1] -> (B, Cz, Hz, Wz) features to send (float32, CPU).
-
-        ``defense=False`` gives the clean encoder output (for tests and audits only: a
-        client that sends it drops the run's protection).
-        """
-        z = self.encoder(self.normalize(x01)).float()
-        if defense:
-            z = self.defenses.transform(z)
-        return z.cpu()
 
 
 @dataclass
@@ -165,9 +116,12 @@ class ServerConnection:
         url: ``http://host:port`` (``https://`` works too).
         token: Bearer token, if the server has one.
         timeout: Seconds per request.
+        cafile: For ``https://``: a PEM file of the certificates to trust (e.g. the
+            server's own self-signed one); default: the system's.
     """
 
-    def __init__(self, url: str, *, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, *, token: str | None = None, timeout: float = 30.0,
+                 cafile: str | Path | None = None) -> None:
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ServingError(f"--url must look like http://127.0.0.1:8000, got {url!r}")
@@ -177,12 +131,18 @@ class ServerConnection:
         self._base = u.path.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self._ssl = (ssl.create_default_context(cafile=str(cafile) if cafile else None)
+                     if self._https else None)
         self._conn: http.client.HTTPConnection | None = None
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            conn = cls(self._host, self._port, timeout=self.timeout)
+            conn: http.client.HTTPConnection
+            if self._https:
+                conn = http.client.HTTPSConnection(self._host, self._port,
+                                                   timeout=self.timeout, context=self._ssl)
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
             conn.connect()
             # http.client sends the headers and the body in two writes; without NODELAY,
             # Nagle's algorithm holds the body back until the server's delayed ACK (~40 ms)
@@ -216,6 +176,10 @@ class ServerConnection:
                 if attempt:
                     raise ServingError(f"the server at {self.url} closed the connection "
                                        f"({type(e).__name__})") from e
+            except ssl.SSLError as e:
+                self.close()
+                raise ServingError(f"TLS with the server at {self.url} failed ({e}); for a "
+                                   "self-signed certificate give it with --ca-file CERT") from e
             except (OSError, http.client.HTTPException) as e:
                 self.close()
                 raise ServingError(f"cannot reach the server at {self.url} ({e}); is "
@@ -264,6 +228,8 @@ class Client:
         check: Compare the server's spec with this client's before the first request
             (raises :class:`~splitcem.errors.SpecMismatchError` on any difference).
         timeout: Seconds per request.
+        cafile: For an ``https://`` server: PEM certificates to trust (its own, if
+            self-signed).
         onnx: Encode with the deployment's ``client.onnx`` in onnxruntime (the edge client,
             ``splitcem export ... --onnx``) instead of torch.
     """
@@ -271,21 +237,17 @@ class Client:
     def __init__(self, path: str | Path, url: str, *, token: str | None = None,
                  token_file: str | Path | None = None, dtype: str = "float32",
                  check: bool = True, timeout: float = 30.0,
-                 device: str | torch.device = "cpu", onnx: bool = False) -> None:
-        from splitcem.serving.export import ensure_export
-        from splitcem.serving.server import read_token
-
+                 device: str | torch.device = "cpu", cafile: str | Path | None = None,
+                 onnx: bool = False) -> None:
         if token is None and token_file is not None:
             token = read_token(token_file)
-        from splitcem.serving.program import OnnxClientHalf
-
         d = ensure_export(path)  # onnx: the edge client's client.onnx, run by onnxruntime
         self.half: ClientHalf | OnnxClientHalf = OnnxClientHalf(d) if onnx else ClientHalf(
             d, device=device)
         self.spec = self.half.spec
         self.model_id: str = self.spec["model_id"]
         self.dtype = dtype
-        self.conn = ServerConnection(url, token=token, timeout=timeout)
+        self.conn = ServerConnection(url, token=token, timeout=timeout, cafile=cafile)
         self._lock = threading.Lock()
         self.server_spec: dict[str, Any] | None = None
         if check:

@@ -155,8 +155,7 @@ def _verify(client: torch.nn.Module, server: torch.nn.Module, out: Path,
             info: DatasetInfo) -> None:
     """Load both halves from ``out`` and check they compose to ``server(client(x))`` (no
     transforms) on a seeded random input, in eval mode (modes restored)."""
-    from splitcem.serving.client import ClientHalf
-    from splitcem.serving.server import ServerHalf
+    from splitcem.serving.halves import ClientHalf, ServerHalf
 
     c_half, s_half = ClientHalf(out), ServerHalf(out)
     saved = [(m, m.training) for m in [*client.modules(), *server.modules()]]

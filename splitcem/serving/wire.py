@@ -92,10 +92,14 @@ class FeatureLimits:
         """Size of the largest binary body the limits allow (float32)."""
         return header_size() + self.max_batch * self.dim * 4
 
+    def max_json_bytes(self) -> int:
+        """A JSON body limit that fits the largest JSON batch (up to 32 characters a value)."""
+        return self.max_json_batch * self.dim * 32 + 4096
+
     def default_body_limit(self) -> int:
         """A body limit that fits the largest binary and the largest JSON request (up to 32
         characters per value in JSON), whichever is bigger."""
-        return max(self.max_binary_bytes(), self.max_json_batch * self.dim * 32 + 4096)
+        return max(self.max_binary_bytes(), self.max_json_bytes())
 
 
 def header_size(ndim: int = _NDIM) -> int:
