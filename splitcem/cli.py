@@ -176,12 +176,12 @@ def sweep(
 ) -> None:
     """Run a sweep file on Ray (resumable, failures recorded), or several run configs."""
     _threads(threads)
-    from splitcem.grid import is_sweep_file
+    from splitcem.study.grid import is_sweep_file
 
     if len(configs) == 1 and is_sweep_file(configs[0]):
-        from splitcem.frontier_report import write_frontier
-        from splitcem.grid import add_overrides, load_sweep
-        from splitcem.trials import run_grid
+        from splitcem.study.frontier_report import write_frontier
+        from splitcem.study.grid import add_overrides, load_sweep
+        from splitcem.study.trials import run_grid
 
         spec = add_overrides(load_sweep(configs[0]), set_ or [])
         res = run_grid(spec, out=out, address=address, max_concurrent=max_concurrent,
@@ -193,7 +193,7 @@ def sweep(
             write_frontier([res.out], res.out, baseline=baseline)
             typer.echo(f"-> {res.out / 'frontier.md'}")
         return
-    from splitcem.sweep import run_sweep
+    from splitcem.study.sweep import run_sweep
 
     out = out or Path("runs/sweep")
     table = run_sweep(configs, out, overrides=set_ or [], baseline=baseline,
@@ -218,7 +218,7 @@ def frontier(
     device: Device = None,
 ) -> None:
     """Accuracy vs worst-case attack MSE per defense family; MSE at matched accuracy."""
-    from splitcem.frontier_report import write_frontier
+    from splitcem.study.frontier_report import write_frontier
 
     rec = write_frontier(dirs, out, baseline=baseline, leakage=leakage, show=show or (),
                          device=device)
@@ -246,7 +246,7 @@ def reproduce(
     quiet: Quiet = False,
 ) -> None:
     """The paper's comparison (defenses without / with CEM, noise curve, cut); resumable."""
-    from splitcem.reproduce import reproduce as run
+    from splitcem.study.reproduce import reproduce as run
 
     res, table = run(dataset, protocol, out=out, address=address,
                      max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
@@ -269,7 +269,7 @@ def demo(
 ) -> None:
     """Train undefended, noise-defended and noise + CEM split models, attack each, compare."""
     _threads(threads)
-    from splitcem.demo import run_demo
+    from splitcem.study.demo import run_demo
 
     table = run_demo(dataset=dataset, root=root, out=out, progress=not quiet, device=device)
     typer.echo(table)

@@ -32,7 +32,7 @@ from typing import Any
 from splitcem._io import write_json, write_text
 from splitcem.config import RunConfig, load_config
 from splitcem.errors import ConfigError
-from splitcem.grid import SweepSpec, Trial, expand, load_sweep
+from splitcem.study.grid import SweepSpec, Trial, expand, load_sweep
 
 __all__ = [
     "STATUS_FILE",
@@ -296,7 +296,7 @@ def run_grid(
     """Run every trial of a sweep file that is not finished yet; returns their statuses.
 
     Args:
-        sweep: A sweep file (see :mod:`splitcem.grid`), its dict, or a parsed spec.
+        sweep: A sweep file (see :mod:`splitcem.study.grid`), its dict, or a parsed spec.
         out: The sweep's folder (default: the file's ``out``, else ``runs/sweeps/NAME``).
         address: A Ray cluster's address; ``None`` starts a local Ray sized to this machine.
         max_concurrent: Trials at once (default: CPUs // threads_per_trial).

@@ -3,9 +3,9 @@
 ``splitcem reproduce cifar10 --protocol cpu`` runs ``configs/sweeps/cifar10_cpu.yaml``
 (each defense at its strengths without and with CEM, the noise-only curve, the cut
 baseline; every run attacked with the worst case of ``decoder`` and ``decoder_adaptive``)
-through :func:`splitcem.trials.run_grid`, so re-running continues where it stopped; then it
+through :func:`splitcem.study.trials.run_grid`, so re-running continues where it stopped; then it
 writes ``paper_table.md`` / ``.json`` (accuracy, MSE, SSIM, PSNR without / with CEM and the
-relative gain in MSE, seed means) and the frontier report (:mod:`splitcem.frontier_report`)
+relative gain in MSE, seed means) and the frontier report (:mod:`splitcem.study.frontier_report`)
 into the sweep's folder.
 """
 
@@ -20,12 +20,12 @@ from typing import Any
 
 from splitcem._io import write_json, write_text
 from splitcem.errors import ConfigError
-from splitcem.frontier_report import FrontierRun, _family, _fmt, find_runs, write_frontier
-from splitcem.trials import GridResult, run_grid
+from splitcem.study.frontier_report import FrontierRun, _family, _fmt, find_runs, write_frontier
+from splitcem.study.trials import GridResult, run_grid
 
 __all__ = ["paper_table", "reproduce", "sweep_file"]
 
-SWEEPS = Path(__file__).resolve().parent / "configs" / "sweeps"  # bundled in the package
+SWEEPS = Path(__file__).resolve().parents[1] / "configs" / "sweeps"  # bundled in the package
 
 
 def sweep_file(dataset: str, protocol: str) -> Path:

@@ -17,7 +17,7 @@ import torch
 
 from splitcem._io import atomic_write
 from splitcem.config import load_config
-from splitcem.sweep import run_sweep
+from splitcem.study.sweep import run_sweep
 
 __all__ = ["DEMO_CEM_LAMBDA", "DEMO_CONFIG", "demo_configs", "plot_comparison", "run_demo"]
 

@@ -3,7 +3,7 @@
 :func:`write_frontier` reads every run directory under the given folders (``config.yaml`` +
 ``metrics.json``, searched recursively; the folders are only read), skips unfinished runs
 with a note, groups the runs by defense family and writes ``frontier.md``, ``.json``,
-``.csv`` and ``.png`` into ``out``. The maths is in :mod:`splitcem.frontier`.
+``.csv`` and ``.png`` into ``out``. The maths is in :mod:`splitcem.study.frontier`.
 
 Families (a *group* is a family in one context, see below):
 
@@ -39,7 +39,7 @@ import yaml
 from splitcem._io import atomic_write, write_json, write_text
 from splitcem.config import RunConfig, load_config
 from splitcem.errors import ConfigError
-from splitcem.frontier import matched_gain
+from splitcem.study.frontier import matched_gain
 from splitcem.report import GRID_FILE, RECON_FILE, _attack_metric, leakage_cell
 
 __all__ = ["FrontierRun", "find_runs", "group_runs", "write_frontier"]
@@ -124,7 +124,7 @@ def find_runs(dirs: Sequence[str | Path]) -> tuple[list[FrontierRun], list[str]]
 
 
 def _comparable(cfg: RunConfig) -> dict[str, Any]:
-    from splitcem.trials import comparable
+    from splitcem.study.trials import comparable
 
     return comparable(cfg.to_dict())
 
@@ -155,7 +155,7 @@ def _param_value(spec: dict[str, Any], param: str | None) -> Any:
 
 
 def _fmt(v: Any) -> str:
-    from splitcem.grid import format_value
+    from splitcem.study.grid import format_value
 
     return format_value(v)
 
@@ -446,7 +446,7 @@ def write_frontier(
         "groups": {g: sorted({r.strength_key for r in rs}) for g, rs in groups.items()},
         "cells": cells_out, "matched": comparisons, "notes": notes,
         "method": "worst case per run = best score any attack reached (lowest MSE, highest "
-                  "SSIM); matched accuracy: splitcem.frontier (linear interpolation along "
+                  "SSIM); matched accuracy: splitcem.study.frontier (linear interpolation along "
                   "the baseline's seed-mean curve, percentile bootstrap over seeds)",
     }
     write_json(out / "frontier.json", _finite(record))
