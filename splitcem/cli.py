@@ -197,7 +197,9 @@ def sweep(
 
     out = out or Path("runs/sweep")
     table = run_sweep(configs, out, overrides=set_ or [], baseline=baseline,
-                      progress=not quiet, device=device)
+                      progress=not quiet, device=device, address=address, adopt=adopt or (),
+                      max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
+                      gpus_per_trial=gpus_per_trial)
     typer.echo(table)
     typer.echo(f"-> {out / 'comparison.md'}, {out / 'frontier.png'}")
 
@@ -211,7 +213,7 @@ def frontier(
     baseline: Annotated[str | None, typer.Option(
         help="Group to compare against at matched accuracy (default: noise)")] = None,
     leakage: Annotated[bool, typer.Option(
-        help="Compute the held-out I(x;z) estimate of runs without one (cached in --out)")]
+        help="First record the held-out I(x;z) estimate of runs without one (in the runs)")]
     = False,
     show: Annotated[list[str] | None, typer.Option(
         help="Run name whose reconstructions to show (repeatable; default: chosen)")] = None,
@@ -220,8 +222,12 @@ def frontier(
     """Accuracy vs worst-case attack MSE per defense family; MSE at matched accuracy."""
     from splitcem.study.frontier_report import write_frontier
 
-    rec = write_frontier(dirs, out, baseline=baseline, leakage=leakage, show=show or (),
-                         device=device)
+    if leakage:  # an analysis step writing into the runs' records; the report only reads
+        from splitcem.study.analysis import record_leakage
+
+        for note in record_leakage(dirs, device=device):
+            typer.echo(note)
+    rec = write_frontier(dirs, out, baseline=baseline, show=show or ())
     for m in rec["matched"]:
         gain = "-" if m["gain"] is None else f"{100 * m['gain']:+.1f}%"
         ci = "" if m["low"] is None else f" [{100 * m['low']:+.1f}%, {100 * m['high']:+.1f}%]"
@@ -384,7 +390,9 @@ def lens(
 @app.command()
 def show(run_dir: Annotated[Path, typer.Argument(help="A run directory")]) -> None:
     """Print a run's metrics.json (without the per-epoch history)."""
-    rec = json.loads((run_dir / "metrics.json").read_text())
+    from splitcem.record import RunRecord
+
+    rec = RunRecord.load(run_dir).metrics
     rec.get("train", {}).pop("history", None)
     typer.echo(json.dumps(rec, indent=2))
 

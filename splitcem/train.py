@@ -35,7 +35,7 @@ from splitcem.data import ArrayDataset, Augment, BatchLoader, DataSplits
 from splitcem.defenses import DefenseStack, EpochContext, SetupContext, StepContext
 from splitcem.errors import CheckpointError, ConfigError, NonFiniteError
 from splitcem.models import SplitModel
-from splitcem.runtime import NumericPath, resolve_numeric_path
+from splitcem.runtime import NumericPath, resolve_device, resolve_numeric_path
 
 __all__ = [
     "TrainResult",
@@ -53,25 +53,6 @@ log = logging.getLogger(__name__)
 LAST = "last.pt"
 #: training settings that change no result (a checkpoint resumes across them)
 _NOT_RESULTS = {"tensorboard"}
-
-
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
-    if isinstance(spec, torch.device):
-        return spec
-    spec = (spec or "auto").lower()
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} requested but CUDA is not available; use cpu or auto")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {spec!r} requested but MPS is not available; use cpu or auto")
-    return dev
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:

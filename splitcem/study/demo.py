@@ -131,7 +131,7 @@ def run_demo(
         p.write_text(yaml.safe_dump(cfg, sort_keys=False))
         paths.append(p)
     table = run_sweep(paths, out, overrides=overrides, baseline="undefended",
-                      progress=progress, device=device)
+                      progress=progress, device=None if device is None else str(device))
     records = json.loads((out / "comparison.json").read_text())
     plot_comparison(records, out / "comparison.png")
     return table

@@ -1,243 +1,40 @@
-"""Frontiers from finished run directories: group, plot, compare at matched accuracy, report.
+"""The frontier report of finished run directories: compare at matched accuracy, render.
 
-:func:`write_frontier` reads every run directory under the given folders (``config.yaml`` +
-``metrics.json``, searched recursively; the folders are only read), skips unfinished runs
-with a note, groups the runs by defense family and writes ``frontier.md``, ``.json``,
-``.csv`` and ``.png`` into ``out``. The maths is in :mod:`splitcem.study.frontier`.
-
-Families (a *group* is a family in one context, see below):
-
-* ``noise``: Gaussian noise alone, over sigma;
-* ``noise(sigma=S) + cem``: noise plus CEM (lambda > 0), over lambda; any defense with CEM
-  likewise, over lambda, with the defenses' strengths fixed in the label;
-* ``D + noise(sigma=S)``: a zoo defense D over its strength (``Defense.strength_param``);
-* ``cut``: no defense at all, over ``model.cut`` (a deeper split point is a free defense).
-
-Everything else in the config (data, model, training, attacks, CEM's other settings for a
-CEM family) is the group's *context*; runs in different contexts are never pooled, and
-their labels say what differs. Runs with the same config up to name and device (e.g. a copy
-made by ``splitcem sweep --adopt``) are counted once.
+:func:`write_frontier` reads every run directory under the given folders (through
+:class:`splitcem.record.RunRecord`, searched recursively; the folders are only read), skips
+unfinished runs with a note, groups the runs by defense family
+(:mod:`splitcem.study.groups`) and writes ``frontier.md``, ``.json``, ``.csv`` and ``.png``
+into ``out``. The maths is in :mod:`splitcem.study.frontier`. A report only reads: the
+held-out I(x; z) estimate is shown where a run recorded it (``splitcem attack RUN
+--leakage-only``, or ``attack.leakage: true``; ``splitcem frontier --leakage`` runs that step
+on the runs that lack it first).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from splitcem._io import atomic_write, write_json, write_text
-from splitcem.config import RunConfig, load_config
+from splitcem._io import write_json, write_text
 from splitcem.errors import ConfigError
+from splitcem.report import GRID_FILE, RECON_FILE, CurvePoint, leakage_cell, plot_curves
 from splitcem.study.frontier import matched_gain
-from splitcem.report import GRID_FILE, RECON_FILE, _attack_metric, leakage_cell
+from splitcem.study.grid import format_value as _fmt
+from splitcem.study.groups import FrontierRun, family, find_runs, group_runs
 
-__all__ = ["FrontierRun", "find_runs", "group_runs", "write_frontier"]
+__all__ = ["FrontierRun", "family", "find_runs", "group_runs", "write_frontier"]
 
 log = logging.getLogger(__name__)
-
-#: config keys that neither change a run's results nor its group
-_NOT_CONTEXT = {("name",), ("seed",), ("device",), ("data", "root"), ("data", "cache_dir"),
-                ("train", "tensorboard"), ("defenses",), ("cem",)}
-
-
-@dataclass
-class FrontierRun:
-    """One finished run, as the frontier sees it."""
-
-    path: Path
-    cfg: RunConfig
-    record: dict[str, Any]
-    family: str = ""
-    strength_key: str = ""
-    strength: float | None = None
-    context: str = ""
-    group: str = ""
-    leakage_bits: float | None = None
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name
-
-    @property
-    def accuracy(self) -> float:
-        return float((self.record.get("train") or {}).get("test_accuracy", float("nan")))
-
-    def metric(self, m: str) -> float:
-        return _attack_metric(self.record, m)
-
-
-def _read(p: Path) -> dict[str, Any] | None:
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
-
-
-def find_runs(dirs: Sequence[str | Path]) -> tuple[list[FrontierRun], list[str]]:
-    """Finished runs under ``dirs`` (recursively), and a note per run left out and why."""
-    runs: list[FrontierRun] = []
-    notes: list[str] = []
-    seen: dict[str, Path] = {}
-    for d in dirs:
-        d = Path(d)
-        if not d.is_dir():
-            raise ConfigError(f"{d} is not a folder of run directories")
-        for cfg_file in sorted(d.rglob("config.yaml")):
-            run = cfg_file.parent
-            if any(part.startswith(".") for part in run.relative_to(d).parts):
-                continue
-            try:
-                cfg = load_config(cfg_file)
-            except ConfigError as e:
-                notes.append(f"{run}: config not readable here ({str(e).splitlines()[0]})")
-                continue
-            rec = _read(run / "metrics.json")
-            if rec is None:
-                notes.append(f"{run}: unfinished (no metrics.json yet)")
-                continue
-            epochs = (rec.get("train") or {}).get("epochs")
-            if epochs != cfg.train.epochs:
-                notes.append(f"{run}: unfinished (trained {epochs} of {cfg.train.epochs} epochs)")
-                continue
-            if not (rec.get("attacks") or {}).get("attacks"):
-                notes.append(f"{run}: unfinished (not attacked yet)")
-                continue
-            key = json.dumps(_comparable(cfg), sort_keys=True)
-            if key in seen:
-                notes.append(f"{run}: same config as {seen[key]}, counted once")
-                continue
-            seen[key] = run
-            runs.append(FrontierRun(run, cfg, rec))
-    return runs, notes
-
-
-def _comparable(cfg: RunConfig) -> dict[str, Any]:
-    from splitcem.study.trials import comparable
-
-    return comparable(cfg.to_dict())
-
-
-def _strength_param(name: str) -> str | None:
-    from splitcem.defenses import DEFENSES
-
-    if name not in DEFENSES:
-        return None
-    return getattr(DEFENSES.get(name), "strength_param", None)
-
-
-def _param_value(spec: dict[str, Any], param: str | None) -> Any:
-    """A defense's parameter from its config, else the registered factory's default."""
-    import inspect
-
-    from splitcem.defenses import DEFENSES
-
-    if param is None:
-        return None
-    if param in spec:
-        return spec[param]
-    try:
-        p = inspect.signature(DEFENSES.get(spec["name"])).parameters.get(param)
-    except (ValueError, TypeError, KeyError):
-        return None
-    return None if p is None or p.default is inspect.Parameter.empty else p.default
-
-
-def _fmt(v: Any) -> str:
-    from splitcem.study.grid import format_value
-
-    return format_value(v)
-
-
-def _family(cfg: RunConfig) -> tuple[str, str, float | None]:
-    """(family label, strength key, strength value) of a run's config."""
-    defs = list(cfg.defenses)
-    lam = cfg.cem.lam if cfg.cem is not None else 0.0
-
-    def fixed(spec: dict[str, Any]) -> str:
-        sp = _strength_param(spec["name"])
-        v = _param_value(spec, sp)
-        return f"{spec['name']}({sp}={_fmt(v)})" if sp and v is not None else spec["name"]
-
-    if lam > 0:
-        label = " + ".join([fixed(s) for s in defs] + ["cem"])
-        return label, "cem.lambda", float(lam)
-    if not defs:
-        return "cut", "model.cut", float(cfg.model.cut)
-    primary = next((i for i, s in enumerate(defs) if s["name"] != "noise"), 0)
-    sp = _strength_param(defs[primary]["name"])
-    val = _param_value(defs[primary], sp)
-    label = " + ".join(s["name"] if i == primary else fixed(s) for i, s in enumerate(defs))
-    key = f"defenses.{primary}.{sp}" if sp else f"defenses.{primary}"
-    return label, key, float(val) if isinstance(val, int | float) else None
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: json.dumps(d, sort_keys=True)}
-
-
-def _context(cfg: RunConfig, family: str) -> dict[str, Any]:
-    d = cfg.to_dict()
-    for path in _NOT_CONTEXT:
-        cur = d
-        for k in path[:-1]:
-            cur = cur.get(k) or {}
-        cur.pop(path[-1], None)
-    if family == "cut":
-        d["model"].pop("cut", None)
-    if family.endswith("cem") and cfg.cem is not None:
-        d["cem"] = {k: v for k, v in cfg.cem.model_dump(by_alias=True).items() if k != "lambda"}
-    return d
-
-
-def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:
-    """Set each run's family, strength, context and group label; return runs by group.
-
-    Runs in the most common context get the family as their label; the others add what
-    differs from it, e.g. ``noise [model.bottleneck_channels=4]``.
-    """
-    contexts: dict[str, dict[str, Any]] = {}
-    counts: dict[str, int] = defaultdict(int)
-    for r in runs:
-        r.family, r.strength_key, r.strength = _family(r.cfg)
-        ctx = _context(r.cfg, r.family)
-        r.context = json.dumps(ctx, sort_keys=True)
-        contexts[r.context] = _flatten(ctx)
-        counts[r.context] += 1
-    main = contexts[max(counts, key=lambda c: (counts[c], c))] if counts else {}
-    groups: dict[str, list[FrontierRun]] = defaultdict(list)
-    for r in runs:
-        flat = contexts[r.context]
-        # a key differs if both have it and disagree (a CEM family's context has CEM's
-        # settings, the others have none: that absence is not a difference)
-        diff = sorted(k for k in flat if k in main and flat[k] != main[k])
-        parts = [f"{k}={_short(flat[k])}" for k in diff if not k.startswith("attack.")]
-        if any(k.startswith("attack.") for k in diff):
-            parts.append("other attacks")
-        r.group = r.family + (f" [{', '.join(parts)}]" if parts else "")
-        groups[r.group].append(r)
-    return dict(groups)
-
-
-def _short(v: Any) -> str:
-    s = json.loads(v) if isinstance(v, str) else v
-    return _fmt(s) if not isinstance(s, list | dict) else json.dumps(s)[:40]
 
 
 def _cells(runs: list[FrontierRun], metric: str = "mse") -> dict[Any, list[tuple[float, float]]]:
@@ -254,62 +51,25 @@ def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def _leakage(r: FrontierRun, compute: bool, cache: dict[str, Any], device: str | None) -> None:
+def _leakage(r: FrontierRun) -> None:
+    """The held-out estimate the run recorded, if any (a report computes nothing)."""
     lk = r.record.get("leakage") or {}
     if lk.get("heldout_bits") is not None:
         r.leakage_bits = float(lk["heldout_bits"])
-        return
-    if not compute or r.record.get("leakage_note"):
-        return
-    ckpt = r.path / "checkpoints" / "last.pt"
-    key = f"{r.path.resolve()}:{ckpt.stat().st_mtime_ns if ckpt.exists() else 0}"
-    if key not in cache:
-        from splitcem.experiment import leakage_run
-
-        log.info("frontier: held-out leakage estimate of %s", r.path)
-        cache[key] = leakage_run(r.path, write=False, device=device)  # the run is only read
-    r.record = {**r.record, "leakage": cache[key]}
-    if cache[key].get("heldout_bits") is not None:
-        r.leakage_bits = float(cache[key]["heldout_bits"])
 
 
 def _plot(groups: dict[str, list[FrontierRun]], baseline: str | None, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 5))
-    axes = fig.subplots(1, 2)
-    for gi, (g, runs) in enumerate(sorted(groups.items())):
-        color = f"C{gi % 10}"
-        for ax, metric in zip(axes, ("mse", "ssim"), strict=True):
-            cells = defaultdict(list)
-            for r in runs:
-                cells[r.strength].append((r.accuracy * 100, r.metric(metric)))
-            keys = sorted(cells, key=lambda k: (k is None, k))
-            xs, ys, xe, ye = [], [], [], []
-            for k in keys:
-                acc_m, acc_s = _mean_sd([a for a, _ in cells[k]])
-                m_m, m_s = _mean_sd([m for _, m in cells[k]])
-                xs.append(m_m)
-                ys.append(acc_m)
-                xe.append(m_s)
-                ye.append(acc_s)
-            style = "-" if g == baseline else "--"
-            ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt="o" + style, color=color, capsize=3,
-                        lw=2 if g == baseline else 1.2, label=g + (" (baseline)" if g == baseline
-                                                               else ""))
-            for x, y, k in zip(xs, ys, keys, strict=True):
-                if k is not None:
-                    ax.annotate(_fmt(k), (x, y), fontsize=7, xytext=(4, 3),
-                                textcoords="offset points", color=color)
-    axes[0].set_xlabel("worst-case attack MSE (higher = more private)")
-    axes[1].set_xlabel("worst-case attack SSIM (lower = more private)")
-    for ax in axes:
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle("privacy-utility frontier (mean ± sd over seeds; labels: strength)")
-    fig.tight_layout()
-    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    series: dict[str, list[CurvePoint]] = {}
+    for g, runs in groups.items():
+        cells: dict[Any, list[FrontierRun]] = defaultdict(list)
+        for r in runs:
+            cells[r.strength].append(r)
+        series[g] = [CurvePoint(
+            None if k is None else _fmt(k), *_mean_sd([r.accuracy for r in cells[k]]),
+            *_mean_sd([r.metric("mse") for r in cells[k]]),
+            *_mean_sd([r.metric("ssim") for r in cells[k]]))
+            for k in sorted(cells, key=lambda k: (k is None, k))]
+    return plot_curves(series, path, baseline=baseline)
 
 
 def _choose_shown(groups: dict[str, list[FrontierRun]], baseline: str | None,
@@ -375,19 +135,14 @@ def write_frontier(
     out: str | Path,
     *,
     baseline: str | None = None,
-    leakage: bool = False,
     show: Sequence[str] = (),
     n_boot: int = 2000,
-    device: str | None = None,
 ) -> dict[str, Any]:
     """Read finished runs under ``dirs`` (never written to), write the frontier report into
     ``out``; returns the JSON record (also ``out/frontier.json``).
 
     Args:
         baseline: The group compared against (default ``noise`` if present).
-        leakage: Compute the held-out I(x; z) estimate of runs that lack it (loads each
-            run's checkpoint; results are cached in ``out/leakage_cache.json``, not written
-            into the runs).
         show: Run names whose reconstructions to show side by side (default: chosen).
     """
     out = Path(out)
@@ -398,15 +153,8 @@ def write_frontier(
                                                             + "; ".join(notes[:5]) if notes
                                                             else ""))
     out.mkdir(parents=True, exist_ok=True)
-    cache_file = out / "leakage_cache.json"
-    cache = (_read(cache_file) or {}) if leakage else {}
     for r in runs:
-        try:
-            _leakage(r, leakage, cache, device)
-        except Exception as e:  # one unreadable checkpoint must not sink the report
-            notes.append(f"{r.path}: no leakage estimate ({type(e).__name__}: {e})")
-    if leakage:
-        write_json(cache_file, cache)
+        _leakage(r)
     groups = group_runs(runs)
     if baseline is None:
         baseline = "noise" if "noise" in groups else None
@@ -446,7 +194,7 @@ def write_frontier(
         "groups": {g: sorted({r.strength_key for r in rs}) for g, rs in groups.items()},
         "cells": cells_out, "matched": comparisons, "notes": notes,
         "method": "worst case per run = best score any attack reached (lowest MSE, highest "
-                  "SSIM); matched accuracy: splitcem.study.frontier (linear interpolation along "
+                  "SSIM); matched accuracy: splitcem.frontier (linear interpolation along "
                   "the baseline's seed-mean curve, percentile bootstrap over seeds)",
     }
     write_json(out / "frontier.json", _finite(record))
@@ -456,6 +204,15 @@ def write_frontier(
     grid = _recon_grid(shown, out) if shown else None
     write_text(out / "frontier.md", _markdown(record, groups, shown, grid, out))
     return record
+
+
+def _as_attacked(r: FrontierRun) -> dict[str, Any]:
+    """The run's config with ``data.split_seed`` = the partition its attacks really ran on
+    (a run attacked before the fixed split existed: its own seed)."""
+    d = r.cfg.to_dict()
+    if r.split is not None:
+        d["data"]["split_seed"] = r.split.get("seed")
+    return d
 
 
 def _finite(o: Any) -> Any:
@@ -578,7 +335,7 @@ def _markdown(record: dict[str, Any], groups: dict[str, list[FrontierRun]],
                 f"<summary>{r.name}: {g}, {r.strength_key}={_fmt(r.strength)}, seed "
                 f"{r.cfg.seed}, accuracy {100 * r.accuracy:.2f}%, MSE {r.metric('mse'):.4f}, "
                 f"I(x;z) {leakage_cell(r.record)} ({r.path})</summary>", "",
-                "```yaml", yaml.safe_dump(r.cfg.to_dict(), sort_keys=False).rstrip(), "```", "",
+                "```yaml", yaml.safe_dump(_as_attacked(r), sort_keys=False).rstrip(), "```", "",
                 "</details>", ""]
     if record["notes"]:
         lines += ["## Left out", ""] + [f"- {n}" for n in record["notes"]] + [""]

@@ -20,7 +20,9 @@ from typing import Any
 
 from splitcem._io import write_json, write_text
 from splitcem.errors import ConfigError
-from splitcem.study.frontier_report import FrontierRun, _family, _fmt, find_runs, write_frontier
+from splitcem.study.frontier_report import write_frontier
+from splitcem.study.grid import format_value as _fmt
+from splitcem.study.groups import FrontierRun, family, find_runs
 from splitcem.study.trials import GridResult, run_grid
 
 __all__ = ["paper_table", "reproduce", "sweep_file"]
@@ -59,7 +61,7 @@ def paper_table(runs: Sequence[FrontierRun]) -> tuple[str, list[dict[str, Any]]]
         key = json.dumps(d, sort_keys=True)
         by_key[key][lam].append(r)
         if lam == 0:
-            fam, skey, val = _family(r.cfg)
+            fam, skey, val = family(r.cfg)
             labels[key] = f"{fam} ({skey.rsplit('.', 1)[-1]}={_fmt(val)})"
     rows = []
     for key, by_lam in by_key.items():

@@ -1,76 +1,34 @@
-"""Run several configs and compare them: the one command behind the paper-style tables.
+"""Several run configs -> one comparison: the list-of-configs front door onto the one engine.
 
-A run whose directory already holds finished training and attacks for the same config is
-reused, and a run that was killed is resumed, so re-running a sweep only does what is left.
+``splitcem sweep a.yaml b.yaml ...`` makes one trial per config (:func:`~splitcem.study.grid.
+config_trials`) and runs them through :func:`splitcem.study.trials.run_trials`, like a sweep
+file: finished runs are reused (for exactly their config), killed ones resumed, failures
+recorded while the others go on; in a loop here, or on Ray with ``address``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from splitcem._io import write_json, write_text
-from splitcem.config import load_config
-from splitcem.experiment import CONFIG_FILE, METRICS_FILE, attack_run, train_run
+from splitcem.errors import SplitcemError
+from splitcem.record import RunRecord
 from splitcem.report import comparison_table, plot_frontier
+from splitcem.study.grid import config_trials
+from splitcem.study.trials import GridResult, run_trials
 
-__all__ = ["run_sweep"]
+__all__ = ["run_sweep", "write_comparison"]
 
 log = logging.getLogger(__name__)
 
 
-def _finished(run_dir: Path, cfg_dict: dict[str, Any]) -> dict[str, Any] | None:
-    m, c = run_dir / METRICS_FILE, run_dir / CONFIG_FILE
-    if not (m.is_file() and c.is_file()):
-        return None
-    try:
-        rec = json.loads(m.read_text())
-        same = load_config(c).to_dict() == cfg_dict
-    except Exception:  # unreadable leftovers: run again
-        return None
-    return rec if same and rec.get("attacks") and rec.get("train") else None
-
-
-def run_sweep(
-    configs: Sequence[str | Path],
-    out: str | Path,
-    *,
-    overrides: Sequence[str] = (),
-    baseline: str | None = None,
-    progress: bool = True,
-    device: str | torch.device | None = None,
-) -> str:
-    """Train + attack each config under ``out/NAME``; write and return the comparison table.
-
-    Writes ``out/comparison.md`` (markdown table), ``out/comparison.json`` (all records) and
-    ``out/frontier.png`` (accuracy against attack MSE).
-    """
-    out = Path(out)
-    records = []
-    names: set[str] = set()
-    for path in configs:
-        cfg = load_config(path, list(overrides))
-        if cfg.name in names:
-            raise ValueError(f"two configs in the sweep are named {cfg.name!r}; names must differ")
-        names.add(cfg.name)
-        run_dir = out / cfg.name
-        rec = _finished(run_dir, cfg.to_dict())
-        if rec is None:
-            ckpt = run_dir / "checkpoints" / "last.pt"
-            resume = ckpt.is_file() and (run_dir / CONFIG_FILE).is_file() and (
-                load_config(run_dir / CONFIG_FILE).to_dict() == cfg.to_dict())
-            log.info("sweep: %s (%s)", cfg.name, "resuming" if resume else "new")
-            train_run(cfg, run_dir, resume=resume, overwrite=not resume, progress=progress,
-                      device=device)
-            rec = attack_run(run_dir, progress=progress, device=device)
-        else:
-            log.info("sweep: %s already finished, reused", cfg.name)
-        records.append(rec)
+def write_comparison(records: Sequence[dict[str, Any]], out: Path, *,
+                     baseline: str | None = None) -> str:
+    """``out/comparison.md`` (the table), ``comparison.json`` (the records without their
+    per-epoch history) and ``frontier.png``; returns the table."""
     table = comparison_table(records, baseline=baseline)
     write_text(out / "comparison.md", table + "\n")
     write_json(out / "comparison.json", [
@@ -80,3 +38,44 @@ def run_sweep(
     ])
     plot_frontier(records, out / "frontier.png")
     return table
+
+
+def run_sweep(
+    configs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    baseline: str | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    address: str | None = None,
+    use_ray: bool = False,
+    max_concurrent: int | None = None,
+    threads_per_trial: int | None = None,
+    gpus_per_trial: float = 0.0,
+    adopt: Sequence[str | Path] = (),
+) -> str:
+    """Train + attack each config under ``out/NAME``; write and return the comparison table.
+
+    Writes ``out/comparison.md`` (markdown table), ``out/comparison.json`` (all records) and
+    ``out/frontier.png`` (accuracy against attack MSE). Runs in this process one after the
+    other unless ``use_ray`` (or an ``address``); a failed run is listed under the table
+    (its ``trial.json`` has the traceback), and if every run failed that is an error.
+    """
+    out = Path(out)
+    trials = config_trials(list(configs), list(overrides))
+    res: GridResult = run_trials(
+        trials, out, name=out.name, source=", ".join(map(str, configs)), address=address,
+        use_ray=use_ray or address is not None, max_concurrent=max_concurrent,
+        threads_per_trial=threads_per_trial or 1, gpus_per_trial=gpus_per_trial,
+        adopt=adopt, device=device, progress=False, trial_progress=progress)
+    records = []
+    for t in trials:
+        run = RunRecord.load(out / t.name)
+        if run.finished(t.cfg, device=device):
+            records.append(run.metrics)
+    failed = [f"{n} ({res.statuses[n].get('error')})" for n in res.failed]
+    if not records:
+        raise SplitcemError("no run of the sweep finished: " + "; ".join(failed))
+    table = write_comparison(records, out, baseline=baseline)
+    return table + ("\n\nFailed (see their trial.json): " + "; ".join(failed) if failed else "")
