@@ -28,8 +28,8 @@ __all__ = [
     "bundled_configs",
     "config_summary",
     "load_config",
-    "set_path",
     "resolve_config",
+    "set_path",
 ]
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "GridResult",
     "comparable",
     "find_adoptable",
+    "plan_trials",
     "run_grid",
     "run_trial",
     "run_trials",
@@ -176,6 +177,36 @@ def _execute_ray(
             ray.shutdown()
 
 
+def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
+                device: str | None = None
+                ) -> tuple[GridResult, list[tuple[Trial, Path, dict[str, Any]]]]:
+    """What a sweep has left to do: skip the trials finished in ``out`` (for exactly their
+    config), adopt finished runs from ``adopt`` (copied into ``out``), and return the rest
+    as jobs (a run adopted as trained only is a job: its attacks run again)."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = GridResult(out_dir)
+    jobs: list[tuple[Trial, Path, dict[str, Any]]] = []
+    for t in trials:
+        path = out_dir / t.name
+        meta = {"name": t.name, "variant": t.variant, "values": t.values, "seed": t.seed}
+        if trial_finished(path, t.cfg, device=device) is not None:
+            result.statuses[t.name] = RunRecord.load(path).trial or {**meta,
+                                                                     "status": "finished"}
+            result.skipped.append(t.name)
+            continue
+        src = find_adoptable(t, [Path(a) for a in adopt], device=device) if adopt else None
+        if src is not None:
+            result.statuses[t.name] = _adopt(t, src, path, device=device)
+            log.info("trial %s: adopted the %s run %s", t.name,
+                     result.statuses[t.name]["adopted_as"], src)
+            if result.statuses[t.name]["status"] == "finished":
+                result.adopted.append(t.name)
+                continue
+        jobs.append((t, path, meta))
+    return result, jobs
+
+
 def run_trials(
     trials: Sequence[Trial],
     out: str | Path,
@@ -203,26 +234,7 @@ def run_trials(
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = GridResult(out_dir)
-    jobs: list[tuple[Trial, Path, dict[str, Any]]] = []
-    for t in trials:
-        path = out_dir / t.name
-        meta = {"name": t.name, "variant": t.variant, "values": t.values, "seed": t.seed}
-        if trial_finished(path, t.cfg, device=device) is not None:
-            result.statuses[t.name] = RunRecord.load(path).trial or {**meta,
-                                                                     "status": "finished"}
-            result.skipped.append(t.name)
-            continue
-        src = find_adoptable(t, [Path(a) for a in adopt], device=device) if adopt else None
-        if src is not None:
-            result.statuses[t.name] = _adopt(t, src, path, device=device)
-            log.info("trial %s: adopted the %s run %s", t.name,
-                     result.statuses[t.name]["adopted_as"], src)
-            if result.statuses[t.name]["status"] == "finished":
-                result.adopted.append(t.name)
-                continue
-        jobs.append((t, path, meta))
+    result, jobs = plan_trials(trials, out_dir, adopt=adopt, device=device)
     index = (name, source, list(trials))
     _write_index(out_dir, *index, result)
     log.info("sweep %s: %d trials, %d finished before, %d adopted, %d to run -> %s", name,
