@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-
 pytest.importorskip("ray", reason="pip install 'splitcem[sweep]' (make setup does)")
 
 pytestmark = pytest.mark.slow  # two Ray nodes and two tiny trials: about a minute

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,10 @@ def run_trial(
     return status
 
 
+def _writer(data: bytes) -> Callable[[Path], object]:
+    return lambda p: p.write_bytes(data)
+
+
 def land(path: Path, status: dict[str, Any]) -> dict[str, Any]:
     """Write the files a trial sent back into its folder on the driver (where the driver
     shares the node's filesystem they are already there, and are left alone)."""
@@ -113,6 +117,6 @@ def land(path: Path, status: dict[str, Any]) -> dict[str, Any]:
     for name, data in files.items():
         dst = path / name
         if not (dst.is_file() and dst.read_bytes() == data):
-            atomic_write(dst, lambda p, data=data: p.write_bytes(data))
+            atomic_write(dst, _writer(data))
     RunRecord(path, None).write_trial(status)
     return status
