@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -177,29 +177,21 @@ def sweep(
     """Run a sweep file on Ray (resumable, failures recorded), or several run configs."""
     _threads(threads)
     from splitcem.study.grid import is_sweep_file
+    from splitcem.study.sweep import run_sweep, run_sweep_file
 
+    engine: dict[str, Any] = {"address": address, "max_concurrent": max_concurrent,
+                              "threads_per_trial": threads_per_trial, "adopt": adopt or (),
+                              "gpus_per_trial": gpus_per_trial, "device": device}
     if len(configs) == 1 and is_sweep_file(configs[0]):
-        from splitcem.study.frontier_report import write_frontier
-        from splitcem.study.grid import add_overrides, load_sweep
-        from splitcem.study.trials import run_grid
-
-        spec = add_overrides(load_sweep(configs[0]), set_ or [])
-        res = run_grid(spec, out=out, address=address, max_concurrent=max_concurrent,
-                       threads_per_trial=threads_per_trial, gpus_per_trial=gpus_per_trial,
-                       use_ray=not no_ray, adopt=adopt or (), device=device,
-                       progress=not quiet)
+        res = run_sweep_file(configs[0], overrides=set_ or [], out=out, baseline=baseline,
+                             use_ray=not no_ray, progress=not quiet, **engine)
         _grid_summary(res)
         if len(res.statuses) > len(res.failed):
-            write_frontier([res.out], res.out, baseline=baseline)
             typer.echo(f"-> {res.out / 'frontier.md'}")
         return
-    from splitcem.study.sweep import run_sweep
-
     out = out or Path("runs/sweep")
     table = run_sweep(configs, out, overrides=set_ or [], baseline=baseline,
-                      progress=not quiet, device=device, address=address, adopt=adopt or (),
-                      max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
-                      gpus_per_trial=gpus_per_trial)
+                      progress=not quiet, **engine)
     typer.echo(table)
     typer.echo(f"-> {out / 'comparison.md'}, {out / 'frontier.png'}")
 

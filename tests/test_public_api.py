@@ -42,11 +42,12 @@ FORBIDDEN = {
     "splitcem/study": ("splitcem.cli",),
     **{where: ("splitcem.study", "splitcem.cli") for where in (
         "splitcem/experiment.py", "splitcem/train.py", "splitcem/attacks", "splitcem/report.py",
-        "splitcem/record.py", "splitcem/leakage.py", "splitcem/runtime.py",
+        "splitcem/record.py", "splitcem/runid.py", "splitcem/leakage.py", "splitcem/runtime.py",
         "splitcem/config.py", "splitcem/data", "splitcem/serving", "splitcem/lens")},
     # the one run record reads run directories for everyone, so it builds nothing itself
-    "splitcem/record.py": ("splitcem.study", "splitcem.cli", "splitcem.experiment",
-                           "splitcem.train", "splitcem.attacks", "splitcem.report"),
+    **{where: ("splitcem.study", "splitcem.cli", "splitcem.experiment", "splitcem.train",
+               "splitcem.attacks", "splitcem.report") for where in ("splitcem/record.py",
+                                                                    "splitcem/runid.py")},
     # the held-out estimate is used by the experiment: it must not import it back
     "splitcem/leakage.py": ("splitcem.study", "splitcem.cli", "splitcem.experiment"),
 }

@@ -17,10 +17,10 @@ from splitcem._io import write_json, write_text
 from splitcem.errors import SplitcemError
 from splitcem.record import RunRecord
 from splitcem.report import comparison_table, plot_frontier
-from splitcem.study.grid import config_trials
-from splitcem.study.trials import GridResult, run_trials
+from splitcem.study.grid import add_overrides, config_trials, load_sweep
+from splitcem.study.trials import GridResult, run_grid, run_trials
 
-__all__ = ["run_sweep", "write_comparison"]
+__all__ = ["run_sweep", "run_sweep_file", "write_comparison"]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +79,16 @@ def run_sweep(
         raise SplitcemError("no run of the sweep finished: " + "; ".join(failed))
     table = write_comparison(records, out, baseline=baseline)
     return table + ("\n\nFailed (see their trial.json): " + "; ".join(failed) if failed else "")
+
+
+def run_sweep_file(path: str | Path, *, overrides: Sequence[str] = (),
+                   out: str | Path | None = None, baseline: str | None = None,
+                   **engine: Any) -> GridResult:
+    """The sweep-file front door: :func:`~splitcem.study.trials.run_grid` (``engine``: its
+    options), then the frontier report into the sweep's folder when a trial finished."""
+    from splitcem.study.frontier_report import write_frontier
+
+    res = run_grid(add_overrides(load_sweep(path), list(overrides)), out=out, **engine)
+    if len(res.statuses) > len(res.failed):
+        write_frontier([res.out], res.out, baseline=baseline)
+    return res
