@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -27,7 +28,14 @@ import yaml
 
 from splitcem._io import write_json, write_text
 from splitcem.errors import ConfigError
-from splitcem.report import GRID_FILE, RECON_FILE, CurvePoint, leakage_cell, plot_curves
+from splitcem.report import (
+    GRID_FILE,
+    RECON_FILE,
+    CurvePoint,
+    leakage_cell,
+    markdown_table,
+    plot_curves,
+)
 from splitcem.study.frontier import matched_gain
 from splitcem.study.grid import format_value as _fmt
 from splitcem.study.groups import FrontierRun, family, find_runs, group_runs
@@ -74,9 +82,9 @@ def _plot(groups: dict[str, list[FrontierRun]], baseline: str | None, path: Path
 
 def _choose_shown(groups: dict[str, list[FrontierRun]], baseline: str | None,
                   show: Sequence[str], limit: int = 6) -> list[FrontierRun]:
-    """Runs whose reconstructions are shown side by side: all of one seed (the same seed
-    means the same held-out split, so the same images), at most two per group (weakest and
-    strongest setting), the baseline first; or the runs named in ``show``."""
+    """Runs whose reconstructions are shown side by side: all attacked on one held-out split
+    (so on the same images), at most two per group (weakest and strongest setting), the
+    baseline first; or the runs named in ``show``."""
     runs = [r for rs in groups.values() for r in rs]
     if show:
         by_name = {r.name: r for r in runs}
@@ -85,17 +93,30 @@ def _choose_shown(groups: dict[str, list[FrontierRun]], baseline: str | None,
             raise ConfigError(f"--show: no finished run named {missing}; known: "
                               f"{sorted(by_name)}")
         return [by_name[s] for s in show]
-    seeds = [r.cfg.seed for r in runs]
-    if not seeds:
+    keys = [_split_key(r) for r in runs]
+    if not keys:
         return []
-    seed = max(set(seeds), key=lambda s: (seeds.count(s), -s))
+    first = {k: min(r.cfg.seed for r in runs if _split_key(r) == k) for k in keys}
+    key = max(set(keys), key=lambda k: (keys.count(k), -first[k]))
     order = sorted(groups, key=lambda g: (g != baseline, g))
     out: list[FrontierRun] = []
     for g in order:
-        rs = sorted((r for r in groups[g] if r.cfg.seed == seed),
+        rs = sorted((r for r in groups[g] if _split_key(r) == key),
                     key=lambda r: (r.strength is None, r.strength))
         out += rs[:1] + rs[-1:] if len(rs) > 1 else rs
     return out[:limit]
+
+
+def _split_seed(r: FrontierRun) -> int:
+    """The seed of the aux / held-out split the run's attacks ran on."""
+    return int((r.split or {}).get("seed", r.cfg.seed))
+
+
+def _split_key(r: FrontierRun) -> str:
+    """The held-out split's identity (its seed, and the kept test subset's where
+    ``limit_test`` is set): runs with one key were attacked on the same images."""
+    sp = {k: v for k, v in (r.split or {"seed": r.cfg.seed}).items() if k != "legacy"}
+    return json.dumps(sp, sort_keys=True)
 
 
 def _recon_grid(shown: list[FrontierRun], out: Path) -> Path | None:
@@ -264,17 +285,17 @@ def _markdown(record: dict[str, Any], groups: dict[str, list[FrontierRun]],
         "score any of its attacks reached: lowest MSE, highest SSIM / PSNR).", "",
         "![frontier](frontier.png)", "",
         "## Points (mean ± sd over seeds)", "",
-        "| group | strength | seeds | accuracy (%) | MSE | SSIM | PSNR (dB) | "
-        "I(x;z) bound est., held-out (bits) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    points = []
     for c in record["cells"]:
         lk = c["leakage_heldout_bits"]
-        lines.append(
-            f"| {c['group']} | {c['strength_key'].rsplit('.', 1)[-1]}={_fmt(c['strength'])} | "
-            f"{len(c['seeds'])} | {100 * c['accuracy']:.2f} ± {100 * c['accuracy_sd']:.2f} | "
-            f"{_num(c['mse'])} ± {_num(c['mse_sd'])} | {_num(c['ssim'], 3)} | "
-            f"{_num(c['psnr'], 2)} | {'-' if lk is None or math.isnan(lk) else f'{lk:.0f}'} |")
+        points.append([
+            c["group"], f"{c['strength_key'].rsplit('.', 1)[-1]}={_fmt(c['strength'])}",
+            str(len(c["seeds"])), f"{100 * c['accuracy']:.2f} ± {100 * c['accuracy_sd']:.2f}",
+            f"{_num(c['mse'])} ± {_num(c['mse_sd'])}", _num(c["ssim"], 3),
+            _num(c["psnr"], 2), "-" if lk is None or math.isnan(lk) else f"{lk:.0f}"])
+    lines.append(markdown_table(["group", "strength", "seeds", "accuracy (%)", "MSE", "SSIM",
+                                 "PSNR (dB)", "I(x;z) bound est., held-out (bits)"], points))
     lines += ["", "The I(x;z) column is a plug-in estimate of an upper bound (splitcem.leakage:"
               " k-means partition fitted on training features, statistics measured on test "
               "features in eval mode), not a guarantee; `-` where no run of the cell has one "
@@ -308,13 +329,14 @@ def _markdown(record: dict[str, Any], groups: dict[str, list[FrontierRun]],
         lines.append("")
     lines += ["## Reconstructions", ""]
     if shown:
-        seeds = sorted({r.cfg.seed for r in shown})
-        same = len(seeds) == 1
+        seeds = sorted({_split_seed(r) for r in shown})
+        same = len({_split_key(r) for r in shown}) == 1
         lines.append(
-            ("Runs of seed " + str(seeds[0]) + ": the held-out split is drawn from the run's "
-             "seed, so these runs were attacked on the same images (the grid columns are the "
-             "same held-out indices)." if same else
-             "Chosen runs have different seeds, hence different held-out images.") + "")
+            "Runs attacked on the held-out split of seed " + str(seeds[0]) + " (data."
+             "split_seed; for runs attacked before it existed, the run's seed), so on the same "
+             "images (the grid columns are the same held-out indices)." if same else
+             "Chosen runs were attacked on different held-out splits, hence different "
+             "images.")
         lines.append("")
         if grid is not None:
             lines += [f"![reconstructions]({grid.name})", "",

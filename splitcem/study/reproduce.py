@@ -20,6 +20,7 @@ from typing import Any
 
 from splitcem._io import write_json, write_text
 from splitcem.errors import ConfigError
+from splitcem.report import markdown_table
 from splitcem.study.frontier_report import write_frontier
 from splitcem.study.grid import format_value as _fmt
 from splitcem.study.groups import FrontierRun, family, find_runs
@@ -80,16 +81,14 @@ def paper_table(runs: Sequence[FrontierRun]) -> tuple[str, list[dict[str, Any]]]
             row["mse_gain"] = row["mse_with"] / row["mse_without"] - 1.0
             rows.append(row)
     rows.sort(key=lambda r: (r["defense"], r["lambda"]))
-    head = ("| defense | CEM lambda | seeds (w/o, w/) | accuracy % w/o | w/ | MSE w/o | w/ | "
-            "SSIM w/o | w/ | PSNR w/o | w/ | MSE gain with CEM |")
-    lines = [head, "|" + "---|" * 12]
-    for w in rows:
-        lines.append(
-            f"| {w['defense']} | {_fmt(w['lambda'])} | {w['seeds_without']}, {w['seeds_with']} | "
-            f"{100 * w['accuracy_without']:.2f} | {100 * w['accuracy_with']:.2f} | "
-            f"{w['mse_without']:.4f} | {w['mse_with']:.4f} | {w['ssim_without']:.3f} | "
-            f"{w['ssim_with']:.3f} | {w['psnr_without']:.2f} | {w['psnr_with']:.2f} | "
-            f"{100 * w['mse_gain']:+.1f}% |")
+    header = ["defense", "CEM lambda", "seeds (w/o, w/)", "accuracy % w/o", "w/", "MSE w/o",
+              "w/", "SSIM w/o", "w/", "PSNR w/o", "w/", "MSE gain with CEM"]
+    cells = [[w["defense"], _fmt(w["lambda"]), f"{w['seeds_without']}, {w['seeds_with']}",
+              f"{100 * w['accuracy_without']:.2f}", f"{100 * w['accuracy_with']:.2f}",
+              f"{w['mse_without']:.4f}", f"{w['mse_with']:.4f}", f"{w['ssim_without']:.3f}",
+              f"{w['ssim_with']:.3f}", f"{w['psnr_without']:.2f}", f"{w['psnr_with']:.2f}",
+              f"{100 * w['mse_gain']:+.1f}%"] for w in rows]
+    lines = [markdown_table(header, cells)]
     return "\n".join(lines), rows
 
 
