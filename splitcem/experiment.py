@@ -304,7 +304,9 @@ def attack_run(
         from splitcem.leakage import heldout_leakage
 
         run.metrics["leakage"] = heldout_leakage(p)
-    record = run.record_attacks(attacked, cfg, device=p.device.type).metrics
+    as_configured = attacks is None and not all_attacks and threat is None
+    record = run.record_attacks(attacked, cfg, device=p.device.type,
+                                as_configured=as_configured).metrics
     report.save_reconstructions(run_dir, rep, show=cfg.attack.show)
     report.write_summary(run_dir, record, cfg)
     return record

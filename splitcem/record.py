@@ -278,16 +278,18 @@ class RunRecord:
         metrics.pop("error", None)
         return self.save(metrics)
 
-    def record_attacks(self, attacks: dict[str, Any], cfg: RunConfig, *,
-                       device: str) -> RunRecord:
+    def record_attacks(self, attacks: dict[str, Any], cfg: RunConfig, *, device: str,
+                       as_configured: bool = True) -> RunRecord:
         """Record attacks of the trained model run under ``cfg``'s attack section on
-        ``device``: with the partition they saw and their hashes."""
+        ``device``: with the partition they saw and their hashes. ``as_configured=False``
+        (other attacks or threats than the config's, e.g. ``splitcem attack --all``): the
+        record is attacked, but never the config's own attack result."""
         assert self.config is not None
         split = attack_split(cfg)
         m = dict(self.metrics)
+        h = attack_hash(cfg, device=device, numerics=self.numerics, split=split)
         m["attacks"] = {**attacks, "split": split, "train_hash": self.config_hash,
-                        "attack_hash": attack_hash(cfg, device=device,
-                                                   numerics=self.numerics, split=split)}
+                        "attack_hash": h if as_configured else f"other-than-config:{h}"}
         m["status"] = "attacked"
         m["times"] = {**(m.get("times") or {}), "attack_ended": _now()}
         return self.save(m)

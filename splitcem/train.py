@@ -35,6 +35,7 @@ from splitcem.data import ArrayDataset, Augment, BatchLoader, DataSplits
 from splitcem.defenses import DefenseStack, EpochContext, SetupContext, StepContext
 from splitcem.errors import CheckpointError, ConfigError, NonFiniteError
 from splitcem.models import SplitModel
+from splitcem.runid import resolved_amp
 from splitcem.runtime import NumericPath, resolve_device, resolve_numeric_path
 from splitcem.schedule import lr_factor, steps_per_epoch
 
@@ -205,6 +206,10 @@ class Trainer:
         def settings(d: dict[str, Any] | None) -> dict[str, Any]:  # those that shape results
             # settings added since the checkpoint was written take their defaults
             full = {**TrainConfig().model_dump(), **(d or {})}
+            # the numeric path as it resolves here: amp true and auto are one path where
+            # bf16 is native (an adopted run resumes under its new config's words)
+            full["amp"], full["channels_last"] = resolved_amp(
+                full["amp"], self.device.type, full["channels_last"])
             return {k: v for k, v in full.items() if k not in _NOT_RESULTS}
 
         if settings(state.get("train_config")) != settings(self.cfg.model_dump()) \

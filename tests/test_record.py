@@ -165,3 +165,41 @@ def test_committed_runs_adopt_into_reproduce(tmp_path):
         trial = next(t for t in trials if t.name == name)
         assert rec.finished(trial.cfg, device="cpu") and rec.split["seed"] == 125
         assert rec.metrics["adopted_from"] == str(COMMITTED / name)
+
+
+@pytest.mark.slow
+def test_a_run_attacked_on_another_split_is_adopted_as_trained_and_reattacked(tiny_config,
+                                                                              tmp_path):
+    """With its checkpoint, a run attacked on another partition (here: its own seed's, as
+    before split_seed existed, with amp: true) stands in for a fixed-split ``amp: auto``
+    trial as *trained*: not retrained, only attacked again on the fixed split."""
+    from splitcem.experiment import run_experiment
+    from splitcem.runtime import native_bf16
+    from splitcem.study.grid import Trial
+    from splitcem.study.trials import run_trials
+
+    if not native_bf16("cpu"):
+        pytest.skip("this CPU has no native bf16: amp: true and amp: auto are different runs")
+    small = {"model": {"client_width": 0.125, "server_width": 0.125},
+             "attack": {"attacks": [{"name": "decoder", "epochs": 1, "width": 8, "depth": 1}]}}
+    old = tiny_config(name="old", data={"split_seed": None},
+                      train={"epochs": 1, "warmup_epochs": 0, "amp": True,
+                             "channels_last": True}, **small)
+    run_experiment(old, tmp_path / "src" / "old", progress=False)
+    src_ckpt = tmp_path / "src" / "old" / "checkpoints" / "last.pt"
+    trial = tiny_config(name="t", train={"epochs": 1, "warmup_epochs": 0, "amp": "auto",
+                                         "channels_last": "auto"}, **small)
+    assert trial.data.split_seed == 125 and RunRecord.load(src_ckpt.parents[1]).split[
+        "seed"] == 0
+    res = run_trials([Trial("t", trial, 0)], tmp_path / "out", adopt=[tmp_path / "src"],
+                     use_ray=False, progress=False)
+    assert res.adopted == [] and res.ran == ["t"]  # not a finished result: attacked again
+    st = res.statuses["t"]
+    assert st["status"] == "finished" and st["resumed"] is True
+    rec = RunRecord.load(tmp_path / "out" / "t")
+    assert rec.finished(trial) and rec.attacks["split"]["seed"] == 125
+    hist = rec.metrics["train"]["history"]
+    assert len(hist) == 1 and rec.metrics["adopted_from"] == str(tmp_path / "src" / "old")
+    # not retrained: the trial's checkpoint is the adopted one, byte for byte
+    assert (tmp_path / "out" / "t" / "checkpoints" / "last.pt").read_bytes() == \
+        src_ckpt.read_bytes()
