@@ -66,6 +66,7 @@ ATTACK_FILES = ("reconstructions.png", "reconstructions.npz", "attack_decoder.sa
 
 Status = Literal["missing", "training", "trained", "attacked", "failed"]
 
+
 def _read_json(p: Path) -> dict[str, Any] | None:
     try:
         d = json.loads(p.read_text())
@@ -178,12 +179,18 @@ class RunRecord:
         st = m.get("status")
         if st in ("training", "failed"):
             return st  # type: ignore[no-any-return]
-        if self.trained_epochs != self.config.train.epochs:
+        if self.stale or self.trained_epochs != self.config.train.epochs:
             return "training"
         att = self.attacks
         if att.get("attacks") and att.get("train_hash", self.config_hash) == self.config_hash:
             return "attacked"
         return "trained"
+
+    @property
+    def stale(self) -> bool:
+        """The results were recorded for another config than ``config.yaml`` now holds."""
+        return not self.legacy and self.config is not None and bool(self.metrics) and \
+            self.metrics.get("config_hash") != train_hash(self.config, numerics=self.numerics)
 
     @property
     def times(self) -> dict[str, Any]:
@@ -207,6 +214,8 @@ class RunRecord:
         if st == "failed":
             return f"failed ({self.metrics.get('error', 'see trial.json')})"
         if st == "training":
+            if self.stale and self.metrics.get("status") != "training":
+                return f"stale (results recorded for another config than its {CONFIG_FILE})"
             if self.metrics.get("status") == "training":
                 return "unfinished (training)"
             return f"unfinished (trained {self.trained_epochs} of {self.config.train.epochs} " \
@@ -250,7 +259,6 @@ class RunRecord:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         old = cls.load(path)
-        write_text(path / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         metrics = dict(old.metrics) if resume else {}
         if not resume:
             for f in ATTACK_FILES:
@@ -259,7 +267,8 @@ class RunRecord:
                        config_hash=train_hash(cfg, device=device),
                        times={**(metrics.get("times") or {}), "train_started": _now()})
         metrics.pop("attacks", None)
-        write_json(path / METRICS_FILE, metrics)
+        write_json(path / METRICS_FILE, metrics)  # first: a kill in between leaves no result
+        write_text(path / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return cls(path, cfg, metrics, old.trial)
 
     def save(self, metrics: dict[str, Any] | None = None) -> RunRecord:

@@ -203,3 +203,21 @@ def test_a_run_attacked_on_another_split_is_adopted_as_trained_and_reattacked(ti
     # not retrained: the trial's checkpoint is the adopted one, byte for byte
     assert (tmp_path / "out" / "t" / "checkpoints" / "last.pt").read_bytes() == \
         src_ckpt.read_bytes()
+
+
+def test_a_config_changed_after_the_results_is_stale(tmp_path):
+    """Results carry the hash of what ran: a config.yaml edited (or rewritten by a re-run
+    killed before it could mark itself) afterwards makes them stale, not the new config's."""
+    raw = _raw("r", 125)
+    cfg = load_config(raw)
+    num = {"device": "cpu", "amp": False, "channels_last": False}
+    done = {"status": "attacked", "config_hash": train_hash(cfg, numerics=num), "numerics": num,
+            "train": {"epochs": 2}, "attacks": {"attacks": {"decoder": {"metrics": {}}}}}
+    run = _legacy_run(tmp_path, raw, done)
+    assert RunRecord.load(run).finished(cfg)
+    changed = {**raw, "defenses": [{"name": "noise", "sigma": 0.3}]}
+    (run / "config.yaml").write_text(yaml.safe_dump(changed))
+    rec = RunRecord.load(run)
+    assert rec.stale and rec.status == "training" and not rec.finished()
+    assert not rec.finished(load_config(changed)) and not rec.finished(cfg)
+    assert rec.unfinished().startswith("stale")
