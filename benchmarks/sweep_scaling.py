@@ -4,7 +4,7 @@ The sweep: noise sigma in {0.05, 0.1, 0.15, 0.2} x 2 seeds on a CIFAR-10 subset 
 protocol's model at reduced width, a short decoder attack), sized so that one trial takes
 about a minute on one core of a 2-core machine (48.7 s measured with AVX512-BF16; longer
 where float32 is the fast path). Each way runs the whole sweep from scratch
-into its own folder through :func:`splitcem.trials.run_grid`:
+into its own folder through :func:`splitcem.study.trials.run_grid`:
 
 * ``loop``: the trials one after another in this process (``--no-ray``), 1 thread each;
 * ``ray1``: on a local Ray, 1 trial at a time, 1 thread each (Ray start-up, worker
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from splitcem.trials import run_grid
+from splitcem.study.trials import run_grid
 
 
 def sweep_spec(root: str | None, *, quick: bool) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Example:
     True
 """
 
+from splitcem import _compat
 from splitcem.attacks.audit import audit
 from splitcem.config import RunConfig, load_config
 from splitcem.defenses import Defense, DefenseStack, create_defense, list_defenses, protect
@@ -22,6 +23,8 @@ from splitcem.train import evaluate, train
 
 # The one place the version is written: pyproject.toml reads it (setuptools dynamic version).
 __version__ = "0.1.0"
+
+_compat.install()  # old paths of the modules now in splitcem.study, one release
 
 __all__ = [
     "Defense",

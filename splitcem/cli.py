@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -176,28 +176,22 @@ def sweep(
 ) -> None:
     """Run a sweep file on Ray (resumable, failures recorded), or several run configs."""
     _threads(threads)
-    from splitcem.grid import is_sweep_file
+    from splitcem.study.grid import is_sweep_file
+    from splitcem.study.sweep import run_sweep, run_sweep_file
 
+    engine: dict[str, Any] = {"address": address, "max_concurrent": max_concurrent,
+                              "threads_per_trial": threads_per_trial, "adopt": adopt or (),
+                              "gpus_per_trial": gpus_per_trial, "device": device}
     if len(configs) == 1 and is_sweep_file(configs[0]):
-        from splitcem.frontier_report import write_frontier
-        from splitcem.grid import add_overrides, load_sweep
-        from splitcem.trials import run_grid
-
-        spec = add_overrides(load_sweep(configs[0]), set_ or [])
-        res = run_grid(spec, out=out, address=address, max_concurrent=max_concurrent,
-                       threads_per_trial=threads_per_trial, gpus_per_trial=gpus_per_trial,
-                       use_ray=not no_ray, adopt=adopt or (), device=device,
-                       progress=not quiet)
+        res = run_sweep_file(configs[0], overrides=set_ or [], out=out, baseline=baseline,
+                             use_ray=not no_ray, progress=not quiet, **engine)
         _grid_summary(res)
         if len(res.statuses) > len(res.failed):
-            write_frontier([res.out], res.out, baseline=baseline)
             typer.echo(f"-> {res.out / 'frontier.md'}")
         return
-    from splitcem.sweep import run_sweep
-
     out = out or Path("runs/sweep")
     table = run_sweep(configs, out, overrides=set_ or [], baseline=baseline,
-                      progress=not quiet, device=device)
+                      progress=not quiet, **engine)
     typer.echo(table)
     typer.echo(f"-> {out / 'comparison.md'}, {out / 'frontier.png'}")
 
@@ -211,17 +205,21 @@ def frontier(
     baseline: Annotated[str | None, typer.Option(
         help="Group to compare against at matched accuracy (default: noise)")] = None,
     leakage: Annotated[bool, typer.Option(
-        help="Compute the held-out I(x;z) estimate of runs without one (cached in --out)")]
+        help="First record the held-out I(x;z) estimate of runs without one (in the runs)")]
     = False,
     show: Annotated[list[str] | None, typer.Option(
         help="Run name whose reconstructions to show (repeatable; default: chosen)")] = None,
     device: Device = None,
 ) -> None:
     """Accuracy vs worst-case attack MSE per defense family; MSE at matched accuracy."""
-    from splitcem.frontier_report import write_frontier
+    from splitcem.study.frontier_report import write_frontier
 
-    rec = write_frontier(dirs, out, baseline=baseline, leakage=leakage, show=show or (),
-                         device=device)
+    if leakage:  # an analysis step writing into the runs' records; the report only reads
+        from splitcem.study.analysis import record_leakage
+
+        for note in record_leakage(dirs, device=device):
+            typer.echo(note)
+    rec = write_frontier(dirs, out, baseline=baseline, show=show or ())
     for m in rec["matched"]:
         gain = "-" if m["gain"] is None else f"{100 * m['gain']:+.1f}%"
         ci = "" if m["low"] is None else f" [{100 * m['low']:+.1f}%, {100 * m['high']:+.1f}%]"
@@ -246,7 +244,7 @@ def reproduce(
     quiet: Quiet = False,
 ) -> None:
     """The paper's comparison (defenses without / with CEM, noise curve, cut); resumable."""
-    from splitcem.reproduce import reproduce as run
+    from splitcem.study.reproduce import reproduce as run
 
     res, table = run(dataset, protocol, out=out, address=address,
                      max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
@@ -269,7 +267,7 @@ def demo(
 ) -> None:
     """Train undefended, noise-defended and noise + CEM split models, attack each, compare."""
     _threads(threads)
-    from splitcem.demo import run_demo
+    from splitcem.study.demo import run_demo
 
     table = run_demo(dataset=dataset, root=root, out=out, progress=not quiet, device=device)
     typer.echo(table)
@@ -418,7 +416,9 @@ def lens(
 @app.command()
 def show(run_dir: Annotated[Path, typer.Argument(help="A run directory")]) -> None:
     """Print a run's metrics.json (without the per-epoch history)."""
-    rec = json.loads((run_dir / "metrics.json").read_text())
+    from splitcem.record import RunRecord
+
+    rec = RunRecord.load(run_dir).metrics
     rec.get("train", {}).pop("history", None)
     typer.echo(json.dumps(rec, indent=2))
 

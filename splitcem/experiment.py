@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from splitcem import report
-from splitcem._io import load_checkpoint, write_json, write_text
+from splitcem._io import load_checkpoint
 from splitcem.config import RunConfig, load_config
 from splitcem.data import Augment, DataSplits, make_splits
 from splitcem.defenses import DefenseStack, create_defense
 from splitcem.errors import CheckpointError, ConfigError
 from splitcem.models import SplitModel, create_split_model
+from splitcem.record import CONFIG_FILE, RunRecord
 from splitcem.runtime import honour_env_threads
 from splitcem.train import LAST, Trainer, resolve_device, setup_context
 
@@ -47,8 +47,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.json"
 #: the strongest decoder attack's decoder (+ .json beside it), for splitcem lens
 ATTACK_DECODER = "attack_decoder.safetensors"
 
@@ -101,24 +99,12 @@ def prepare(cfg: RunConfig, *, device: str | torch.device | None = None) -> Prep
     splits = make_splits(
         d.name, root=d.root, seed=cfg.seed, aux_fraction=d.aux_fraction,
         limit_train=d.limit_train, limit_test=d.limit_test, cache_dir=d.cache_dir,
+        split_seed=d.split_seed,
     )
     torch.manual_seed(cfg.seed)  # model initialisation depends only on the seed
     model = build_model(cfg, splits)
     stack = build_defenses(cfg)
     return Prepared(cfg, splits, model, stack, dev)
-
-
-def _read_metrics(run_dir: Path) -> dict[str, Any]:
-    import json
-
-    p = run_dir / METRICS_FILE
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except ValueError:
-        log.warning("%s is not valid JSON; starting a fresh record", p)
-        return {}
 
 
 def check_attacks(cfg: RunConfig) -> None:
@@ -150,9 +136,11 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool)
             f"{run_dir} already holds a run (checkpoint {ckpt}); pass --resume to continue "
             "it, --overwrite to start again there, or --out to use another directory"
         )
+    old = RunRecord.load(run_dir)
     if resume and (run_dir / CONFIG_FILE).is_file():
-        old = load_config(run_dir / CONFIG_FILE)
-        if old.to_dict() != cfg.to_dict():
+        if old.config is None:
+            raise ConfigError(f"--resume: {run_dir / CONFIG_FILE}: {old.config_error}")
+        if old.config.to_dict() != cfg.to_dict():
             raise ConfigError(
                 f"--resume: the config differs from {run_dir / CONFIG_FILE}; resume with that "
                 "config (splitcem train RUN_DIR/config.yaml --resume) or use a new --out"
@@ -173,9 +161,11 @@ def train_run(
     check_attacks(cfg)
     writer_cls = _tensorboard() if cfg.train.tensorboard else None  # fail before training
     _check_run_dir(run_dir, cfg, resume, overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    p = prepare(cfg, device=device)
+    # config.yaml and status "training" before anything else: a restarted run's old
+    # results are gone, so a kill from now on leaves an unfinished run, never a stale one
+    dev = resolve_device(device if device is not None else cfg.device)
+    run = RunRecord.begin_training(run_dir, cfg, resume=resume, device=dev.type)
+    p = prepare(cfg, device=dev)
     log.info("training %s on %s: %s", cfg.name, p.device, p.stack.describe())
     writer = writer_cls(log_dir=str(run_dir / "tensorboard")) if writer_cls else None
 
@@ -196,7 +186,7 @@ def train_run(
     finally:
         if writer is not None:
             writer.close()
-    record = _read_metrics(run_dir) if resume else {}
+    record = dict(run.metrics)
     record.update({
         "name": cfg.name,
         "device": str(p.device),
@@ -224,7 +214,7 @@ def train_run(
     ne = p.stack.noise_entropy()
     record["leakage_note"] = ne.note if ne.per_dim is None else None
     record.pop("attacks", None)  # attacks of an older model no longer apply
-    write_json(run_dir / METRICS_FILE, record)
+    record = run.finish_training(record).metrics
     report.write_summary(run_dir, record, cfg)
     return record
 
@@ -234,12 +224,15 @@ def load_trained(
 ) -> Prepared:
     """Rebuild a trained run (config + last checkpoint) for attacking or serving."""
     run_dir = Path(run_dir)
+    run = RunRecord.load(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(
             f"{run_dir} is not a run directory (no {CONFIG_FILE}); train one with "
             "splitcem train CONFIG --out DIR"
         )
-    cfg = load_config(run_dir / CONFIG_FILE)
+    if run.config is None:
+        raise ConfigError(f"{run_dir / CONFIG_FILE}: {run.config_error}")
+    cfg = run.config
     p = prepare(cfg, device=device)
     state = load_checkpoint(run_dir / "checkpoints" / LAST, p.device)
     p.model.to(p.device)
@@ -302,17 +295,18 @@ def attack_run(
     t0 = time.perf_counter()
     rep = run_attacks(target, p.splits, specs, threat=threats,
                       progress=progress)
-    record = _read_metrics(run_dir)
-    record["attacks"] = rep.to_dict()
-    record["attacks"]["seconds"] = time.perf_counter() - t0
+    attacked = {**rep.to_dict(), "seconds": time.perf_counter() - t0}
     saved = _save_attack_decoder(run_dir, rep)
     if saved is not None:
-        record["attacks"]["saved_decoder"] = saved
+        attacked["saved_decoder"] = saved
+    run = RunRecord.load(run_dir)
     if cfg.attack.leakage:
         from splitcem.leakage import heldout_leakage
 
-        record["leakage"] = heldout_leakage(p)
-    write_json(run_dir / METRICS_FILE, record)
+        run.metrics["leakage"] = heldout_leakage(p)
+    as_configured = attacks is None and not all_attacks and threat is None
+    record = run.record_attacks(attacked, cfg, device=p.device.type,
+                                as_configured=as_configured).metrics
     report.save_reconstructions(run_dir, rep, show=cfg.attack.show)
     report.write_summary(run_dir, record, cfg)
     return record
@@ -354,9 +348,8 @@ def leakage_run(
     p = load_trained(run_dir, device=device)
     est = heldout_leakage(p)
     if write:
-        record = _read_metrics(run_dir)
-        record["leakage"] = est
-        write_json(run_dir / METRICS_FILE, record)
+        run = RunRecord.load(run_dir)
+        record = run.save({**run.metrics, "leakage": est}).metrics
         report.write_summary(run_dir, record, p.cfg)
     return est
 

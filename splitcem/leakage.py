@@ -24,17 +24,31 @@ of the training-time figure is fitted to the training set.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
 from splitcem.cem.bounds import feature_entropy_bound, nats_to_bits
-from splitcem.cem.kmeans import _sqdist, batched_kmeans, cluster_stats, pad_by_class
+from splitcem.cem.kmeans import batched_kmeans, cluster_stats, pad_by_class, sqdist
 from splitcem.data import ArrayDataset, BatchLoader
 
 if TYPE_CHECKING:
-    from splitcem.experiment import Prepared
+    from splitcem.config import RunConfig
+    from splitcem.data import DataSplits
+    from splitcem.defenses import DefenseStack
+    from splitcem.models import SplitModel
+
+
+class Prepared(Protocol):
+    """A loaded, trained run (what :func:`splitcem.experiment.load_trained` returns; named
+    structurally so that this module does not import the experiment that uses it)."""
+
+    cfg: RunConfig
+    splits: DataSplits
+    model: SplitModel
+    stack: DefenseStack
+    device: torch.device
 
 __all__ = ["ESTIMATE_NAME", "collect_features", "heldout_leakage", "mixture_leakage"]
 
@@ -65,7 +79,7 @@ def collect_features(
 
 def _assign(x: Tensor, centroids: Tensor) -> Tensor:
     """Nearest centroid of the own class: (C, M, D), (C, K, D) -> (C, M)."""
-    return _sqdist(x, centroids).argmin(-1)
+    return sqdist(x, centroids).argmin(-1)
 
 
 def mixture_leakage(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +23,13 @@ if TYPE_CHECKING:
     from splitcem.config import RunConfig
 
 __all__ = [
+    "CurvePoint",
+    "attack_metric",
     "attack_rows",
     "comparison_table",
     "leakage_cell",
+    "markdown_table",
+    "plot_curves",
     "plot_frontier",
     "save_image_grid",
     "save_reconstructions",
@@ -46,7 +51,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return "-" if v is None else str(v)
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The one markdown table writer: floats with 4 digits, ``-`` for missing / NaN."""
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
@@ -109,7 +115,7 @@ def write_summary(run_dir: str | Path, record: dict[str, Any], cfg: RunConfig) -
         desc = "; ".join(", ".join(f"{k} {v}" for k, v in t.items() if v is not None)
                          for t in threats)
         lines += ["", f"## Model inversion attacks ({desc or 'default threat model'})", "",
-                  _markdown_table(["attack", "MSE", "SSIM", "PSNR (dB)", "seconds"], rows)]
+                  markdown_table(["attack", "MSE", "SSIM", "PSNR (dB)", "seconds"], rows)]
         skipped = (record.get("attacks") or {}).get("skipped") or {}
         if skipped:
             lines += ["", "Skipped: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())]
@@ -203,24 +209,24 @@ def comparison_table(records: Sequence[dict[str, Any]], *, baseline: str | None 
     if baseline is not None:
         for rec in records:
             if rec.get("name") == baseline:
-                base_mse = _attack_metric(rec, "mse")
+                base_mse = attack_metric(rec, "mse")
     header = ["run", "defenses", "test acc (%)", "MSE", "SSIM", "PSNR",
               "I(x;z) bound est. (bits)"]
     if base_mse:
         header.append("MSE vs baseline")
     rows = []
     for rec in records:
-        mse = _attack_metric(rec, "mse")
+        mse = attack_metric(rec, "mse")
         row = [
             rec.get("name"), rec.get("defenses", "-"),
             100 * (rec.get("train") or {}).get("test_accuracy", float("nan")),
-            mse, _attack_metric(rec, "ssim"), _attack_metric(rec, "psnr"),
+            mse, attack_metric(rec, "ssim"), attack_metric(rec, "psnr"),
             leakage_cell(rec),
         ]
         if base_mse:
             row.append(f"{100 * (mse / base_mse - 1):+.1f}%" if mse == mse else "-")
         rows.append(row)
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def leakage_cell(rec: dict[str, Any]) -> str:
@@ -236,7 +242,7 @@ def leakage_cell(rec: dict[str, Any]) -> str:
     return f"{mi:.0f} (train)" if isinstance(mi, int | float) else "-"
 
 
-def _attack_metric(rec: dict[str, Any], metric: str) -> float:
+def attack_metric(rec: dict[str, Any], metric: str) -> float:
     """The worst case for the defender if several attacks ran, else the only attack's value."""
     att = rec.get("attacks") or {}
     worst = (att.get("worst") or {}).get(metric)
@@ -249,21 +255,55 @@ def _attack_metric(rec: dict[str, Any], metric: str) -> float:
     return float("nan")
 
 
-def plot_frontier(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Accuracy against attack MSE, one point per run (up and right is better)."""
-    fig = _figure(figsize=(6, 4.5))
-    ax = fig.subplots()
-    for rec in records:
-        acc = 100 * (rec.get("train") or {}).get("test_accuracy", float("nan"))
-        mse = _attack_metric(rec, "mse")
-        marker = "s" if rec.get("cem_lambda") else "o"
-        ax.scatter([mse], [acc], marker=marker)
-        ax.annotate(str(rec.get("name")), (mse, acc), fontsize=9, xytext=(4, 4),
-                    textcoords="offset points")
-    ax.ticklabel_format(useOffset=False, style="plain")  # 0.0162, not 1.6 with "1e-2" apart
-    ax.set_xlabel("attack MSE (higher = more private)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("utility vs inversion robustness")
-    ax.grid(alpha=0.3)
+@dataclass(frozen=True)
+class CurvePoint:
+    """One point of a frontier curve: a setting's seed means and sds (accuracy in [0, 1])."""
+
+    label: str | None
+    accuracy: float
+    accuracy_sd: float
+    mse: float
+    mse_sd: float
+    ssim: float
+    ssim_sd: float
+
+
+def plot_curves(series: dict[str, list[CurvePoint]], path: str | Path, *,
+                baseline: str | None = None) -> Path:
+    """The one frontier plot: test accuracy against worst-case attack MSE (left) and SSIM
+    (right), one curve per series (mean ± sd over seeds, points labelled by strength); the
+    baseline drawn solid. Used by ``splitcem frontier``, ``sweep``, ``reproduce`` and the demo."""
+    fig = _figure(figsize=(12, 5))
+    axes = fig.subplots(1, 2)
+    for gi, (g, points) in enumerate(sorted(series.items())):
+        color = f"C{gi % 10}"
+        for ax, metric in zip(axes, ("mse", "ssim"), strict=True):
+            xs = [getattr(p, metric) for p in points]
+            xe = [getattr(p, f"{metric}_sd") for p in points]
+            ys = [100 * p.accuracy for p in points]
+            ye = [100 * p.accuracy_sd for p in points]
+            style = "-" if g == baseline else "--"
+            ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt="o" + style, color=color, capsize=3,
+                        lw=2 if g == baseline else 1.2, label=g + (" (baseline)" if g == baseline
+                                                               else ""))
+            for x, y, p in zip(xs, ys, points, strict=True):
+                if p.label is not None:
+                    ax.annotate(p.label, (x, y), fontsize=7, xytext=(4, 3),
+                                textcoords="offset points", color=color)
+    axes[0].set_xlabel("worst-case attack MSE (higher = more private)")
+    axes[1].set_xlabel("worst-case attack SSIM (lower = more private)")
+    for ax in axes:
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("privacy-utility frontier (mean ± sd over seeds; labels: strength)")
     fig.tight_layout()
     return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+
+
+def plot_frontier(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """:func:`plot_curves` of single runs: one point per run (up and right is better)."""
+    series = {str(r.get("name")): [CurvePoint(
+        None, float((r.get("train") or {}).get("test_accuracy", float("nan"))), 0.0,
+        attack_metric(r, "mse"), 0.0, attack_metric(r, "ssim"), 0.0)] for r in records}
+    return plot_curves(series, path)

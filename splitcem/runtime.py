@@ -48,6 +48,7 @@ __all__ = [
     "cpu_capability",
     "default_threads",
     "native_bf16",
+    "resolve_device",
     "resolve_numeric_path",
     "set_threads",
     "usable_cores",
@@ -218,6 +219,25 @@ def resolve_numeric_path(
             ", ".join(why)
     return NumericPath(device=dev.type, amp=use_amp, channels_last=use_cl, native_bf16=native,
                        cpu_capability=cap, reason=reason)
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} requested but CUDA is not available; use cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {spec!r} requested but MPS is not available; use cpu or auto")
+    return dev
 
 
 # --------------------------------------------------------------------------- threads

@@ -35,7 +35,9 @@ from splitcem.data import ArrayDataset, Augment, BatchLoader, DataSplits
 from splitcem.defenses import DefenseStack, EpochContext, SetupContext, StepContext
 from splitcem.errors import CheckpointError, ConfigError, NonFiniteError
 from splitcem.models import SplitModel
-from splitcem.runtime import NumericPath, resolve_numeric_path
+from splitcem.runid import resolved_amp
+from splitcem.runtime import NumericPath, resolve_device, resolve_numeric_path
+from splitcem.schedule import lr_factor, steps_per_epoch
 
 __all__ = [
     "TrainResult",
@@ -53,44 +55,6 @@ log = logging.getLogger(__name__)
 LAST = "last.pt"
 #: training settings that change no result (a checkpoint resumes across them)
 _NOT_RESULTS = {"tensorboard"}
-
-
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
-    if isinstance(spec, torch.device):
-        return spec
-    spec = (spec or "auto").lower()
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} requested but CUDA is not available; use cpu or auto")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {spec!r} requested but MPS is not available; use cpu or auto")
-    return dev
-
-
-def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` at global ``step``: linear warm-up, then the schedule
-    (x gamma per milestone epoch, or a cosine from 1 to 0 over the remaining steps)."""
-    warm = cfg.warmup_epochs * steps_per_epoch
-    if step < warm:
-        return (step + 1) / warm
-    if cfg.schedule == "cosine":
-        total = cfg.epochs * steps_per_epoch
-        t = (step - warm) / max(1, total - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-    epoch = step // steps_per_epoch
-    return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-
-
-def steps_per_epoch(train_size: int, batch_size: int) -> int:
-    """Optimizer steps per epoch (the last partial batch is dropped when there is a full one)."""
-    return train_size // batch_size if train_size > batch_size else 1 if train_size else 0
 
 
 def setup_context(
@@ -242,6 +206,10 @@ class Trainer:
         def settings(d: dict[str, Any] | None) -> dict[str, Any]:  # those that shape results
             # settings added since the checkpoint was written take their defaults
             full = {**TrainConfig().model_dump(), **(d or {})}
+            # the numeric path as it resolves here: amp true and auto are one path where
+            # bf16 is native (an adopted run resumes under its new config's words)
+            full["amp"], full["channels_last"] = resolved_amp(
+                full["amp"], self.device.type, full["channels_last"])
             return {k: v for k, v in full.items() if k not in _NOT_RESULTS}
 
         if settings(state.get("train_config")) != settings(self.cfg.model_dump()) \

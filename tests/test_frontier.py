@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from splitcem.errors import ConfigError
-from splitcem.frontier import baseline_curve, interp_mse, matched_gain
-from splitcem.grid import expand, load_sweep
+from splitcem.study.frontier import baseline_curve, interp_mse, matched_gain
+from splitcem.study.grid import expand, load_sweep
 
 
 def test_matched_accuracy_interpolation_by_hand():
@@ -97,7 +97,7 @@ def test_bad_sweep_files_fail_before_running(spec, match):
 
 @pytest.mark.parametrize("name", ["cifar10_cpu", "cifar10_paper"])
 def test_bundled_sweeps_expand(name):
-    from splitcem.reproduce import sweep_file
+    from splitcem.study.reproduce import sweep_file
 
     trials = expand(load_sweep(sweep_file("cifar10", name.split("_")[1])))
     names = [t.name for t in trials]
@@ -114,8 +114,8 @@ def test_bundled_sweeps_expand(name):
 
 def test_paper_table_pairs_runs_without_and_with_cem(tmp_path):
     from splitcem.config import load_config
-    from splitcem.frontier_report import FrontierRun
-    from splitcem.reproduce import paper_table
+    from splitcem.study.frontier_report import FrontierRun
+    from splitcem.study.reproduce import paper_table
 
     def run(name, seed, lam, acc, mse):
         cfg = load_config({"name": name, "seed": seed,

@@ -332,7 +332,7 @@ def test_bad_yaml_in_an_override_is_a_config_error():
 
 
 def test_demo_configs_compare_three_runs():
-    from splitcem.demo import DEMO_CEM_LAMBDA, demo_configs
+    from splitcem.study.demo import DEMO_CEM_LAMBDA, demo_configs
 
     plain, noise, cem = (load_config(c) for c in demo_configs())
     assert [c.name for c in (plain, noise, cem)] == [
@@ -345,7 +345,7 @@ def test_demo_configs_compare_three_runs():
 
 def test_demo_end_to_end_at_tiny_size(fashion_dir, tmp_path, cache_dir):
     """The real demo pipeline (three runs, table, plot) on a few hundred images."""
-    from splitcem.demo import run_demo
+    from splitcem.study.demo import run_demo
 
     tiny = ["data.limit_train=256", "data.limit_test=200", f"data.cache_dir={cache_dir}",
             "model.client_width=0.25", "train.epochs=2", "device=cpu",

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from splitcem.sweep import run_sweep
+from splitcem.study.sweep import run_sweep
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import yaml
 
-from splitcem.trials import LOOPBACK_ENV, run_grid
+from splitcem.study.trials import LOOPBACK_ENV, run_grid
 
 os.environ.update(LOOPBACK_ENV)  # before ray is imported: local Ray on loopback only
 ray = pytest.importorskip("ray", reason="pip install 'splitcem[sweep]' (make setup does)")
@@ -114,7 +114,7 @@ def test_rerun_skips_finished_and_resumes_a_killed_trial(swept):
 
 
 def test_frontier_renders_from_saved_runs_without_rerunning(swept, tmp_path):
-    from splitcem.frontier_report import write_frontier
+    from splitcem.study.frontier_report import write_frontier
 
     _, res = swept
     runs = tmp_path / "runs"

@@ -50,12 +50,14 @@ def stratified_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> n
 
 def make_splits(name: str, *, root: PathLike = None, seed: int = 125, aux_fraction: float = 0.9,
                 limit_train: int | None = None, limit_test: int | None = None,
-                cache_dir: PathLike = None, image_size: int | None = None) -> DataSplits:
-    """Load ``name`` and split it; the result is a pure function of the data and ``seed``.
+                cache_dir: PathLike = None, image_size: int | None = None,
+                split_seed: int | None = None) -> DataSplits:
+    """Load ``name`` and split it; the result is a pure function of the data and the seeds.
 
     ``limit_train`` / ``limit_test`` keep a seeded class-stratified subset (for CPU runs);
     ``aux`` / ``eval`` are a seeded ``aux_fraction`` / rest partition of the kept test set
-    (the paper's inference-time threat model: the attacker trains on 90% of the test set).
+    (the paper's inference-time threat model: the attacker trains on 90% of the test set),
+    drawn from ``split_seed`` (``None``: from ``seed``).
 
     Example:
         >>> s = make_splits("fashion_mnist", limit_train=512, limit_test=256)
@@ -76,7 +78,8 @@ def make_splits(name: str, *, root: PathLike = None, seed: int = 125, aux_fracti
     if limit_test is not None and limit_test < len(test):
         test = test.subset(stratified_subset(test.labels, limit_test,
                                              np.random.default_rng([seed, 2])))
-    aux, held = split_aux(test, seed=seed, aux_fraction=aux_fraction)
+    aux, held = split_aux(test, seed=seed if split_seed is None else split_seed,
+                          aux_fraction=aux_fraction)
     return DataSplits(train=train, aux=aux, eval=held, test=test)
 
 

@@ -194,16 +194,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     Loads the run's config and last checkpoint on the CPU, rebuilds the split model and the
     deployed defense transforms, and writes the deployment (:func:`export_model`).
     """
-    from splitcem.config import load_config
     from splitcem.data import load_dataset
     from splitcem.defenses import create_defense
     from splitcem.models import create_split_model
+    from splitcem.record import RunRecord
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise CheckpointError(f"{run} is not a run directory (no config.yaml); train one with "
-                              "splitcem train CONFIG --out DIR")
-    cfg = load_config(run / "config.yaml")
+    record = RunRecord.load(run)
+    if record.config is None:
+        raise CheckpointError(f"{run} is not a run directory ({record.config_error}); train "
+                              "one with splitcem train CONFIG --out DIR")
+    cfg = record.config
     info = load_dataset(cfg.data.name, "test", root=cfg.data.root,
                         cache_dir=cfg.data.cache_dir).info
     ckpt = run / CHECKPOINT

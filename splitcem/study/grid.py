@@ -37,10 +37,11 @@ from typing import Any
 
 import yaml
 
-from splitcem.config import RunConfig, _set_path, load_config
+from splitcem.config import RunConfig, load_config, set_path
 from splitcem.errors import ConfigError
 
-__all__ = ["SweepSpec", "Trial", "expand", "format_value", "is_sweep_file", "load_sweep"]
+__all__ = ["SweepSpec", "Trial", "config_trials", "expand", "format_value", "is_sweep_file",
+           "load_sweep"]
 
 _TOP_KEYS = {"name", "base", "set", "seeds", "grid", "variants", "out"}
 _VARIANT_KEYS = {"name", "base", "set", "seeds", "grid"}
@@ -203,7 +204,7 @@ def _apply(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     re-parsed from text)."""
     out = copy.deepcopy(raw)
     for k, v in values.items():
-        _set_path(out, k, copy.deepcopy(v))
+        set_path(out, k, copy.deepcopy(v))
     return out
 
 
@@ -257,3 +258,21 @@ def expand(spec: SweepSpec) -> list[Trial]:
                     continue
                 trials[name] = Trial(name, cfg, seed, values, v["name"])
     return list(trials.values())
+
+
+def config_trials(configs: list[str | Path] | tuple[str | Path, ...],
+                  overrides: list[str] | tuple[str, ...] = ()) -> list[Trial]:
+    """The list-of-configs front door: one trial per run config (named by its ``name``,
+    its own seed), ``overrides`` (``key.sub=value``) applied to each; names must differ."""
+    from splitcem.experiment import build_defenses, check_attacks
+
+    trials: list[Trial] = []
+    for path in configs:
+        cfg = load_config(path, list(overrides))
+        if any(t.name == cfg.name for t in trials):
+            raise ConfigError(f"two configs in the sweep are named {cfg.name!r}; names must "
+                              "differ")
+        build_defenses(cfg)
+        check_attacks(cfg)
+        trials.append(Trial(cfg.name, cfg, cfg.seed, {}, cfg.name))
+    return trials

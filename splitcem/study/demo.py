@@ -17,7 +17,7 @@ import torch
 
 from splitcem._io import atomic_write
 from splitcem.config import load_config
-from splitcem.sweep import run_sweep
+from splitcem.study.sweep import run_sweep
 
 __all__ = ["DEMO_CEM_LAMBDA", "DEMO_CONFIG", "demo_configs", "plot_comparison", "run_demo"]
 
@@ -131,7 +131,7 @@ def run_demo(
         p.write_text(yaml.safe_dump(cfg, sort_keys=False))
         paths.append(p)
     table = run_sweep(paths, out, overrides=overrides, baseline="undefended",
-                      progress=progress, device=device)
+                      progress=progress, device=None if device is None else str(device))
     records = json.loads((out / "comparison.json").read_text())
     plot_comparison(records, out / "comparison.png")
     return table

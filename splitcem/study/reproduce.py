@@ -3,9 +3,9 @@
 ``splitcem reproduce cifar10 --protocol cpu`` runs ``configs/sweeps/cifar10_cpu.yaml``
 (each defense at its strengths without and with CEM, the noise-only curve, the cut
 baseline; every run attacked with the worst case of ``decoder`` and ``decoder_adaptive``)
-through :func:`splitcem.trials.run_grid`, so re-running continues where it stopped; then it
+through :func:`splitcem.study.trials.run_grid`, so re-running continues where it stopped; then it
 writes ``paper_table.md`` / ``.json`` (accuracy, MSE, SSIM, PSNR without / with CEM and the
-relative gain in MSE, seed means) and the frontier report (:mod:`splitcem.frontier_report`)
+relative gain in MSE, seed means) and the frontier report (:mod:`splitcem.study.frontier_report`)
 into the sweep's folder.
 """
 
@@ -20,12 +20,15 @@ from typing import Any
 
 from splitcem._io import write_json, write_text
 from splitcem.errors import ConfigError
-from splitcem.frontier_report import FrontierRun, _family, _fmt, find_runs, write_frontier
-from splitcem.trials import GridResult, run_grid
+from splitcem.report import markdown_table
+from splitcem.study.frontier_report import write_frontier
+from splitcem.study.grid import format_value as _fmt
+from splitcem.study.groups import FrontierRun, family, find_runs
+from splitcem.study.trials import GridResult, run_grid
 
 __all__ = ["paper_table", "reproduce", "sweep_file"]
 
-SWEEPS = Path(__file__).resolve().parent / "configs" / "sweeps"  # bundled in the package
+SWEEPS = Path(__file__).resolve().parents[1] / "configs" / "sweeps"  # bundled in the package
 
 
 def sweep_file(dataset: str, protocol: str) -> Path:
@@ -59,7 +62,7 @@ def paper_table(runs: Sequence[FrontierRun]) -> tuple[str, list[dict[str, Any]]]
         key = json.dumps(d, sort_keys=True)
         by_key[key][lam].append(r)
         if lam == 0:
-            fam, skey, val = _family(r.cfg)
+            fam, skey, val = family(r.cfg)
             labels[key] = f"{fam} ({skey.rsplit('.', 1)[-1]}={_fmt(val)})"
     rows = []
     for key, by_lam in by_key.items():
@@ -78,16 +81,14 @@ def paper_table(runs: Sequence[FrontierRun]) -> tuple[str, list[dict[str, Any]]]
             row["mse_gain"] = row["mse_with"] / row["mse_without"] - 1.0
             rows.append(row)
     rows.sort(key=lambda r: (r["defense"], r["lambda"]))
-    head = ("| defense | CEM lambda | seeds (w/o, w/) | accuracy % w/o | w/ | MSE w/o | w/ | "
-            "SSIM w/o | w/ | PSNR w/o | w/ | MSE gain with CEM |")
-    lines = [head, "|" + "---|" * 12]
-    for w in rows:
-        lines.append(
-            f"| {w['defense']} | {_fmt(w['lambda'])} | {w['seeds_without']}, {w['seeds_with']} | "
-            f"{100 * w['accuracy_without']:.2f} | {100 * w['accuracy_with']:.2f} | "
-            f"{w['mse_without']:.4f} | {w['mse_with']:.4f} | {w['ssim_without']:.3f} | "
-            f"{w['ssim_with']:.3f} | {w['psnr_without']:.2f} | {w['psnr_with']:.2f} | "
-            f"{100 * w['mse_gain']:+.1f}% |")
+    header = ["defense", "CEM lambda", "seeds (w/o, w/)", "accuracy % w/o", "w/", "MSE w/o",
+              "w/", "SSIM w/o", "w/", "PSNR w/o", "w/", "MSE gain with CEM"]
+    cells = [[w["defense"], _fmt(w["lambda"]), f"{w['seeds_without']}, {w['seeds_with']}",
+              f"{100 * w['accuracy_without']:.2f}", f"{100 * w['accuracy_with']:.2f}",
+              f"{w['mse_without']:.4f}", f"{w['mse_with']:.4f}", f"{w['ssim_without']:.3f}",
+              f"{w['ssim_with']:.3f}", f"{w['psnr_without']:.2f}", f"{w['psnr_with']:.2f}",
+              f"{100 * w['mse_gain']:+.1f}%"] for w in rows]
+    lines = [markdown_table(header, cells)]
     return "\n".join(lines), rows
 
 

@@ -1,0 +1,188 @@
+"""Runs as the frontier sees them: finished runs found through the run record, grouped by
+defense family and context.
+
+Families (a *group* is a family in one context, see below):
+
+* ``noise``: Gaussian noise alone, over sigma;
+* ``noise(sigma=S) + cem``: noise plus CEM (lambda > 0), over lambda; any defense with CEM
+  likewise, over lambda, with the defenses' strengths fixed in the label;
+* ``D + noise(sigma=S)``: a zoo defense D over its strength (``Defense.strength_param``);
+* ``cut``: no defense at all, over ``model.cut`` (a deeper split point is a free defense).
+
+Everything else in the config (data, model, training, attacks, CEM's other settings for a
+CEM family) is the group's *context*; runs in different contexts are never pooled, and
+their labels say what differs. Runs with the same config up to name and device (e.g. a copy
+made by ``splitcem sweep --adopt``) are counted once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from splitcem.config import RunConfig
+from splitcem.record import RunRecord, comparable
+from splitcem.report import attack_metric
+from splitcem.study.grid import format_value
+
+__all__ = ["FrontierRun", "family", "find_runs", "group_runs"]
+
+#: config keys that neither change a run's results nor its group
+_NOT_CONTEXT = {("name",), ("seed",), ("device",), ("data", "root"), ("data", "cache_dir"),
+                ("train", "tensorboard"), ("defenses",), ("cem",)}
+
+
+@dataclass
+class FrontierRun:
+    """One finished run, as the frontier sees it."""
+
+    path: Path
+    cfg: RunConfig
+    record: dict[str, Any]
+    family: str = ""
+    strength_key: str = ""
+    strength: float | None = None
+    context: str = ""
+    group: str = ""
+    leakage_bits: float | None = None
+    #: the aux / eval partition its attacks ran on (:attr:`splitcem.record.RunRecord.split`)
+    split: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.record.get("train") or {}).get("test_accuracy", float("nan")))
+
+    def metric(self, m: str) -> float:
+        return attack_metric(self.record, m)
+
+
+def find_runs(dirs: Sequence[str | Path]) -> tuple[list[FrontierRun], list[str]]:
+    """Finished runs under ``dirs`` (recursively), and a note per run left out and why."""
+    runs: list[FrontierRun] = []
+    notes: list[str] = []
+    seen: dict[str, Path] = {}
+    for rec in RunRecord.find(dirs):
+        why = rec.unfinished()
+        if why is not None or rec.config is None:
+            notes.append(f"{rec.path}: {why}")
+            continue
+        key = json.dumps(comparable(rec.config.to_dict()), sort_keys=True)
+        if key in seen:
+            notes.append(f"{rec.path}: same config as {seen[key]}, counted once")
+            continue
+        seen[key] = rec.path
+        runs.append(FrontierRun(rec.path, rec.config, rec.metrics, split=rec.split))
+    return runs, notes
+
+
+def _strength_param(name: str) -> str | None:
+    from splitcem.defenses import DEFENSES
+
+    if name not in DEFENSES:
+        return None
+    return getattr(DEFENSES.get(name), "strength_param", None)
+
+
+def _param_value(spec: dict[str, Any], param: str | None) -> Any:
+    """A defense's parameter from its config, else the registered factory's default."""
+    import inspect
+
+    from splitcem.defenses import DEFENSES
+
+    if param is None:
+        return None
+    if param in spec:
+        return spec[param]
+    try:
+        p = inspect.signature(DEFENSES.get(spec["name"])).parameters.get(param)
+    except (ValueError, TypeError, KeyError):
+        return None
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+def family(cfg: RunConfig) -> tuple[str, str, float | None]:
+    """(family label, strength key, strength value) of a run's config."""
+    defs = list(cfg.defenses)
+    lam = cfg.cem.lam if cfg.cem is not None else 0.0
+
+    def fixed(spec: dict[str, Any]) -> str:
+        sp = _strength_param(spec["name"])
+        v = _param_value(spec, sp)
+        return f"{spec['name']}({sp}={format_value(v)})" if sp and v is not None else spec["name"]
+
+    if lam > 0:
+        label = " + ".join([fixed(s) for s in defs] + ["cem"])
+        return label, "cem.lambda", float(lam)
+    if not defs:
+        return "cut", "model.cut", float(cfg.model.cut)
+    primary = next((i for i, s in enumerate(defs) if s["name"] != "noise"), 0)
+    sp = _strength_param(defs[primary]["name"])
+    val = _param_value(defs[primary], sp)
+    label = " + ".join(s["name"] if i == primary else fixed(s) for i, s in enumerate(defs))
+    key = f"defenses.{primary}.{sp}" if sp else f"defenses.{primary}"
+    return label, key, float(val) if isinstance(val, int | float) else None
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(d, sort_keys=True)}
+
+
+def _context(cfg: RunConfig, family: str) -> dict[str, Any]:
+    d = cfg.to_dict()
+    for path in _NOT_CONTEXT:
+        cur = d
+        for k in path[:-1]:
+            cur = cur.get(k) or {}
+        cur.pop(path[-1], None)
+    if family == "cut":
+        d["model"].pop("cut", None)
+    if family.endswith("cem") and cfg.cem is not None:
+        d["cem"] = {k: v for k, v in cfg.cem.model_dump(by_alias=True).items() if k != "lambda"}
+    return d
+
+
+def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:
+    """Set each run's family, strength, context and group label; return runs by group.
+
+    Runs in the most common context get the family as their label; the others add what
+    differs from it, e.g. ``noise [model.bottleneck_channels=4]``.
+    """
+    contexts: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = defaultdict(int)
+    for r in runs:
+        r.family, r.strength_key, r.strength = family(r.cfg)
+        ctx = _context(r.cfg, r.family)
+        r.context = json.dumps(ctx, sort_keys=True)
+        contexts[r.context] = _flatten(ctx)
+        counts[r.context] += 1
+    main = contexts[max(counts, key=lambda c: (counts[c], c))] if counts else {}
+    groups: dict[str, list[FrontierRun]] = defaultdict(list)
+    for r in runs:
+        flat = contexts[r.context]
+        # a key differs if both have it and disagree (a CEM family's context has CEM's
+        # settings, the others have none: that absence is not a difference)
+        diff = sorted(k for k in flat if k in main and flat[k] != main[k])
+        parts = [f"{k}={_short(flat[k])}" for k in diff if not k.startswith("attack.")]
+        if any(k.startswith("attack.") for k in diff):
+            parts.append("other attacks")
+        r.group = r.family + (f" [{', '.join(parts)}]" if parts else "")
+        groups[r.group].append(r)
+    return dict(groups)
+
+
+def _short(v: Any) -> str:
+    s = json.loads(v) if isinstance(v, str) else v
+    return format_value(s) if not isinstance(s, list | dict) else json.dumps(s)[:40]

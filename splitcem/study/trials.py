@@ -1,0 +1,315 @@
+"""The one sweep engine: run trials on Ray (or in a plain loop), resumably, recording each
+one's fate; every front door (a sweep file, a list of configs, ``reproduce``) proposes
+:class:`~splitcem.study.grid.Trial` s to :func:`run_trials`.
+
+Each trial is an ordinary run directory (:func:`splitcem.experiment.train_run` then
+:func:`~splitcem.experiment.attack_run`) under the sweep's folder, read and written only
+through :class:`splitcem.record.RunRecord`, plus ``trial.json``: its status (``running``,
+``finished``, ``failed`` with the error and traceback), values, seed, threads and times.
+Re-running a sweep skips finished trials (the record finished *for this config*: hashes of
+what ran compared, see :mod:`splitcem.record`), resumes a killed one from its last epoch
+checkpoint (a kill loses at most the trials in flight, and of those only the epoch or attack
+under way), re-runs one whose config changed, and retries failed ones. A failing trial never
+stops the others.
+
+No shared filesystem is needed: a trial returns its results (``config.yaml``,
+``metrics.json``, ``summary.md``, the reconstructions and the attack decoder, as bytes) to
+the driver, which writes them into the sweep's folder. Checkpoints stay on the node that
+trained (node-local): a trial resumed on another node trains again from the start. Each
+node finds the datasets by the usual search (``SPLITCEM_DATA``, ``~/.splitcem/data``, ...)
+or the config's explicit ``data.root``.
+
+Ray is optional (``pip install 'splitcem[sweep]'``): local by default, sized to this
+machine (``num_cpus = os.cpu_count()``; ``max_concurrent = cpus // threads_per_trial``), or
+an existing cluster with ``address``. Every trial sets its own thread count
+(``torch.set_num_threads`` and ``SPLITCEM_THREADS``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splitcem._io import write_json
+from splitcem.config import RunConfig
+from splitcem.errors import ConfigError
+from splitcem.record import TRIAL_FILE, RunRecord, comparable
+from splitcem.study.execute import RESULT_FILES, land, run_trial
+from splitcem.study.grid import SweepSpec, Trial, expand, load_sweep
+
+__all__ = [
+    "RESULT_FILES",
+    "STATUS_FILE",
+    "GridResult",
+    "comparable",
+    "find_adoptable",
+    "plan_trials",
+    "run_grid",
+    "run_trial",
+    "run_trials",
+    "trial_finished",
+]
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = TRIAL_FILE
+INDEX_FILE = "trials.json"
+def trial_finished(run_dir: Path, cfg: RunConfig, *,
+                   device: str | None = None) -> dict[str, Any] | None:
+    """The run's metrics if ``run_dir`` finished exactly ``cfg`` (trained and, if the config
+    has attacks, attacked: hashes compared); else ``None``."""
+    rec = RunRecord.load(run_dir)
+    return rec.metrics if rec.finished(cfg, device=device) else None
+
+
+def find_adoptable(trial: Trial, dirs: Sequence[Path], *,
+                   device: str | None = None) -> Path | None:
+    """A run under ``dirs`` (searched recursively) that can stand in for the trial: finished
+    for exactly its config up to name and device (what ran compared: numerics, and attacks
+    on the same aux / eval partition); else one trained for it whose checkpoint is there
+    (then only the attacks run again)."""
+    trained = None
+    for d in dirs:
+        for rec in RunRecord.find([d]):
+            if rec.finished(trial.cfg, device=device):
+                return rec.path
+            if trained is None and rec.has_checkpoint and rec.trained_for(trial.cfg,
+                                                                          device=device):
+                trained = rec.path
+    return trained
+
+
+def _adopt(trial: Trial, src: Path, dst: Path, *, device: str | None) -> dict[str, Any]:
+    """Copy a finished (or trained) run into the trial's folder (the source is only read)."""
+    rec = RunRecord.load(src).copy_to(dst, trial.cfg)
+    done = rec.finished(trial.cfg, device=device)
+    status = {"name": trial.name, "status": "finished" if done else "pending",
+              "adopted_from": str(src), "adopted_as": "finished" if done else "trained",
+              "values": trial.values, "seed": trial.seed, "accuracy": rec.accuracy}
+    rec.write_trial(status)
+    return status
+
+
+@dataclass
+class GridResult:
+    """What a sweep did: its folder, every trial's status, and what this call ran."""
+
+    out: Path
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, s in self.statuses.items() if s.get("status") == "failed"]
+
+
+#: set before ray is imported: a local (single-machine) Ray then binds its services to
+#: loopback instead of the machine's network address (Ray reads it at import time)
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def _ray(address: str | None, num_cpus: int | None, num_gpus: float | None) -> tuple[Any, bool]:
+    if not address:
+        for k, v in LOOPBACK_ENV.items():
+            os.environ.setdefault(k, v)
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("sweeps on Ray need the 'ray' package: pip install 'splitcem[sweep]' "
+                          "(or make setup); --no-ray runs the trials one after another") from None
+    if ray.is_initialized():
+        return ray, False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+        if num_gpus is not None:
+            kwargs["num_gpus"] = num_gpus
+    ray.init(**kwargs)
+    return ray, True
+
+
+def _execute_ray(
+    jobs: list[tuple[Trial, Path, dict[str, Any]]],
+    *,
+    address: str | None,
+    max_concurrent: int | None,
+    threads: int,
+    gpus: float,
+    device: str | None,
+    on_done: Callable[[Trial, dict[str, Any]], None],
+) -> None:
+    ray, started = _ray(address, None, None)
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        limit = max_concurrent or max(1, cpus // threads)
+        if gpus > 0:
+            limit = min(limit, max(1, int(ray.cluster_resources().get("GPU", 0) / gpus)))
+        remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=0)(run_trial)
+        log.info("sweep on Ray: %d trials, %d at a time, %d thread(s) each", len(jobs), limit,
+                 threads)
+        pending = list(jobs)
+        running: dict[Any, tuple[Trial, Path]] = {}
+        while pending or running:
+            while pending and len(running) < limit:
+                trial, path, meta = pending.pop(0)
+                ref = remote.remote(trial.cfg.to_dict(), str(path), threads=threads, meta=meta,
+                                    device=device, ship=True)
+                running[ref] = (trial, path)
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                trial, path = running.pop(ref)
+                try:
+                    status = ray.get(ref)
+                except Exception as e:  # the worker died (killed, out of memory)
+                    status = {"name": trial.name, "status": "failed", "run_dir": str(path),
+                              "error": f"{type(e).__name__}: {e}"}
+                on_done(trial, land(path, status))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
+                device: str | None = None
+                ) -> tuple[GridResult, list[tuple[Trial, Path, dict[str, Any]]]]:
+    """What a sweep has left to do: skip the trials finished in ``out`` (for exactly their
+    config), adopt finished runs from ``adopt`` (copied into ``out``), and return the rest
+    as jobs (a run adopted as trained only is a job: its attacks run again)."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = GridResult(out_dir)
+    jobs: list[tuple[Trial, Path, dict[str, Any]]] = []
+    for t in trials:
+        path = out_dir / t.name
+        meta = {"name": t.name, "variant": t.variant, "values": t.values, "seed": t.seed}
+        if trial_finished(path, t.cfg, device=device) is not None:
+            result.statuses[t.name] = RunRecord.load(path).trial or {**meta,
+                                                                     "status": "finished"}
+            result.skipped.append(t.name)
+            continue
+        src = find_adoptable(t, [Path(a) for a in adopt], device=device) if adopt else None
+        if src is not None:
+            result.statuses[t.name] = _adopt(t, src, path, device=device)
+            log.info("trial %s: adopted the %s run %s", t.name,
+                     result.statuses[t.name]["adopted_as"], src)
+            if result.statuses[t.name]["status"] == "finished":
+                result.adopted.append(t.name)
+                continue
+        jobs.append((t, path, meta))
+    return result, jobs
+
+
+def run_trials(
+    trials: Sequence[Trial],
+    out: str | Path,
+    *,
+    name: str = "sweep",
+    source: str = "(trials)",
+    address: str | None = None,
+    max_concurrent: int | None = None,
+    threads_per_trial: int = 1,
+    gpus_per_trial: float = 0.0,
+    use_ray: bool = True,
+    adopt: Sequence[str | Path] = (),
+    device: str | None = None,
+    progress: bool = True,
+    trial_progress: bool = False,
+) -> GridResult:
+    """Run every trial that is not finished yet in ``out/TRIAL``; returns their statuses.
+
+    The one engine behind :func:`run_grid` (sweep files), :func:`splitcem.study.sweep.run_sweep`
+    (lists of configs) and :func:`splitcem.study.reproduce.reproduce`; arguments as in
+    :func:`run_grid`. ``trial_progress``: progress bars inside each trial (loop only).
+    """
+    if threads_per_trial < 1:
+        raise ConfigError(f"--threads-per-trial must be >= 1, got {threads_per_trial}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    out_dir = Path(out)
+    result, jobs = plan_trials(trials, out_dir, adopt=adopt, device=device)
+    index = (name, source, list(trials))
+    _write_index(out_dir, *index, result)
+    log.info("sweep %s: %d trials, %d finished before, %d adopted, %d to run -> %s", name,
+             len(trials), len(result.skipped), len(result.adopted), len(jobs), out_dir)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc=f"sweep {name}", disable=not progress or not jobs,
+               dynamic_ncols=True)
+
+    def on_done(trial: Trial, status: dict[str, Any]) -> None:
+        result.statuses[trial.name] = status
+        result.ran.append(trial.name)
+        _write_index(out_dir, *index, result)
+        bar.update(1)
+        log.info("trial %s: %s%s", trial.name, status.get("status"),
+                 f" ({status.get('error')})" if status.get("error") else "")
+
+    try:
+        if use_ray and jobs:
+            _execute_ray(jobs, address=address, max_concurrent=max_concurrent,
+                         threads=threads_per_trial, gpus=gpus_per_trial, device=device,
+                         on_done=on_done)
+        else:
+            for t, path, meta in jobs:
+                on_done(t, run_trial(t.cfg.to_dict(), str(path), threads=threads_per_trial,
+                                     meta=meta, device=device, progress=trial_progress))
+    finally:
+        bar.close()
+    return result
+
+
+def run_grid(
+    sweep: str | Path | dict[str, Any] | SweepSpec,
+    *,
+    out: str | Path | None = None,
+    address: str | None = None,
+    max_concurrent: int | None = None,
+    threads_per_trial: int = 1,
+    gpus_per_trial: float = 0.0,
+    use_ray: bool = True,
+    adopt: Sequence[str | Path] = (),
+    device: str | None = None,
+    progress: bool = True,
+) -> GridResult:
+    """Run every trial of a sweep file that is not finished yet; returns their statuses.
+
+    Args:
+        sweep: A sweep file (see :mod:`splitcem.study.grid`), its dict, or a parsed spec.
+        out: The sweep's folder (default: the file's ``out``, else ``runs/sweeps/NAME``).
+        address: A Ray cluster's address; ``None`` starts a local Ray sized to this machine.
+        max_concurrent: Trials at once (default: CPUs // threads_per_trial).
+        threads_per_trial: torch threads (and Ray CPUs) per trial.
+        gpus_per_trial: Ray GPUs per trial (a fraction shares one GPU).
+        use_ray: ``False`` runs the trials one after another in this process.
+        adopt: Folders of existing runs: a trial whose config matches a finished run there
+            (up to name and device; what ran compared, see :mod:`splitcem.record`) copies
+            it instead of training again (the source is only read).
+        device: Device for every trial (default: each config's).
+    """
+    spec = sweep if isinstance(sweep, SweepSpec) else load_sweep(sweep)
+    trials = expand(spec)
+    out_dir = Path(out if out is not None else spec.out or Path("runs") / "sweeps" / spec.name)
+    return run_trials(trials, out_dir, name=spec.name, source=spec.source, address=address,
+                      max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
+                      gpus_per_trial=gpus_per_trial, use_ray=use_ray, adopt=adopt,
+                      device=device, progress=progress)
+
+
+def _write_index(out: Path, name: str, source: str, trials: list[Trial],
+                 result: GridResult) -> None:
+    rows = []
+    for t in trials:
+        s = result.statuses.get(t.name) or {"status": "pending"}
+        rows.append({"name": t.name, "variant": t.variant, "values": t.values, "seed": t.seed,
+                     "status": s.get("status"), "error": s.get("error"),
+                     "seconds": s.get("seconds"), "adopted_from": s.get("adopted_from")})
+    write_json(out / INDEX_FILE, {"sweep": name, "source": source, "trials": rows})

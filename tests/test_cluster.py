@@ -1,0 +1,162 @@
+"""A sweep on a real 2-node Ray cluster that shares nothing but the network.
+
+A head with no CPUs (``ray start --head --num-cpus 0``) and a worker node (``ray start
+--address``), both on loopback; the worker runs in its own mount namespace with a tmpfs over
+the sweep folder, so what it writes there never reaches the driver's disk. Every trial's
+record, metrics, summary and images must still land in the driver's sweep folder (the
+trial ships them back); checkpoints stay on the worker (node-local, as documented).
+
+Bounded: every wait has a deadline, the driver runs in a subprocess with a timeout, and
+both ``ray start`` process groups (only those this test started) are ended at the end. A
+private HOME keeps any ``~/.ray/auth_token`` of another cluster out of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ray", reason="pip install 'splitcem[sweep]' (make setup does)")
+
+pytestmark = pytest.mark.slow  # two Ray nodes and two tiny trials: about a minute
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).with_name("ray")
+HEAD, WORKER = "127.0.0.2", "127.0.0.3"
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("", 0))  # free on every interface: the nodes listen on all of them
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _can_unshare() -> bool:
+    if not shutil.which("unshare") or not RAY.is_file():
+        return False
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+def _node_args(ip: str, ports: list[int], temp: Path) -> list[str]:
+    nm, om, client, agent_l, agent_g, metrics, renv, wmin = ports
+    return ["--node-ip-address", ip, "--temp-dir", str(temp),
+            "--node-manager-port", str(nm), "--object-manager-port", str(om),
+            "--ray-client-server-port", str(client), "--dashboard-agent-listen-port",
+            str(agent_l), "--dashboard-agent-grpc-port", str(agent_g),
+            "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(renv),
+            "--min-worker-port", str(wmin), "--max-worker-port", str(wmin + 40),
+            "--disable-usage-stats", "--block"]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End one ``ray start --block`` and everything in its process group."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # children may outlive the leader briefly
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+
+
+DRIVER = """
+import json, sys
+from splitcem.study.trials import run_grid
+res = run_grid(json.loads(sys.argv[1]), out=sys.argv[2], address=sys.argv[3], progress=False)
+print("RESULT " + json.dumps({n: s.get("status") for n, s in res.statuses.items()}))
+"""
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -m` (root, or user "
+                    "namespaces) and the ray command")
+def test_sweep_on_two_nodes_without_a_shared_filesystem(tiny_config):
+    # short paths: Ray's unix sockets live under the temp dir (108-byte limit)
+    tmp = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    sweep_dir = tmp / "sweep"
+    sweep_dir.mkdir()
+    base = tiny_config(train={"epochs": 1, "warmup_epochs": 0}, cem={"lambda": 0.0},
+                       model={"client_width": 0.125, "server_width": 0.125},
+                       attack={"attacks": [{"name": "decoder", "epochs": 1, "width": 8,
+                                            "depth": 1}]},
+                       defenses=[{"name": "noise", "sigma": 0.1}])
+    (tmp / "base.yaml").write_text(yaml.safe_dump(base.to_dict()))
+    spec = {"name": "two", "base": str(tmp / "base.yaml"), "seeds": [0],
+            "variants": [{"name": "noise{sigma}", "grid": {"defenses.0.sigma": [0.1, 0.3]}}]}
+    gcs, *ports = _free_ports(17)
+    # Loopback only. Ray swaps "127.0.0.1" for the machine's network address on a
+    # multi-node cluster (and a worker node needs multi-node mode), but keeps other loopback
+    # addresses: the head is 127.0.0.2, the worker node 127.0.0.3. (The GCS and raylets
+    # then listen on all interfaces; everything here connects over loopback only.)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "HOME": str(tmp / "home")}  # no ~/.ray/auth_token of another cluster
+    (tmp / "home").mkdir()
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--port", str(gcs), "--num-cpus", "0",
+         "--include-dashboard", "false", *_node_args(HEAD, ports[:8], tmp / "rh")],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # the head's GCS is up once its port answers
+            with socket.socket() as s:
+                if s.connect_ex((HEAD, gcs)) == 0:
+                    break
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(0.5)
+        inner = (f"mount -t tmpfs tmpfs {sweep_dir} && exec {RAY} start --address "
+                 f"{HEAD}:{gcs} --num-cpus 1 " + " ".join(_node_args(WORKER, ports[8:16],
+                                                                     tmp / "rw")))
+        worker = subprocess.Popen(["unshare", "-m", "sh", "-c", inner], env=env,
+                                  start_new_session=True, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        out = subprocess.run(
+            [sys.executable, "-c", DRIVER, json.dumps(spec), str(sweep_dir),
+             f"{HEAD}:{gcs}"], env=env, cwd=REPO, capture_output=True, text=True,
+            timeout=400, check=False)
+        assert out.returncode == 0, out.stderr[-3000:]
+        line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+        assert json.loads(line[7:]) == {"noise0.1_s0": "finished", "noise0.3_s0": "finished"}
+        for name in ("noise0.1_s0", "noise0.3_s0"):
+            run = sweep_dir / name
+            # the worker wrote into its own tmpfs: only what it sent back is here
+            assert not (run / "checkpoints").exists(), "the driver saw the worker's disk"
+            for f in ("config.yaml", "metrics.json", "summary.md", "reconstructions.png",
+                      "trial.json"):
+                assert (run / f).is_file(), f"{name}/{f} did not reach the driver"
+            from splitcem.record import RunRecord
+
+            rec = RunRecord.load(run)
+            assert rec.status == "attacked" and rec.attacks["worst"]["mse"]["value"] > 0
+        from splitcem.study.frontier_report import write_frontier
+
+        front = write_frontier([sweep_dir], tmp / "front", n_boot=100)
+        assert front["runs"] == 2
+    finally:
+        for p in (worker, head):
+            if p is not None:
+                _stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)

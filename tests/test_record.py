@@ -1,0 +1,223 @@
+"""The run record: a result belongs to the config (and numeric path, and aux / eval partition)
+it finished with; a stale file never passes as a result; the committed runs adopt honestly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from splitcem.config import load_config
+from splitcem.record import RunRecord, attack_hash, train_hash
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = REPO / "results" / "cifar10_cpu"
+
+
+def _legacy_run(tmp: Path, cfg: dict, metrics: dict) -> Path:
+    run = tmp / cfg["name"]
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def _raw(name: str, seed: int, **train) -> dict:
+    return {"name": name, "seed": seed, "device": "cpu",
+            "train": {"epochs": 2, "amp": False, "channels_last": False, **train},
+            "attack": {"attacks": [{"name": "decoder", "epochs": 1}]}}
+
+
+def test_split_seed_is_fixed_across_seeds_and_legacy_configs_load():
+    import numpy as np
+
+    from splitcem.data import ArrayDataset
+    from splitcem.data.info import DatasetInfo
+    from splitcem.data.splits import split_aux
+
+    raw = _raw("a", 126)
+    assert load_config(raw).data.split_seed == 125  # absent key: the fixed default
+    assert load_config({**raw, "data": {"split_seed": None}}).data.split_seed is None
+    # training does not depend on the partition: same training hash, another attack hash
+    a, b = load_config(raw), load_config({**raw, "data": {"split_seed": 7}})
+    assert train_hash(a) == train_hash(b) and attack_hash(a) != attack_hash(b)
+    info = DatasetInfo("x", 2, 1, 1, (0.5,), (0.5,), ("a", "b"))
+    ds = ArrayDataset(np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1), np.arange(50) % 2,
+                      info)
+    held = [split_aux(ds, seed=s)[1].images.ravel().tolist() for s in (125, 125, 126)]
+    assert held[0] == held[1] != held[2] and len(held[0]) == 5
+
+
+def test_legacy_records_read_as_before_and_say_their_split(tmp_path):
+    done = {"train": {"epochs": 2, "test_accuracy": 0.5},
+            "attacks": {"attacks": {"decoder": {"metrics": {"mse": 0.01}}}}}
+    r125 = RunRecord.load(_legacy_run(tmp_path, _raw("s125", 125), done))
+    r126 = RunRecord.load(_legacy_run(tmp_path, _raw("s126", 126), done))
+    half = RunRecord.load(_legacy_run(tmp_path, _raw("half", 125),
+                                      {"train": {"epochs": 1}}))
+    assert r125.legacy and r125.status == "attacked" and r125.finished()
+    assert half.status == "training" and not half.finished()
+    assert half.unfinished() == "unfinished (trained 1 of 2 epochs)"
+    assert r125.split["seed"] == 125 and r126.split["seed"] == 126  # the run's own seed
+    # a fixed-split (125) trial: the seed-125 run is its result; the seed-126 run was
+    # attacked on another partition and has no checkpoint, so it is not
+    assert r125.finished(load_config(_raw("trial", 125)))
+    assert r126.trained_for(load_config(_raw("trial", 126)))
+    assert not r126.finished(load_config(_raw("trial", 126)))
+    # explicit split_seed: null asks for the old partition, and then it is the same result
+    assert r126.finished(load_config({**_raw("t", 126), "data": {"split_seed": None}}))
+
+
+def test_what_ran_is_compared_not_the_words(tmp_path):
+    done = {"device": "cpu", "train": {"epochs": 2},
+            "numerics": {"device": "cpu", "amp": True, "channels_last": True},
+            "attacks": {"attacks": {"decoder": {"metrics": {"mse": 0.01}}}}}
+    rec = RunRecord.load(_legacy_run(tmp_path, _raw("r", 125, amp="auto",
+                                                    channels_last="auto"), done))
+    explicit = load_config(_raw("t", 125, amp=True, channels_last=True))
+    assert rec.finished(explicit)  # auto resolved to bf16 + channels-last where it ran
+    assert not rec.finished(load_config(_raw("t", 125, amp=False, channels_last=True)))
+
+
+@pytest.mark.slow
+def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config, tmp_path):
+    """A real kill of a real process: the trial's config changed (sigma 0.1 -> 0.3) and its
+    re-run died during training; the old results must not pass as the new trial's."""
+    from splitcem.study.frontier_report import find_runs
+    from splitcem.study.grid import Trial
+    from splitcem.study.trials import run_trials, trial_finished
+
+    small = {"model": {"client_width": 0.125, "server_width": 0.125},
+             "attack": {"attacks": [{"name": "decoder", "epochs": 1, "width": 8, "depth": 1}]}}
+    old = tiny_config(name="t", defenses=[{"name": "noise", "sigma": 0.1}],
+                      train={"epochs": 4, "warmup_epochs": 0}, **small)
+    res = run_trials([Trial("t", old, 0)], tmp_path / "sweep", use_ray=False, progress=False)
+    run = tmp_path / "sweep" / "t"
+    assert res.ran == ["t"] and trial_finished(run, old) is not None
+
+    new = tiny_config(name="t", defenses=[{"name": "noise", "sigma": 0.3}],
+                      train={"epochs": 4, "warmup_epochs": 0}, **small)  # only sigma differs
+    code = ("import sys, json; from splitcem.study.execute import run_trial; "
+            "run_trial(json.loads(sys.argv[1]), sys.argv[2], threads=1)")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(new.to_dict()), str(run)],
+                            env=env, cwd=REPO)
+    ckpt = run / "checkpoints" / "last.pt"
+    first = ckpt.stat().st_mtime_ns
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpt.stat().st_mtime_ns != first:  # an epoch of the new config is done
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the re-run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rec = RunRecord.load(run)
+    assert rec.status == "training" and rec.config.defenses[0]["sigma"] == 0.3
+    assert "attacks" not in rec.metrics  # the old attacks are gone, not relabelled
+    assert trial_finished(run, new) is None and trial_finished(run, old) is None
+    runs, notes = find_runs([tmp_path / "sweep"])
+    assert runs == [] and any("unfinished (training)" in n for n in notes)
+
+    again = run_trials([Trial("t", new, 0)], tmp_path / "sweep", use_ray=False, progress=False)
+    assert again.ran == ["t"] and again.statuses["t"]["status"] == "finished"
+    assert again.statuses["t"]["resumed"] is True  # the killed run's own checkpoint
+    done = RunRecord.load(run)
+    assert done.finished(new) and done.metrics["train"]["epochs"] == 4
+    assert done.attacks["split"]["seed"] == 125
+
+
+def test_committed_runs_adopt_into_reproduce(tmp_path):
+    """The committed CPU-protocol runs (``amp: true``) adopt into the bundled sweep's
+    ``amp: auto`` trials where auto means the same path: a CPU with native bf16."""
+    from splitcem.runtime import native_bf16
+    from splitcem.study.grid import expand, load_sweep
+    from splitcem.study.reproduce import sweep_file
+    from splitcem.study.trials import plan_trials
+
+    if not native_bf16("cpu"):
+        pytest.skip("this CPU has no native bf16: amp: auto resolves to float32 here, so the "
+                    "committed bf16 runs are rightly not the bundled sweep's runs")
+    if not COMMITTED.is_dir():
+        pytest.skip(f"{COMMITTED} is not in this checkout")
+    trials = expand(load_sweep(sweep_file("cifar10", "cpu")))
+    res, jobs = plan_trials(trials, tmp_path / "out", adopt=[COMMITTED], device="cpu")
+    committed = sorted(p.name for p in COMMITTED.iterdir() if p.is_dir())
+    s125 = [n for n in committed if n.endswith("_s125")]
+    assert sorted(res.adopted) == s125  # attacked on the fixed split (125): the results
+    # seeds 126 / 127 were attacked on their own seed's partition and have no checkpoint:
+    # neither adopted as attacked nor as trained, so they run (are re-attacked) again
+    others = set(committed) - set(s125)
+    assert others <= {t.name for t, _, _ in jobs}
+    for name in s125:
+        rec = RunRecord.load(tmp_path / "out" / name)
+        trial = next(t for t in trials if t.name == name)
+        assert rec.finished(trial.cfg, device="cpu") and rec.split["seed"] == 125
+        assert rec.metrics["adopted_from"] == str(COMMITTED / name)
+
+
+@pytest.mark.slow
+def test_a_run_attacked_on_another_split_is_adopted_as_trained_and_reattacked(tiny_config,
+                                                                              tmp_path):
+    """With its checkpoint, a run attacked on another partition (here: its own seed's, as
+    before split_seed existed, with amp: true) stands in for a fixed-split ``amp: auto``
+    trial as *trained*: not retrained, only attacked again on the fixed split."""
+    from splitcem.experiment import run_experiment
+    from splitcem.runtime import native_bf16
+    from splitcem.study.grid import Trial
+    from splitcem.study.trials import run_trials
+
+    if not native_bf16("cpu"):
+        pytest.skip("this CPU has no native bf16: amp: true and amp: auto are different runs")
+    small = {"model": {"client_width": 0.125, "server_width": 0.125},
+             "attack": {"attacks": [{"name": "decoder", "epochs": 1, "width": 8, "depth": 1}]}}
+    old = tiny_config(name="old", data={"split_seed": None},
+                      train={"epochs": 1, "warmup_epochs": 0, "amp": True,
+                             "channels_last": True}, **small)
+    run_experiment(old, tmp_path / "src" / "old", progress=False)
+    src_ckpt = tmp_path / "src" / "old" / "checkpoints" / "last.pt"
+    trial = tiny_config(name="t", train={"epochs": 1, "warmup_epochs": 0, "amp": "auto",
+                                         "channels_last": "auto"}, **small)
+    assert trial.data.split_seed == 125 and RunRecord.load(src_ckpt.parents[1]).split[
+        "seed"] == 0
+    res = run_trials([Trial("t", trial, 0)], tmp_path / "out", adopt=[tmp_path / "src"],
+                     use_ray=False, progress=False)
+    assert res.adopted == [] and res.ran == ["t"]  # not a finished result: attacked again
+    st = res.statuses["t"]
+    assert st["status"] == "finished" and st["resumed"] is True
+    rec = RunRecord.load(tmp_path / "out" / "t")
+    assert rec.finished(trial) and rec.attacks["split"]["seed"] == 125
+    hist = rec.metrics["train"]["history"]
+    assert len(hist) == 1 and rec.metrics["adopted_from"] == str(tmp_path / "src" / "old")
+    # not retrained: the trial's checkpoint is the adopted one, byte for byte
+    assert (tmp_path / "out" / "t" / "checkpoints" / "last.pt").read_bytes() == \
+        src_ckpt.read_bytes()
+
+
+def test_a_config_changed_after_the_results_is_stale(tmp_path):
+    """Results carry the hash of what ran: a config.yaml edited (or rewritten by a re-run
+    killed before it could mark itself) afterwards makes them stale, not the new config's."""
+    raw = _raw("r", 125)
+    cfg = load_config(raw)
+    num = {"device": "cpu", "amp": False, "channels_last": False}
+    done = {"status": "attacked", "config_hash": train_hash(cfg, numerics=num), "numerics": num,
+            "train": {"epochs": 2}, "attacks": {"attacks": {"decoder": {"metrics": {}}}}}
+    run = _legacy_run(tmp_path, raw, done)
+    assert RunRecord.load(run).finished(cfg)
+    changed = {**raw, "defenses": [{"name": "noise", "sigma": 0.3}]}
+    (run / "config.yaml").write_text(yaml.safe_dump(changed))
+    rec = RunRecord.load(run)
+    assert rec.stale and rec.status == "training" and not rec.finished()
+    assert not rec.finished(load_config(changed)) and not rec.finished(cfg)
+    assert rec.unfinished().startswith("stale")
