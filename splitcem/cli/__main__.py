@@ -1,0 +1,5 @@
+"""``python -m splitcem.cli``."""
+
+from splitcem.cli import main
+
+main()

@@ -1,0 +1,152 @@
+"""``splitcem sweep | frontier | reproduce | demo``: the study layer's front doors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from splitcem.cli import Device, Overrides, Quiet, Threads, _threads, app
+
+Address = Annotated[str | None, typer.Option(
+    help="Ray cluster address (default: a local Ray sized to this machine)")]
+MaxConcurrent = Annotated[int | None, typer.Option(
+    help="Trials at once (default: CPUs // threads per trial)")]
+TrialThreads = Annotated[int, typer.Option(help="torch threads (and Ray CPUs) per trial")]
+Gpus = Annotated[float, typer.Option(help="GPUs per trial (a fraction shares one)")]
+NoRay = Annotated[bool, typer.Option("--no-ray", help="Run the trials one after another here")]
+Adopt = Annotated[list[Path] | None, typer.Option(
+    help="Folder of existing runs: a trial whose config matches a finished run there copies "
+         "it instead of training (the folder is only read); repeatable")]
+
+
+def _grid_summary(res) -> None:  # type: ignore[no-untyped-def]
+    for name, s in res.statuses.items():
+        extra = f" ({s.get('error')})" if s.get("error") else ""
+        typer.echo(f"{name:>28}: {s.get('status')}{extra}")
+    typer.echo(f"{len(res.ran)} ran, {len(res.skipped)} already finished, "
+               f"{len(res.adopted)} adopted, {len(res.failed)} failed -> {res.out}")
+
+
+@app.command()
+def sweep(
+    configs: Annotated[list[Path], typer.Argument(
+        help="A sweep file (base + grid / variants + seeds; docs/sweeps.md), or several run "
+             "configs (one run each)")],
+    out: Annotated[Path | None, typer.Option(
+        help="Sweep folder (default: the sweep file's out, else runs/sweeps/NAME; for run "
+             "configs runs/sweep)")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        help="Run configs: run name to compare MSE against; sweep file: frontier group")]
+    = None,
+    address: Address = None,
+    max_concurrent: MaxConcurrent = None,
+    threads_per_trial: TrialThreads = 1,
+    gpus_per_trial: Gpus = 0.0,
+    no_ray: NoRay = False,
+    adopt: Adopt = None,
+    set_: Overrides = None,
+    device: Device = None,
+    quiet: Quiet = False,
+    threads: Threads = None,
+) -> None:
+    """Run a sweep file on Ray (resumable, failures recorded), or several run configs."""
+    _threads(threads)
+    from splitcem.study.grid import is_sweep_file
+    from splitcem.study.sweep import run_sweep, run_sweep_file
+
+    engine: dict[str, Any] = {"address": address, "max_concurrent": max_concurrent,
+                              "threads_per_trial": threads_per_trial, "adopt": adopt or (),
+                              "gpus_per_trial": gpus_per_trial, "device": device}
+    if len(configs) == 1 and is_sweep_file(configs[0]):
+        res = run_sweep_file(configs[0], overrides=set_ or [], out=out, baseline=baseline,
+                             use_ray=not no_ray, progress=not quiet, **engine)
+        _grid_summary(res)
+        if len(res.statuses) > len(res.failed):
+            typer.echo(f"-> {res.out / 'frontier.md'}")
+        return
+    out = out or Path("runs/sweep")
+    table = run_sweep(configs, out, overrides=set_ or [], baseline=baseline,
+                      progress=not quiet, **engine)
+    typer.echo(table)
+    typer.echo(f"-> {out / 'comparison.md'}, {out / 'frontier.png'}")
+
+
+@app.command()
+def frontier(
+    dirs: Annotated[list[Path], typer.Argument(
+        help="Folders of finished run directories (searched recursively; only read)")],
+    out: Annotated[Path, typer.Option(help="Where frontier.md/.json/.csv/.png go")]
+    = Path("runs/frontier"),
+    baseline: Annotated[str | None, typer.Option(
+        help="Group to compare against at matched accuracy (default: noise)")] = None,
+    leakage: Annotated[bool, typer.Option(
+        help="First record the held-out I(x;z) estimate of runs without one (in the runs)")]
+    = False,
+    show: Annotated[list[str] | None, typer.Option(
+        help="Run name whose reconstructions to show (repeatable; default: chosen)")] = None,
+    device: Device = None,
+) -> None:
+    """Accuracy vs worst-case attack MSE per defense family; MSE at matched accuracy."""
+    from splitcem.study.frontier_report import write_frontier
+
+    if leakage:  # an analysis step writing into the runs' records; the report only reads
+        from splitcem.study.analysis import record_leakage
+
+        for note in record_leakage(dirs, device=device):
+            typer.echo(note)
+    rec = write_frontier(dirs, out, baseline=baseline, show=show or ())
+    for m in rec["matched"]:
+        gain = "-" if m["gain"] is None else f"{100 * m['gain']:+.1f}%"
+        ci = "" if m["low"] is None else f" [{100 * m['low']:+.1f}%, {100 * m['high']:+.1f}%]"
+        typer.echo(f"{m['group']} @ {m['strength']}: accuracy {100 * m['accuracy']:.2f}%, "
+                   f"MSE {m['mse']:.4f} vs {rec['baseline']} {gain}{ci}: {m['verdict']}")
+    typer.echo(f"{rec['runs']} runs, {len(rec['notes'])} left out -> {out / 'frontier.md'}")
+
+
+@app.command()
+def reproduce(
+    dataset: Annotated[str, typer.Argument(help="Dataset of a bundled sweep (cifar10)")],
+    protocol: Annotated[str, typer.Option(help="cpu (2 cores, hours) or paper (GPUs)")] = "cpu",
+    out: Annotated[Path | None, typer.Option(help="Sweep folder (default runs/sweeps/NAME)")]
+    = None,
+    address: Address = None,
+    max_concurrent: MaxConcurrent = None,
+    threads_per_trial: TrialThreads = 1,
+    gpus_per_trial: Gpus = 0.0,
+    no_ray: NoRay = False,
+    adopt: Adopt = None,
+    device: Device = None,
+    quiet: Quiet = False,
+) -> None:
+    """The paper's comparison (defenses without / with CEM, noise curve, cut); resumable."""
+    from splitcem.study.reproduce import reproduce as run
+
+    res, table = run(dataset, protocol, out=out, address=address,
+                     max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
+                     gpus_per_trial=gpus_per_trial, use_ray=not no_ray, adopt=adopt or (),
+                     device=device, progress=not quiet)
+    _grid_summary(res)
+    typer.echo(table)
+    typer.echo(f"-> {res.out / 'paper_table.md'}, {res.out / 'frontier.md'}")
+
+
+@app.command()
+def demo(
+    dataset: Annotated[str, typer.Option(help="Dataset name (see splitcem.data)")]
+    = "fashion_mnist",
+    root: Annotated[str | None, typer.Option(help="Dataset location (default: search)")] = None,
+    out: Annotated[Path, typer.Option(help="Where the demo's runs go")] = Path("runs/demo"),
+    device: Device = None,
+    quiet: Quiet = False,
+    threads: Threads = None,
+) -> None:
+    """Train undefended, noise-defended and noise + CEM split models, attack each, compare."""
+    _threads(threads)
+    from splitcem.study.demo import run_demo
+
+    table = run_demo(dataset=dataset, root=root, out=out, progress=not quiet, device=device)
+    typer.echo(table)
+    typer.echo(f"-> {out / 'comparison.md'}, {out / 'comparison.png'} and the images in "
+               f"{out}/*/reconstructions.png")
