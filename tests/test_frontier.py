@@ -110,6 +110,7 @@ def test_a_seed_without_baseline_runs_is_dropped_and_listed():
     per = compare(base, cell, method="per_seed")
     assert per.n_seeds == 3 and per.dropped == ("seed 9: no baseline run with seed 9",)
     assert per.df == 2 and set(per.per_seed) == {1, 2, 3}
+    assert c.per_seed_interval == pytest.approx(per.interval)  # reported beside the model's
 
 
 def test_interval_widens_with_seed_spread():
