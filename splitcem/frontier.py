@@ -74,7 +74,7 @@ def _pairs(cell: Cell) -> dict[Any, Point]:
     return {("#", i): (float(a), float(m)) for i, (a, m) in enumerate(cell)}
 
 
-def baseline_curve(cells: Mapping[Hashable, Cell]) -> tuple[np.ndarray, np.ndarray]:
+def baseline_curve(cells: Mapping[Any, Cell]) -> tuple[np.ndarray, np.ndarray]:
     """The baseline's frontier: :func:`envelope` of its cells' seed means.
 
     Example:
@@ -224,7 +224,7 @@ def _neighbours(base: Mapping[Hashable, dict[Any, Point]], acc: float) -> tuple[
     return tuple(dict.fromkeys(out))
 
 
-def compare(baseline: Mapping[Hashable, Cell], cell: Cell, *, level: float = 0.95,
+def compare(baseline: Mapping[Any, Cell], cell: Cell, *, level: float = 0.95,
             paired: bool | None = None, method: str = "model") -> Comparison:
     """A setting against the baseline's frontier at matched accuracy (module docstring).
 
@@ -303,7 +303,7 @@ def _t_interval(logs: list[float], level: float) -> tuple[float, float] | None:
     return float(np.expm1(x.mean() - half)), float(np.expm1(x.mean() + half))
 
 
-def matched_gain(cell: Cell, baseline: Mapping[Hashable, Cell], *, level: float = 0.95,
+def matched_gain(cell: Cell, baseline: Mapping[Any, Cell], *, level: float = 0.95,
                  n_boot: int | None = None, seed: int | None = None) -> Comparison:
     """``compare(baseline, cell)``: the old entry point (``n_boot`` and ``seed`` are accepted
     and ignored: there is no bootstrap any more).

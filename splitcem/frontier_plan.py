@@ -34,7 +34,7 @@ from splitcem.frontier import Point, compare
 
 __all__ = ["SeedPlan", "SeedPolicy", "next_seeds"]
 
-Cells = Mapping[Hashable, Mapping[int, Point]]
+Cells = Mapping[Any, Mapping[int, Point]]
 
 
 @dataclass(frozen=True)

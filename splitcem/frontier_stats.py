@@ -6,7 +6,7 @@ Pure numpy; see :mod:`splitcem.frontier` for what they estimate and why.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 __all__ = ["envelope", "fit_gain", "interp_mse", "log_frontier", "per_seed_gains"]
 
 Point = tuple[float, float]  # (accuracy, mse)
-Cells = Mapping[Hashable, Mapping[Any, Point]]
+Cells = Mapping[Any, Mapping[Any, Point]]
 
 
 def envelope(points: Sequence[Point]) -> tuple[np.ndarray, np.ndarray]:
