@@ -5,8 +5,9 @@ per-seed effect shared by every run of a seed) and variants, at a true gain of 0
 the 95% intervals' coverage, the false-verdict rate (any verdict at 0, "less private" at
 +20%) and the verdict rate (power at +20%), for
 
-* ``model``: :func:`splitcem.frontier.compare` as shipped (paired where seeds are shared);
-* ``per_seed``: the t interval over per-seed gains against each seed's own curve;
+* ``auto``: :func:`splitcem.frontier.compare` as shipped (paired where seeds are shared;
+  the pooled model, or the per-seed t interval where the spread test rejects);
+* ``model``: the pooled model always; ``per_seed``: the per-seed t interval always;
 * ``unpaired``: ``compare(..., paired=False)`` on the same (paired) data;
 * ``old_bootstrap``: the percentile bootstrap splitcem used before (no envelope, each cell
   resamples its own seeds), re-implemented here for comparison.
@@ -80,17 +81,23 @@ def main() -> None:
     args = ap.parse_args()
     three = {"base": {k: [125, 126, 127] for k in SHIPPED_SEEDS["base"]},
              "cem": {k: [125, 126, 127] for k in SHIPPED_SEEDS["cem"]}}
+    def per_seed(b: Any, c: Any) -> Any:
+        return compare(b, c, method="per_seed")
+
+    def model(b: Any, c: Any) -> Any:
+        return compare(b, c, method="model")
+
     cases: dict[str, dict[str, Any]] = {
-        "model": {},
-        "per_seed": {"method": lambda b, c: compare(b, c, method="per_seed")},
+        "auto": {}, "model": {"method": model}, "per_seed": {"method": per_seed},
         "unpaired_method": {"method": lambda b, c: compare(b, c, paired=False)},
         "unpaired_design": {"design": unpaired()},
-        "three_seeds_model": {"design": three},
-        "three_seeds_per_seed": {"design": three,
-                                 "method": lambda b, c: compare(b, c, method="per_seed")},
-        "cem_spread_plus8_model": {"cem_extra_sd": 0.08},
-        "cem_spread_plus12_model": {"cem_extra_sd": 0.12},
+        "three_seeds_auto": {"design": three},
+        "three_seeds_per_seed": {"design": three, "method": per_seed},
     }
+    for extra in (8, 12):  # every CEM run more variable than the noise runs
+        cases[f"cem_spread_plus{extra}_auto"] = {"cem_extra_sd": extra / 100}
+        cases[f"cem_spread_plus{extra}_model"] = {"cem_extra_sd": extra / 100,
+                                                  "method": model}
     if not args.no_old:
         cases["old_bootstrap"] = {"method": old_bootstrap(args.boot)}
     out: dict[str, float] = {"studies": args.studies}

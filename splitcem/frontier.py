@@ -29,13 +29,17 @@ run of the baseline and the setting, an additive model to log MSE and to accurac
 The gain compares the setting's fitted log MSE with the frontier of the baseline cells'
 fitted points at the setting's fitted accuracy; its interval is a t interval from the delta
 method, with the residual variances (log MSE, accuracy) pooled over all runs, ``df = runs -
-rank``. Pooling assumes the settings' seed-to-seed spreads are alike: the simulation draws
-them 2-8% per run and setting, and the coverage holds (shipped design: 96.5%); with every
-CEM run 8% more variable than the noise runs it holds (94.9%), at 12% it does not (92.9%).
-So the per-seed gains (each seed's gain against that seed's own curve) are reported too,
-with their own t interval (n - 1 degrees of freedom, no assumption on the spread):
-:attr:`Comparison.per_seed_interval`; ``method="per_seed"`` makes that the estimate (valid,
-but with two seeds t(1) = 12.7 makes it nearly useless).
+rank`` (``method="model"``).
+
+Pooling assumes the setting's runs follow the seed effects with the baseline's run-to-run
+spread. Paired, :func:`~splitcem.frontier_stats.spread_test` (an exact F test) checks
+that; where it rejects (p < 0.1) the default ``method="auto"`` uses the per-seed t
+interval instead: per seed, the gain against that seed's own baseline curve, then a t
+interval over seeds (n - 1 degrees of freedom; no assumption on the spread, but with two
+seeds t(1) = 12.7 makes it wide). The per-seed gains and their interval are reported
+either way (:attr:`Comparison.per_seed`, :attr:`Comparison.per_seed_interval`).
+``python benchmarks/frontier_coverage.py`` measures coverage, false verdicts and power of
+each method on simulated studies of the shipped design and variants.
 
 A setting with one usable seed has no spread of its own: an estimate, no interval. The
 verdict is "more private" / "less private" only when the interval excludes 0, else
@@ -54,7 +58,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from splitcem.frontier_stats import envelope, fit_gain, interp_mse, per_seed_gains
+from splitcem.frontier_stats import envelope, fit_gain, interp_mse, per_seed_gains, spread_test
 
 __all__ = ["Comparison", "Matched", "baseline_curve", "compare", "envelope", "interp_mse",
            "matched_gain", "seeds_needed", "verdict"]
@@ -66,6 +70,8 @@ Cell = Mapping[Any, Point] | Sequence[Point]
 MORE, LESS, UNDECIDED, NO_COMPARISON = ("more private", "less private", "undecided",
                                         "no comparison")
 _MAX_SEEDS = 1000  # seeds_needed looks no further than this
+METHODS = ("auto", "model", "per_seed")
+SPREAD_ALPHA = 0.1  # auto: below this spread_test p, the per-seed t interval is used
 
 
 def _pairs(cell: Cell) -> dict[Any, Point]:
@@ -163,6 +169,9 @@ class Comparison:
             when this setting does).
         log_gain, se, df: The estimate on the log scale, its standard error and degrees of
             freedom (``None`` where there is no interval).
+        method: The interval's method: ``model`` or ``per_seed`` (see :func:`compare`).
+        spread_p: Paired: :func:`~splitcem.frontier_stats.spread_test`'s p that the
+            setting's runs follow the baseline's seed effects with the baseline's spread.
         reason: Words for the verdict.
     """
 
@@ -183,6 +192,8 @@ class Comparison:
     se: float | None = None
     df: int | None = None
     level: float = 0.95
+    method: str = "model"
+    spread_p: float | None = None
     reason: str = ""
 
     @property
@@ -225,7 +236,7 @@ def _neighbours(base: Mapping[Hashable, dict[Any, Point]], acc: float) -> tuple[
 
 
 def compare(baseline: Mapping[Any, Cell], cell: Cell, *, level: float = 0.95,
-            paired: bool | None = None, method: str = "model") -> Comparison:
+            paired: bool | None = None, method: str = "auto") -> Comparison:
     """A setting against the baseline's frontier at matched accuracy (module docstring).
 
     Args:
@@ -234,21 +245,23 @@ def compare(baseline: Mapping[Any, Cell], cell: Cell, *, level: float = 0.95,
         level: The interval's coverage.
         paired: ``None``: paired when at least 2 of the setting's seeds also ran the
             baseline; ``True`` / ``False`` forces it.
-        method: ``model`` (the additive cell + seed model, residual variance pooled over
-            all runs) or ``per_seed`` (paired only: a t interval on the per-seed gains, n - 1
-            degrees of freedom).
+        method: ``model``: the additive model, residual variance pooled over all runs;
+            ``per_seed`` (paired only): a t interval on the per-seed gains, n - 1 degrees
+            of freedom; ``auto``: ``model``, but paired ``per_seed`` where
+            :func:`~splitcem.frontier_stats.spread_test` rejects the pooled model's
+            equal-spread assumption (p < 0.1).
 
     Example:
-        >>> base = {0.1: {1: (0.80, 0.010), 2: (0.80, 0.012), 3: (0.80, 0.011)},
-        ...         0.2: {1: (0.70, 0.020), 2: (0.70, 0.024), 3: (0.70, 0.022)}}
+        >>> base = {0.1: {1: (0.80, 0.010), 2: (0.80, 0.0124), 3: (0.80, 0.0109)},
+        ...         0.2: {1: (0.70, 0.020), 2: (0.70, 0.0236), 3: (0.70, 0.0222)}}
         >>> c = compare(base, {1: (0.75, 0.018), 2: (0.75, 0.0225), 3: (0.75, 0.0198)})
-        >>> round(c.gain, 3), [round(v, 3) for v in c.interval], c.verdict, c.paired, c.df
-        (0.216, [0.184, 0.25], 'more private', True, 4)
-        >>> {k: round(g, 6) for k, g in c.per_seed.items()}
-        {1: 0.2, 2: 0.25, 3: 0.2}
+        >>> round(c.gain, 3), [round(v, 3) for v in c.interval], c.verdict, c.df, c.method
+        (0.215, [0.166, 0.267], 'more private', 4, 'model')
+        >>> {k: round(g, 3) for k, g in c.per_seed.items()}, c.paired
+        ({1: 0.2, 2: 0.25, 3: 0.196}, True)
     """
-    if method not in ("model", "per_seed"):
-        raise ValueError(f"method must be 'model' or 'per_seed', not {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     base = {k: _pairs(c) for k, c in baseline.items()}
     own = _pairs(cell)
     acc, mse = (float(v) for v in np.mean(list(own.values()), axis=0)) if own else (np.nan,) * 2
@@ -263,10 +276,15 @@ def compare(baseline: Mapping[Any, Cell], cell: Cell, *, level: float = 0.95,
     use_paired = len(shared) >= 2 if paired is None else paired
     if not own:
         return Comparison(None, None, NO_COMPARISON, 0, False, (), None, reason="no runs",
-                          **common)
+                          method="model", **common)
+    spread_p = spread_test(own, base) if use_paired and seeded else None
+    if method == "auto":
+        method = "per_seed" if spread_p is not None and spread_p < SPREAD_ALPHA else "model"
+    method = method if use_paired else "model"
+    common.update(method=method, spread_p=spread_p)
     dropped: list[str] = []
     lg: float | None
-    if use_paired and method == "per_seed":
+    if method == "per_seed":
         dropped = no_curve
         x = np.array(list(logs.values()))
         n = len(x)

@@ -10,8 +10,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
-__all__ = ["envelope", "fit_gain", "interp_mse", "log_frontier", "per_seed_gains"]
+__all__ = ["envelope", "fit_gain", "interp_mse", "log_frontier", "per_seed_gains",
+           "spread_test"]
 
 Point = tuple[float, float]  # (accuracy, mse)
 Cells = Mapping[Any, Mapping[Any, Point]]
@@ -150,3 +152,64 @@ def fit_gain(cell: Mapping[Any, Point], base: Cells, *, seed_effects: bool
     w = grad.T @ pinv[:n_c]  # (2, runs)
     v = float(((w ** 2).sum(axis=1) * var).sum())
     return t0, float(np.sqrt(v)), df
+
+
+def _design(groups: Sequence[Mapping[Any, Point]], seeds: list[Any]) -> np.ndarray:
+    rows = [(ci, s) for ci, g in enumerate(groups) for s in g]
+    x = np.zeros((len(rows), len(groups) + len(seeds)))
+    for i, (ci, s) in enumerate(rows):
+        x[i, ci] = 1.0
+        x[i, len(groups) + seeds.index(s)] = 1.0
+    return x
+
+
+def spread_test(cell: Mapping[Any, Point], base: Cells) -> float | None:
+    """p of the exact F test that the cell's runs follow the baseline's seed effects with the
+    baseline's run-to-run spread (the equal-spread assumption of the pooled paired model),
+    on log MSE and on accuracy (the smaller p, doubled); ``None`` without degrees of freedom
+    on either side (fewer than 2 shared seeds, or a baseline with no residual).
+
+    The cell's runs on seeds the baseline ran, minus the seed effects fitted on the baseline
+    alone, are centred: under the assumption their covariance is ``sigma^2 M`` with ``M``
+    known from the design and independent of the baseline's residual variance, so
+    ``e' M^+ e / rank(M) / s^2_baseline`` is F-distributed.
+
+    Example:
+        >>> base = {0.1: {1: (0.80, 0.010), 2: (0.81, 0.0121)},
+        ...         0.2: {1: (0.70, 0.020), 2: (0.71, 0.0238)},
+        ...         0.3: {1: (0.60, 0.030), 2: (0.61, 0.0362)}}  # seed 2: +20% everywhere
+        >>> spread_test({1: (0.75, 0.018), 2: (0.76, 0.0215)}, base) > 0.5  # +20% too
+        True
+        >>> spread_test({1: (0.75, 0.018), 2: (0.76, 0.0150)}, base) < 0.1  # -17%: not
+        True
+    """
+    groups = [g for g in base.values() if g]
+    seeds = sorted({s for g in groups for s in g}, key=str)
+    shared = [s for s in cell if s in seeds]
+    if len(shared) < 2 or not groups:
+        return None
+    x = _design(groups, seeds)
+    pinv = np.linalg.pinv(x)
+    rank = int(np.linalg.matrix_rank(x))
+    df_b = x.shape[0] - rank
+    if df_b < 1:
+        return None
+    # seed effects of the shared seeds as linear functions of the baseline's runs
+    q = pinv[[len(groups) + seeds.index(s) for s in shared]]  # (n, runs)
+    n = len(shared)
+    c = np.eye(n) - 1.0 / n
+    m = c @ (np.eye(n) + q @ q.T) @ c
+    m_pinv = np.linalg.pinv(m)
+    r = n - 1
+    ps = []
+    for col in (0, 1):
+        f = (lambda v: v) if col == 0 else np.log
+        y_b = np.array([f(g[s][col]) for g in groups for s in g])
+        y_s = np.array([f(cell[s][col]) for s in shared])
+        resid_b = y_b - x @ (pinv @ y_b)
+        s2 = float(resid_b @ resid_b) / df_b
+        e = c @ (y_s - q @ y_b)
+        stat = float(e @ m_pinv @ e) / r
+        ps.append(float(stats.f.sf(stat / s2, r, df_b)) if s2 > 0 else
+                  (0.0 if stat > 1e-24 else 1.0))
+    return min(1.0, 2 * min(ps))

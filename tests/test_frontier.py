@@ -278,3 +278,55 @@ def test_paper_table_pairs_runs_without_and_with_cem(tmp_path):
     assert row["accuracy_without"] == pytest.approx(0.79)
     assert row["mse_gain"] == pytest.approx(0.0132 / 0.011 - 1)  # +20%
     assert "+20.0%" in table
+
+
+def test_spread_test_against_the_two_seed_formula_by_hand():
+    from scipy import stats
+
+    from splitcem.frontier_stats import spread_test
+
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        n_b = int(rng.integers(3, 6))  # baseline cells, two seeds each; equal accuracies
+        lm = rng.normal(0, 0.05, (n_b + 1, 2)) + np.array([0.0, 0.06])
+        base = {c: {1: (0.7 + c / 100, math.exp(lm[c, 0])), 2: (0.7 + c / 100,
+                                                                math.exp(lm[c, 1]))}
+                for c in range(n_b)}
+        cell = {1: (0.72, math.exp(lm[-1, 0])), 2: (0.72, math.exp(lm[-1, 1]))}
+        d = [lm[c, 1] - lm[c, 0] for c in range(n_b)]  # seed 2 - seed 1, per baseline cell
+        d_bar = sum(d) / n_b
+        s2 = sum((x - d_bar) ** 2 for x in d) / (n_b - 1) / 2  # per-run residual variance
+        stat = (lm[-1, 1] - lm[-1, 0] - d_bar) ** 2 / 2 / (1 + 1 / n_b)
+        p = stats.f.sf(stat / s2, 1, n_b - 1)
+        assert spread_test(cell, base) == pytest.approx(min(1.0, 2 * p), rel=1e-6)
+
+
+def test_spread_test_holds_its_level_and_flags_a_wider_spread():
+    from splitcem.frontier_stats import spread_test
+
+    rng = np.random.default_rng(9)
+
+    def reject(setting_sd: float, n: int = 600) -> float:
+        hits = 0
+        for _ in range(n):
+            u, v = rng.normal(0, 0.05, 3), rng.normal(0, 0.002, 3)
+            base = {c: {s: (a + v[s] + rng.normal(0, 0.003), m * math.exp(u[s] + rng.normal(
+                0, 0.04))) for s in range(3)} for c, (a, m) in
+                enumerate([(0.80, 0.010), (0.78, 0.012), (0.76, 0.015)])}
+            cell = {s: (0.79 + v[s] + rng.normal(0, 0.003 * setting_sd / 0.04),
+                        0.013 * math.exp(u[s] + rng.normal(0, setting_sd))) for s in range(3)}
+            p = spread_test(cell, base)
+            hits += p is not None and p < 0.1
+        return hits / n
+
+    assert reject(0.04) <= 0.12  # the same spread: rejected at most about 10% of the time
+    assert reject(0.16) > 0.4  # four times the spread: usually caught
+
+
+def test_auto_falls_back_to_per_seed_when_the_setting_spreads_more():
+    base, cell = _paired_study([0.45, 0.0, 0.3], spread=0.005)  # baseline: tight seed effects
+    c = compare(base, cell)
+    assert c.spread_p is not None and c.spread_p < 0.1 and c.method == "per_seed"
+    assert c.interval == pytest.approx(c.per_seed_interval)
+    m = compare(base, cell, method="model")
+    assert m.method == "model" and (m.high - m.low) < (c.high - c.low)
