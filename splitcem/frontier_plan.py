@@ -13,7 +13,8 @@ Rules, in order:
    closest to a decision first (fewest :func:`~splitcem.frontier.seeds_needed`, unknown
    last); each chosen setting gets one more seed, and the baseline cells around its accuracy
    (:attr:`~splitcem.frontier.Comparison.neighbours`) get the same seed where they lack it
-   and are below ``max``, so the new run is paired.
+   and are below ``max``, so the new run is paired; a seed the setting ran and its
+   neighbours did not is paired first (neighbours only, no new run of the setting).
 3. Settings outside the baseline's accuracy range, decided, or at ``max`` are left alone
    (the plan's ``notes`` say which).
 
@@ -198,15 +199,26 @@ def next_seeds(baseline: Cells, settings: Cells, policy: SeedPolicy, *,
     cands.sort(key=lambda t: t[:3])
     for need, _, _, k, c in cands[:per_round]:
         nbs = [n for n in c.neighbours if n in baseline]
-        s = pick(set(settings[k]) | set(plan_s.get(k, [])), [set(baseline[n]) for n in nbs])
-        plan_s.setdefault(k, []).append(s)
+
+        def room(n: Hashable) -> bool:
+            return len(baseline[n]) + len(plan_b.get(n, [])) < policy.max
+
+        # a seed this setting ran and its neighbours did not: pair it (no new setting run)
+        lone = [s for s in sorted(settings[k]) if any(
+            s not in baseline[n] and s not in plan_b.get(n, []) and room(n) for n in nbs)]
+        if lone:
+            s = lone[0]
+        else:
+            s = pick(set(settings[k]) | set(plan_s.get(k, [])), [set(baseline[n]) for n in nbs])
+            plan_s.setdefault(k, []).append(s)
         for n in nbs:
             planned = plan_b.setdefault(n, [])
-            if s not in baseline[n] and s not in planned and \
-                    len(baseline[n]) + len(planned) < policy.max:
+            if s not in baseline[n] and s not in planned and room(n):
                 planned.append(s)
         more = "unknown" if need == math.inf else f"about {int(need)}"
-        notes.append(f"{k!r}: undecided ({_describe(c)}): seed {s}, {more} more to decide")
+        where = " (on the baseline around it: pairs a seed it ran)" if lone else ""
+        notes.append(f"{k!r}: undecided ({_describe(c)}): seed {s}{where}, {more} more to "
+                     "decide")
     for k, _c in [(t[3], t[4]) for t in cands[per_round:]] if per_round is not None else []:
         notes.append(f"{k!r}: undecided, waits for a later round (per_round={per_round})")
     return _plan({k: v for k, v in plan_b.items() if v}, plan_s, notes)

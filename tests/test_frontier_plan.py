@@ -105,3 +105,16 @@ def test_bad_policies_fail_in_one_line(spec, match):
 def test_cells_without_seeds_are_refused():
     with pytest.raises(ConfigError, match="seed:"):
         next_seeds({0.1: [(0.8, 0.01)]}, {}, SeedPolicy())  # type: ignore[dict-item]
+
+
+def test_a_seed_the_setting_ran_alone_is_paired_first():
+    # the committed design: lambda 3 ran seed 127, the noise points around it did not
+    base = {k: {s: trial("noise", k, s) for s in (125, 126)} for k in NOISE}
+    cem = {3.0: {s: (0.7855 + 0.002 * (s - 126), (1.32, 1.14, 1.2)[s - 125] *
+                     frontier(0.7855)) for s in (125, 126, 127)}}
+    c = compare(base, cem[3.0])
+    assert not c.decided and "seed 127: no baseline run with seed 127" in c.dropped
+    plan = next_seeds(base, cem, SeedPolicy(2, 8))
+    assert plan.settings == {}  # no new lambda 3 run: its seed 127 gets paired
+    assert plan.baseline == {n: (127,) for n in c.neighbours}
+    assert "pairs a seed it ran" in plan.notes[0]
