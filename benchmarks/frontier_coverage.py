@@ -100,6 +100,8 @@ def main() -> None:
                                                   "method": model}
     if not args.no_old:
         cases["old_bootstrap"] = {"method": old_bootstrap(args.boot)}
+        cases["old_bootstrap_unpaired_design"] = {"method": old_bootstrap(args.boot),
+                                                  "design": unpaired()}
     out: dict[str, float] = {"studies": args.studies}
     for name, kw in cases.items():
         for g in (0.0, 0.2):
