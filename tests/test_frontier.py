@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from splitcem.errors import ConfigError
-from splitcem.study.frontier import baseline_curve, interp_mse, matched_gain
+from splitcem.study.frontier import (
+    baseline_curve,
+    compare,
+    envelope,
+    interp_mse,
+    matched_gain,
+    seeds_needed,
+)
+from splitcem.study.frontier_stats import fit_gain
 from splitcem.study.grid import expand, load_sweep
 
 
@@ -19,51 +27,185 @@ def test_matched_accuracy_interpolation_by_hand():
     accs, mses = baseline_curve(base)
     np.testing.assert_allclose(accs, [0.77, 0.81])
     np.testing.assert_allclose(mses, [0.017, 0.011])
-    # at 79%: halfway, 0.014. A CEM point at mean (79%, 0.0175) gains 0.0175 / 0.014 - 1 = 25%
-    cem = [(0.785, 0.017), (0.795, 0.018)]
-    m = matched_gain(cem, base, n_boot=500)
+    # at 79%: halfway, 0.014. A CEM point at (79%, 0.0175) gains 0.0175 / 0.014 - 1 = 25%
+    m = matched_gain([(0.79, 0.0175)], base, n_boot=500)  # old keyword still accepted
     assert m.accuracy == pytest.approx(0.79) and m.mse == pytest.approx(0.0175)
     assert m.baseline_mse == pytest.approx(0.014)
-    assert m.gain == pytest.approx(0.25)
-    assert m.low is not None and m.high is not None and m.low <= m.gain <= m.high
-    assert m.seeds == 2
+    assert m.seeds == 1 and m.interval is None and m.verdict == "undecided"
+    # the gain is on the log scale: 0.0175 against the curve of the cells' geometric means
+    # (sigma 0.1: sqrt(0.010 * 0.012) at 81%)
+    b = 0.017 + 0.5 * (math.sqrt(0.010 * 0.012) - 0.017)
+    assert m.gain == pytest.approx(0.0175 / b - 1)
+
+
+def test_a_dominated_baseline_point_does_not_help_a_setting():
+    # sigma 0.3 measured less accurate AND less private than sigma 0.2: without the
+    # envelope, a setting at 0.76 would be compared with 0.0125 and look 20% better
+    base = {0.1: [(0.80, 0.010)], 0.2: [(0.77, 0.015)], 0.3: [(0.75, 0.010)]}
+    accs, mses = baseline_curve(base)
+    np.testing.assert_allclose(accs, [0.75, 0.77, 0.80])
+    np.testing.assert_allclose(mses, [0.015, 0.015, 0.010])
+    assert interp_mse(accs, mses, 0.76) == pytest.approx(0.015)
+    assert compare(base, [(0.76, 0.015)]).gain == pytest.approx(0.0)
 
 
 def test_outside_the_baseline_range_is_not_extrapolated():
     base = {0.1: [(0.80, 0.010)], 0.2: [(0.78, 0.014)]}
     assert interp_mse(*baseline_curve(base), 0.81) is None
     m = matched_gain([(0.70, 0.02)], base)
-    assert m.gain is None and m.low is None and "outside" in m.verdict
+    assert m.gain is None and m.low is None and m.verdict == "no comparison"
+    assert "outside" in m.reason
 
 
-def test_verdict_says_worse_when_it_is_worse():
-    base = {0.1: [(0.80, 0.010), (0.80, 0.010)], 0.2: [(0.70, 0.020), (0.70, 0.020)]}
-    worse = matched_gain([(0.75, 0.010), (0.75, 0.011)], base, n_boot=300)  # base: 0.015
-    assert worse.gain == pytest.approx(0.0105 / 0.015 - 1)
-    assert worse.high is not None and worse.high < 0 and "less private" in worse.verdict
-    better = matched_gain([(0.75, 0.020), (0.75, 0.021)], base, n_boot=300)
-    assert better.low is not None and better.low > 0 and "more private" in better.verdict
+def _paired_study(gains, spread=0.0):
+    """Baseline sigma 0.1 / 0.2 on seeds 1-3 with a seed effect; a setting at 75% accuracy
+    with the given gain per seed (its MSE times 1 + gain over that seed's own curve)."""
+    effect = {1: 1.0, 2: 1.2, 3: 0.9}
+    base = {0.1: {s: (0.80, 0.010 * e * (1 + spread * (-1) ** s)) for s, e in effect.items()},
+            0.2: {s: (0.70, 0.020 * e) for s, e in effect.items()}}
+    own = {s: 0.5 * (base[0.1][s][1] + base[0.2][s][1]) for s in effect}
+    return base, {s: (0.75, own[s] * (1 + g)) for s, g in zip(effect, gains, strict=False)}
 
 
-def test_one_seed_everywhere_gives_no_interval_and_says_so():
+def test_verdict_says_worse_when_it_is_worse_and_better_when_better():
+    base, worse = _paired_study([-0.30, -0.32, -0.29], spread=0.02)
+    w = compare(base, worse)
+    assert w.paired and w.n_seeds == 3 and w.high is not None and w.high < 0
+    assert w.verdict == "less private" and w.seeds_needed == 0
+    base, better = _paired_study([0.30, 0.32, 0.29], spread=0.02)
+    b = compare(base, better)
+    assert b.low is not None and b.low > 0 and b.verdict == "more private"
+    assert b.per_seed == pytest.approx({1: 0.30, 2: 0.32, 3: 0.29}, abs=0.03)
+
+
+def test_a_shared_seed_effect_cancels_when_paired():
+    # the same +20% on every seed, with a 20% seed effect on every run: paired, the interval
+    # is tight around 20%; unpaired, the seed effect is spread and the interval wide
+    base, cell = _paired_study([0.2, 0.2, 0.2], spread=0.01)
+    p, u = compare(base, cell), compare(base, cell, paired=False)
+    assert p.paired and not u.paired
+    assert p.gain == pytest.approx(0.2, abs=0.01)
+    assert (p.high - p.low) < 0.5 * (u.high - u.low)
+
+
+def test_one_seed_gives_no_interval_and_says_so():
     base = {0.1: [(0.80, 0.010)], 0.2: [(0.70, 0.020)]}
-    m = matched_gain([(0.75, 0.020)], base, n_boot=300)
+    m = compare(base, [(0.75, 0.020)])
     assert m.gain is not None and abs(m.gain - (0.020 / 0.015 - 1)) < 1e-12
-    assert m.low is None and m.high is None and "no interval" in m.verdict
-    # a one-seed setting against a baseline with seeds: the baseline's spread alone is not
-    # the setting's uncertainty, so still no interval
-    seeded = {0.1: [(0.80, 0.010), (0.81, 0.011)], 0.2: [(0.70, 0.020), (0.71, 0.019)]}
-    m = matched_gain([(0.75, 0.020)], seeded, n_boot=300)
-    assert m.gain is not None and m.low is None and "not a verdict" in m.verdict
+    assert m.interval is None and m.verdict == "undecided" and "one seed" in m.reason
+    # a one-seed setting against a baseline with seeds: still no interval
+    seeded = {0.1: {1: (0.80, 0.010), 2: (0.81, 0.011)}, 0.2: {1: (0.70, 0.020), 2: (0.71,
+                                                                                     0.019)}}
+    m = compare(seeded, {1: (0.75, 0.020)})
+    assert m.gain is not None and m.interval is None and m.seeds_needed is None
 
 
-def test_bootstrap_interval_widens_with_seed_spread():
-    base = {0.1: [(0.80, 0.010), (0.80, 0.010)], 0.2: [(0.70, 0.020), (0.70, 0.020)]}
-    tight = matched_gain([(0.75, 0.018), (0.75, 0.018)], base, n_boot=300)
-    wide = matched_gain([(0.75, 0.012), (0.75, 0.024)], base, n_boot=300)
-    assert tight.high - tight.low == pytest.approx(0.0, abs=1e-12)
-    assert wide.high - wide.low > 0.3
-    assert math.isclose(tight.gain, wide.gain)
+def test_a_seed_without_baseline_runs_is_dropped_and_listed():
+    base, cell = _paired_study([0.2, 0.25, 0.15], spread=0.02)
+    cell[9] = (0.75, 0.05)  # a seed the baseline never ran: its seed effect is unknown
+    c = compare(base, cell)
+    assert c.paired and c.n_seeds == 3
+    assert c.dropped == ("seed 9: no baseline run with seed 9 (adds nothing paired)",)
+    assert c.gain == pytest.approx(compare(base, {s: cell[s] for s in (1, 2, 3)}).gain)
+    per = compare(base, cell, method="per_seed")
+    assert per.n_seeds == 3 and per.dropped == ("seed 9: no baseline run with seed 9",)
+    assert per.df == 2 and set(per.per_seed) == {1, 2, 3}
+    assert c.per_seed_interval == pytest.approx(per.interval)  # reported beside the model's
+
+
+def test_interval_widens_with_seed_spread():
+    base, tight = _paired_study([0.2, 0.21, 0.19], spread=0.01)
+    _, wide = _paired_study([0.0, 0.4, 0.2], spread=0.01)
+    t, w = compare(base, tight), compare(base, wide)
+    assert t.verdict == "more private" and w.verdict == "undecided"
+    assert (w.high - w.low) > 3 * (t.high - t.low)
+    assert w.seeds_needed is not None and w.seeds_needed > 0
+
+
+def test_seeds_needed_against_a_loop_over_t_quantiles():
+    from scipy import stats
+
+    for lg, se, n in [(0.2, 0.1, 2), (0.1, 0.08, 3), (-0.15, 0.05, 2), (0.3, 0.01, 4)]:
+        m = n
+        while stats.t.ppf(0.975, m - 1) * se * math.sqrt(n / m) >= abs(lg):
+            m += 1
+        assert seeds_needed(lg, se, n) == m - n
+    assert seeds_needed(0.0, 0.1, 3) is None
+    assert seeds_needed(1e-6, 0.1, 3) is None  # more than a thousand
+
+
+def test_envelope_against_brute_force_dominance():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        pts = [(float(a), float(m)) for a, m in
+               zip(rng.choice(np.linspace(0.7, 0.8, 21), 5), rng.uniform(0.01, 0.02, 5),
+                   strict=True)]
+        accs, mses = envelope(pts)
+        keep = sorted({p for p in pts if not any(q != p and q[0] >= p[0] and q[1] >= p[1]
+                                                 for q in pts)})
+        lowest = min(a for a, _ in pts)
+        expect = ([(lowest, keep[0][1])] if lowest < keep[0][0] else []) + keep
+        np.testing.assert_allclose(np.column_stack([accs, mses]), np.array(expect))
+        for a in np.linspace(lowest, max(a for a, _ in pts), 7):  # non-increasing, above all
+            b = interp_mse(accs, mses, float(a))
+            assert b is not None and all(b >= m - 1e-12 for x, m in pts if x >= a)
+
+
+def _oracle(cells, seed_effects):
+    """The additive model by hand on a complete table: loops over cells and seeds, the
+    interpolation's gradient written out (the setting is the last cell, the baseline's
+    points are already monotone and bracket it between cells i and j)."""
+    seeds = sorted(cells[0])
+    n_c, n_s = len(cells), len(seeds)
+    est, res = [], [[], []]
+    for col in (0, 1):
+        val = [[(c[s][0] if col == 0 else math.log(c[s][1])) for s in seeds] for c in cells]
+        row = [sum(v) / n_s for v in val]
+        colm = [sum(val[c][k] for c in range(n_c)) / n_c for k in range(n_s)]
+        grand = sum(row) / n_c
+        for c in range(n_c):
+            for k in range(n_s):
+                fit = row[c] + (colm[k] - grand if seed_effects else 0.0)
+                res[col].append(val[c][k] - fit)
+        est.append(row)
+    df = n_c * n_s - (n_c + n_s - 1 if seed_effects else n_c)
+    var = [sum(r * r for r in res[col]) / df for col in (0, 1)]
+    acc, lm = est
+    a = acc[-1]
+    order = sorted(range(n_c - 1), key=lambda c: acc[c])
+    i = max((c for c in order if acc[c] <= a), key=lambda c: acc[c])
+    j = min((c for c in order if acc[c] > a), key=lambda c: acc[c])
+    mi, mj = math.exp(lm[i]), math.exp(lm[j])
+    w = (a - acc[i]) / (acc[j] - acc[i])
+    b = mi + w * (mj - mi)
+    theta = lm[-1] - math.log(b)
+    g_l = {n_c - 1: 1.0, i: -(1 - w) * mi / b, j: -w * mj / b}
+    d = (mj - mi) / b
+    g_a = {n_c - 1: -d / (acc[j] - acc[i]),
+           i: -d * (a - acc[j]) / (acc[j] - acc[i]) ** 2,
+           j: d * (a - acc[i]) / (acc[j] - acc[i]) ** 2}
+    v = (var[1] * sum(g * g for g in g_l.values()) + var[0] * sum(g * g for g in g_a.values())
+         ) / n_s
+    return theta, math.sqrt(v), df
+
+
+@pytest.mark.parametrize("seed_effects", [True, False])
+def test_fit_gain_against_the_model_by_hand(seed_effects):
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        n_s = int(rng.integers(2, 5))
+        true = [(0.80, 0.010), (0.78, 0.012), (0.76, 0.015), (0.74, 0.019), (0.775, 0.016)]
+        u = rng.normal(0, 0.05, n_s)
+        cells = [{s: (a + rng.normal(0, 0.002), m * math.exp(u[s] + rng.normal(0, 0.04)))
+                  for s in range(n_s)} for a, m in true]
+        base = dict(enumerate(cells[:-1]))
+        accs = [np.mean([p[0] for p in c.values()]) for c in cells]
+        geo = [np.mean([math.log(p[1]) for p in c.values()]) for c in cells[:-1]]
+        if np.any(np.diff([geo[c] for c in np.argsort(accs[:-1])]) >= 0):
+            continue  # the oracle assumes a monotone baseline (no envelope needed)
+        lg, se, df = fit_gain(cells[-1], base, seed_effects=seed_effects)
+        o = _oracle(cells, seed_effects)
+        assert (lg, se, df) == pytest.approx(o, rel=1e-5)
 
 
 def test_sweep_file_names_seeds_and_placeholders(tmp_path):
@@ -136,3 +278,55 @@ def test_paper_table_pairs_runs_without_and_with_cem(tmp_path):
     assert row["accuracy_without"] == pytest.approx(0.79)
     assert row["mse_gain"] == pytest.approx(0.0132 / 0.011 - 1)  # +20%
     assert "+20.0%" in table
+
+
+def test_spread_test_against_the_two_seed_formula_by_hand():
+    from scipy import stats
+
+    from splitcem.study.frontier_stats import spread_test
+
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        n_b = int(rng.integers(3, 6))  # baseline cells, two seeds each; equal accuracies
+        lm = rng.normal(0, 0.05, (n_b + 1, 2)) + np.array([0.0, 0.06])
+        base = {c: {1: (0.7 + c / 100, math.exp(lm[c, 0])), 2: (0.7 + c / 100,
+                                                                math.exp(lm[c, 1]))}
+                for c in range(n_b)}
+        cell = {1: (0.72, math.exp(lm[-1, 0])), 2: (0.72, math.exp(lm[-1, 1]))}
+        d = [lm[c, 1] - lm[c, 0] for c in range(n_b)]  # seed 2 - seed 1, per baseline cell
+        d_bar = sum(d) / n_b
+        s2 = sum((x - d_bar) ** 2 for x in d) / (n_b - 1) / 2  # per-run residual variance
+        stat = (lm[-1, 1] - lm[-1, 0] - d_bar) ** 2 / 2 / (1 + 1 / n_b)
+        p = stats.f.sf(stat / s2, 1, n_b - 1)
+        assert spread_test(cell, base) == pytest.approx(min(1.0, 2 * p), rel=1e-6)
+
+
+def test_spread_test_holds_its_level_and_flags_a_wider_spread():
+    from splitcem.study.frontier_stats import spread_test
+
+    rng = np.random.default_rng(9)
+
+    def reject(setting_sd: float, n: int = 600) -> float:
+        hits = 0
+        for _ in range(n):
+            u, v = rng.normal(0, 0.05, 3), rng.normal(0, 0.002, 3)
+            base = {c: {s: (a + v[s] + rng.normal(0, 0.003), m * math.exp(u[s] + rng.normal(
+                0, 0.04))) for s in range(3)} for c, (a, m) in
+                enumerate([(0.80, 0.010), (0.78, 0.012), (0.76, 0.015)])}
+            cell = {s: (0.79 + v[s] + rng.normal(0, 0.003 * setting_sd / 0.04),
+                        0.013 * math.exp(u[s] + rng.normal(0, setting_sd))) for s in range(3)}
+            p = spread_test(cell, base)
+            hits += p is not None and p < 0.1
+        return hits / n
+
+    assert reject(0.04) <= 0.12  # the same spread: rejected at most about 10% of the time
+    assert reject(0.16) > 0.4  # four times the spread: usually caught
+
+
+def test_auto_falls_back_to_per_seed_when_the_setting_spreads_more():
+    base, cell = _paired_study([0.45, 0.0, 0.3], spread=0.005)  # baseline: tight seed effects
+    c = compare(base, cell)
+    assert c.spread_p is not None and c.spread_p < 0.1 and c.method == "per_seed"
+    assert c.interval == pytest.approx(c.per_seed_interval)
+    m = compare(base, cell, method="model")
+    assert m.method == "model" and (m.high - m.low) < (c.high - c.low)

@@ -215,7 +215,7 @@ def write_frontier(
         "groups": {g: sorted({r.strength_key for r in rs}) for g, rs in groups.items()},
         "cells": cells_out, "matched": comparisons, "notes": notes,
         "method": "worst case per run = best score any attack reached (lowest MSE, highest "
-                  "SSIM); matched accuracy: splitcem.frontier (linear interpolation along "
+                  "SSIM); matched accuracy: splitcem.study.frontier (linear interpolation along "
                   "the baseline's seed-mean curve, percentile bootstrap over seeds)",
     }
     write_json(out / "frontier.json", _finite(record))
