@@ -26,7 +26,7 @@ def test_audit_reproduces_splitcem_attack_on_a_yaml_run(tiny_config, tmp_path):
     client = splitcem.protect(p.model.client, p.stack, num_classes=info.num_classes)
     with pytest.warns(UserWarning, match=r"rests on 13 scored images \(< 100\)"):
         rep = splitcem.audit(client, (x01, y), attacks=cfg.attack.attacks, mean=info.mean,
-                             std=info.std, seed=cfg.seed, out=tmp_path / "audit",
+                             std=info.std, seed=cfg.data.split_seed, out=tmp_path / "audit",
                              progress=False)
     worst = rep.to_dict()["worst"]
     mse = worst["mse"]
@@ -40,8 +40,10 @@ def test_audit_reproduces_splitcem_attack_on_a_yaml_run(tiny_config, tmp_path):
     assert rep.to_dict()["attacks"]["decoder"]["metrics"] == \
         record["attacks"]["attacks"]["decoder"]["metrics"]
     written = json.loads((tmp_path / "audit" / "metrics.json").read_text())
-    # same record layout (a YAML run also points at the decoder it saved for `splitcem lens`)
-    assert set(written["attacks"]) == set(record["attacks"])
+    # same record layout; a YAML run's attack record also carries its provenance for the run
+    # record (the config hashes and the held-out split it was attacked on)
+    provenance = {"train_hash", "attack_hash", "split"}
+    assert set(written["attacks"]) == set(record["attacks"]) - provenance
     assert (tmp_path / "audit" / "reconstructions.png").stat().st_size > 1000
     summary = (tmp_path / "audit" / "summary.md").read_text()
     assert "worst case" in summary and "on 13 scored images, 95% interval" in summary

@@ -163,7 +163,8 @@ def audit(
             none).
         out: Directory for ``metrics.json``, ``reconstructions.png`` and ``summary.md``.
         device: Where to attack (default: the client's device).
-        seed: Seeds the aux / held-out partition of ``data`` (a YAML run uses its seed).
+        seed: Seeds the aux / held-out partition of ``data`` (a YAML run uses its
+            ``data.split_seed``, 125 by default).
         aux_fraction: Share of ``data`` the inference-time attacker learns from.
         progress: Progress bars.
 
