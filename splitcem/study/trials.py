@@ -281,6 +281,8 @@ def run_grid(
     progress: bool = True,
 ) -> GridResult:
     """Run every trial of a sweep file that is not finished yet; returns their statuses.
+    Settings with ``seeds: {min, max, until: decided}`` then get more seeds in rounds
+    (:mod:`splitcem.study.adaptive`) until decided against the baseline or at ``max``.
 
     Args:
         sweep: A sweep file (see :mod:`splitcem.study.grid`), its dict, or a parsed spec.
@@ -295,13 +297,21 @@ def run_grid(
             it instead of training again (the source is only read).
         device: Device for every trial (default: each config's).
     """
+    from splitcem.study.adaptive import adaptive, run_until_decided
+
     spec = sweep if isinstance(sweep, SweepSpec) else load_sweep(sweep)
     trials = expand(spec)
     out_dir = Path(out if out is not None else spec.out or Path("runs") / "sweeps" / spec.name)
-    return run_trials(trials, out_dir, name=spec.name, source=spec.source, address=address,
-                      max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
-                      gpus_per_trial=gpus_per_trial, use_ray=use_ray, adopt=adopt,
-                      device=device, progress=progress)
+
+    def run(ts: list[Trial]) -> GridResult:
+        return run_trials(ts, out_dir, name=spec.name, source=spec.source, address=address,
+                          max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
+                          gpus_per_trial=gpus_per_trial, use_ray=use_ray, adopt=adopt,
+                          device=device, progress=progress)
+
+    if adaptive(trials):  # seeds: {min, max, until: decided}: rounds of more seeds
+        return run_until_decided(trials, out_dir, run, device=device)
+    return run(trials)
 
 
 def _write_index(out: Path, name: str, source: str, trials: list[Trial],
