@@ -144,3 +144,30 @@ def test_bad_seed_policies_fail_before_running(tmp_path, seeds, match):
     spec["variants"][1]["seeds"] = seeds
     with pytest.raises(ConfigError, match=match):
         expand(load_sweep(spec))
+
+
+def test_dry_run_lists_finished_adoptable_and_pending(tmp_path, fake_trials):
+    import yaml
+    from typer.testing import CliRunner
+
+    from splitcem.cli import app
+
+    spec = _sweep(tmp_path)
+    spec["variants"][1]["seeds"] = 2
+    done = tmp_path / "done"
+    engine.run_trials(expand(load_sweep(spec))[:3], done, use_ray=False, progress=False)
+    trials = expand(load_sweep(spec))
+    n = len(fake_trials)
+    rows = {r["name"]: r for r in engine.dry_run(trials, done)}
+    assert [r["state"] for r in rows.values()].count("finished") == 3
+    rows = {r["name"]: r for r in engine.dry_run(trials, tmp_path / "new", adopt=[done])}
+    assert rows["noise0.1_s10"]["state"] == "adoptable"
+    assert rows["noise0.1_s10"]["from"] == str(done / "noise0.1_s10")
+    assert rows["cem1_s11"]["state"] == "pending"
+    assert len(fake_trials) == n and not (tmp_path / "new").exists()  # nothing ran or written
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    res = CliRunner().invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--dry-run", "--out",
+                                   str(tmp_path / "new"), "--adopt", str(done)])
+    assert res.exit_code == 0, res.output
+    assert "10 trials" in res.output and "3 adoptable, 7 pending" in res.output

@@ -50,11 +50,30 @@ def sweep(
     device: Device = None,
     quiet: Quiet = False,
     threads: Threads = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="Sweep file: list each trial as finished / adoptable / pending; run nothing")]
+    = False,
 ) -> None:
     """Run a sweep file on Ray (resumable, failures recorded), or several run configs."""
     _threads(threads)
     from splitcem.study.grid import is_sweep_file
     from splitcem.study.sweep import run_sweep, run_sweep_file
+
+    if dry_run:
+        from splitcem.study.grid import add_overrides, expand, load_sweep
+        from splitcem.study.trials import dry_run as listing
+
+        spec = add_overrides(load_sweep(configs[0]), set_ or [])
+        where = out or Path(spec.out or Path("runs") / "sweeps" / spec.name)
+        rows = listing(expand(spec), where, adopt=adopt or (), device=device)
+        for r in rows:
+            typer.echo(f"{r['name']}: {r['state']}" + (f" from {r['from']}" if r["from"] else "")
+                       + (f" ({r['policy']})" if r["policy"] else ""))
+        counts = {k: sum(r["state"] == k for r in rows) for k in dict.fromkeys(
+            r["state"] for r in rows)}
+        typer.echo(f"{len(rows)} trials in {where}: " + ", ".join(f"{v} {k}"
+                                                                   for k, v in counts.items()))
+        return
 
     engine: dict[str, Any] = {"address": address, "max_concurrent": max_concurrent,
                               "threads_per_trial": threads_per_trial, "adopt": adopt or (),

@@ -111,17 +111,17 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
     stems = _stems(trials)
     base, compared = _roles(stems, baseline)
     cells = finished_cells(trials, out, device=device)
-    by_policy: dict[SeedPolicy, list[str]] = defaultdict(list)
+    by_max: dict[int, list[str]] = defaultdict(list)  # min is past: only max matters now
     for s in compared:
         pol = stems[s].policy
         if pol is not None and pol.until == "decided" and cells.get(s):
-            by_policy[pol].append(s)
+            by_max[pol.max].append(s)
     new: dict[str, Trial] = {}
     notes: list[str] = []
     base_cells = {b: cells[b] for b in base if cells.get(b)}
-    for pol, settings in by_policy.items():
+    for most, settings in sorted(by_max.items()):
         plan = next_seeds(base_cells, {s: cells[s] for s in settings},
-                          SeedPolicy(1, pol.max, "decided"), level=level)
+                          SeedPolicy(1, most, "decided"), level=level)
         notes += list(plan.notes)
         for stem, seeds in [*plan.baseline.items(), *plan.settings.items()]:
             for seed in seeds:
