@@ -199,12 +199,13 @@ def write_frontier(
                 "leakage_heldout_bits": _mean_sd([r.leakage_bits for r in cr
                                                   if r.leakage_bits is not None])[0],
             })
-    comparisons = compare_groups(groups, baseline) if baseline is not None else []
+    comparisons, base_dropped = compare_groups(groups, baseline) if baseline is not None \
+        else ([], [])
     record = {
         "dirs": [str(d) for d in dirs], "baseline": baseline, "runs": len(runs),
         "groups": {g: sorted({r.strength_key for r in rs}) for g, rs in groups.items()},
         "cells": cells_out, "matched": comparisons, "notes": notes,
-        "splits_per_seed": _splits_per_seed(runs),
+        "splits_per_seed": _splits_per_seed(runs), "baseline_dropped": base_dropped,
         "method": "worst case per run = best score any attack reached (lowest MSE, highest "
                   "SSIM); matched accuracy: splitcem.study.frontier.compare (the baseline's "
                   "monotone envelope of seed means; paired per seed where seeds are shared, "

@@ -25,9 +25,10 @@ __all__ = ["compare_groups", "matched_markdown", "num", "split_seed", "splits",
 
 
 def compare_groups(groups: dict[str, list[FrontierRun]], baseline: str
-                    ) -> list[dict[str, Any]]:
+                   ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every other group's settings against ``baseline`` at matched accuracy, cells keyed
-    by seed so that settings sharing seeds with the baseline are paired."""
+    by seed so that settings sharing seeds with the baseline are paired; and the baseline's
+    runs left out of its cells, and why."""
     base_cells, base_notes = seed_cells(groups[baseline])
     out = []
     for g, rs in sorted(groups.items()):
@@ -45,9 +46,9 @@ def compare_groups(groups: dict[str, list[FrontierRun]], baseline: str
                 "seeds_run": sorted(cell), **d,
                 "design": f"{'paired' if c.paired else 'unpaired'}, "
                           f"{'per-seed t' if c.method == 'per_seed' else 'model'}",
-                "dropped": list(c.dropped) + no_gain + notes + base_notes,
+                "dropped": list(c.dropped) + no_gain + notes.get(k, []),
             })
-    return out
+    return out, [n for ns in base_notes.values() for n in ns]
 
 
 def _no_gain(seed: int, acc: float, base: dict[Any, dict[int, Any]]) -> str:
@@ -178,6 +179,7 @@ def matched_markdown(record: dict[str, Any]) -> list[str]:
                                      "spread p"], per))
     dropped = [f"- {m['group']} {m['strength_key'].rsplit('.', 1)[-1]}={_fmt(m['strength'])}: "
                f"{d}" for m in record["matched"] for d in m["dropped"]]
+    dropped += [f"- {base} (baseline): {d}" for d in record.get("baseline_dropped") or []]
     lines += ["", "### Dropped seeds", "",
               *(dropped or ["None: every seed of every setting is in its estimate and its "
                             "per-seed gains (there are no bootstrap resamples to drop)."]), ""]

@@ -184,22 +184,23 @@ def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:
 
 
 def seed_cells(runs: Sequence[FrontierRun], metric: str = "mse"
-               ) -> tuple[dict[Any, dict[int, tuple[float, float]]], list[str]]:
+               ) -> tuple[dict[Any, dict[int, tuple[float, float]]], dict[Any, list[str]]]:
     """A group's cells keyed by seed, ``{strength: {seed: (accuracy, worst-case metric)}}``
-    (what :func:`splitcem.study.frontier.compare` pairs on), and a line per run left out
-    (a second run of one seed in one cell: the first, in path order, is kept)."""
+    (what :func:`splitcem.study.frontier.compare` pairs on), and per strength a line per run
+    left out (a second run of one seed in one cell: the first, in path order, is kept)."""
     cells: dict[Any, dict[int, tuple[float, float]]] = defaultdict(dict)
     kept: dict[tuple[Any, int], Path] = {}
-    notes: list[str] = []
+    notes: dict[Any, list[str]] = defaultdict(list)
     for r in sorted(runs, key=lambda r: str(r.path)):
         key = (r.strength, r.cfg.seed)
         if key in kept:
-            notes.append(f"{r.path}: a second run of seed {r.cfg.seed} at {r.strength_key}="
-                         f"{format_value(r.strength)} (the comparison keeps {kept[key]})")
+            notes[r.strength].append(
+                f"{r.path}: a second run of seed {r.cfg.seed} (the comparison keeps "
+                f"{kept[key]})")
             continue
         kept[key] = r.path
         cells[r.strength][r.cfg.seed] = (r.accuracy, r.metric(metric))
-    return dict(cells), notes
+    return dict(cells), dict(notes)
 
 
 def _short(v: Any) -> str:
