@@ -239,6 +239,7 @@ def test_bad_sweep_files_fail_before_running(spec, match):
 
 @pytest.mark.parametrize("name", ["cifar10_cpu", "cifar10_paper"])
 def test_bundled_sweeps_expand(name):
+    from splitcem.study.frontier_plan import SeedPolicy
     from splitcem.study.reproduce import sweep_file
 
     trials = expand(load_sweep(sweep_file("cifar10", name.split("_")[1])))
@@ -246,11 +247,16 @@ def test_bundled_sweeps_expand(name):
     assert len(names) == len(set(names))
     attacks = {a["name"] for t in trials for a in t.cfg.attack.attacks}
     assert attacks == {"decoder", "decoder_adaptive"}
-    if name == "cifar10_cpu":  # issue 9's grid, with the seeds it asks for
-        for stem, seeds in (("noise0.1", 3), ("noise0.1_cem3", 3), ("noise0.15", 2),
-                            ("noise0.2", 2), ("noise0.3", 1), ("noise0.1_cem1", 1),
-                            ("noise0.1_cem10", 1)):
+    if name == "cifar10_cpu":  # issue 18 item 6: >= 2 seeds, lambda 3 / 10 until decided
+        for stem, seeds in (("noise0.1", 2), ("noise0.1_cem3", 3), ("noise0.15", 2),
+                            ("noise0.2", 2), ("noise0.3", 2), ("noise0.1_cem1", 2),
+                            ("noise0.1_cem10", 2)):
             assert sum(n.rsplit("_s", 1)[0] == stem for n in names) == seeds, stem
+        policy = {t.stem: t.policy for t in trials}
+        assert policy["noise0.1_cem3"] == SeedPolicy(3, 8, "decided")
+        assert policy["noise0.1_cem10"] == SeedPolicy(2, 8, "decided")
+        assert policy["noise0.1"] is None and policy["noise0.1_cem1"] is None
+        assert {"noise0.1_s125", "noise0.1_cem3_s127"} <= set(names)
         assert {"cut4_s125", "cut6_s125", "topk0.3_cem3_s125"} <= set(names)
 
 

@@ -131,7 +131,8 @@ def test_frontier_renders_from_saved_runs_without_rerunning(swept, tmp_path):
     assert "frontier_reconstructions.png" in md  # same seed, same images: one grid
     for f in ("frontier.png", "frontier.csv", "frontier.json", "frontier_reconstructions.png"):
         assert (tmp_path / "front" / f).stat().st_size > 0, f
-    assert len((tmp_path / "front" / "frontier.csv").read_text().splitlines()) == 5
+    assert len((tmp_path / "front" / "frontier.csv").read_text().splitlines()) == 3  # settings
+    assert len((tmp_path / "front" / "frontier_runs.csv").read_text().splitlines()) == 5
 
 
 def test_adopting_finished_runs_and_the_cli(swept, tmp_path):

@@ -50,11 +50,30 @@ def sweep(
     device: Device = None,
     quiet: Quiet = False,
     threads: Threads = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="Sweep file: list each trial as finished / adoptable / pending; run nothing")]
+    = False,
 ) -> None:
     """Run a sweep file on Ray (resumable, failures recorded), or several run configs."""
     _threads(threads)
     from splitcem.study.grid import is_sweep_file
     from splitcem.study.sweep import run_sweep, run_sweep_file
+
+    if dry_run:
+        from splitcem.study.grid import add_overrides, expand, load_sweep
+        from splitcem.study.trials import dry_run as listing
+
+        spec = add_overrides(load_sweep(configs[0]), set_ or [])
+        where = out or Path(spec.out or Path("runs") / "sweeps" / spec.name)
+        rows = listing(expand(spec), where, adopt=adopt or (), device=device)
+        for r in rows:
+            typer.echo(f"{r['name']}: {r['state']}" + (f" from {r['from']}" if r["from"] else "")
+                       + (f" ({r['policy']})" if r["policy"] else ""))
+        counts = {k: sum(r["state"] == k for r in rows) for k in dict.fromkeys(
+            r["state"] for r in rows)}
+        typer.echo(f"{len(rows)} trials in {where}: " + ", ".join(f"{v} {k}"
+                                                                   for k, v in counts.items()))
+        return
 
     engine: dict[str, Any] = {"address": address, "max_concurrent": max_concurrent,
                               "threads_per_trial": threads_per_trial, "adopt": adopt or (),
@@ -101,7 +120,10 @@ def frontier(
         gain = "-" if m["gain"] is None else f"{100 * m['gain']:+.1f}%"
         ci = "" if m["low"] is None else f" [{100 * m['low']:+.1f}%, {100 * m['high']:+.1f}%]"
         typer.echo(f"{m['group']} @ {m['strength']}: accuracy {100 * m['accuracy']:.2f}%, "
-                   f"MSE {m['mse']:.4f} vs {rec['baseline']} {gain}{ci}: {m['verdict']}")
+                   f"MSE {m['mse']:.4f} vs {rec['baseline']} {gain}{ci} on {m['n_seeds']} "
+                   f"seed(s), {m['design']}: {m['verdict']}"
+                   + (f" (about {m['seeds_needed']} more seeds to decide)"
+                      if m["verdict"] == "undecided" and m["seeds_needed"] else ""))
     typer.echo(f"{rec['runs']} runs, {len(rec['notes'])} left out -> {out / 'frontier.md'}")
 
 

@@ -12,8 +12,6 @@ on the runs that lack it first).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -36,20 +34,25 @@ from splitcem.report import (
     markdown_table,
     plot_curves,
 )
-from splitcem.study.frontier import matched_gain
+from splitcem.study.frontier_verdicts import (
+    compare_groups,
+    matched_markdown,
+    split_seed,
+    write_runs_csv,
+    write_settings_csv,
+)
+from splitcem.study.frontier_verdicts import (
+    num as _num,
+)
+from splitcem.study.frontier_verdicts import (
+    splits as _splits,
+)
 from splitcem.study.grid import format_value as _fmt
 from splitcem.study.groups import FrontierRun, family, find_runs, group_runs
 
 __all__ = ["FrontierRun", "family", "find_runs", "group_runs", "write_frontier"]
 
 log = logging.getLogger(__name__)
-
-
-def _cells(runs: list[FrontierRun], metric: str = "mse") -> dict[Any, list[tuple[float, float]]]:
-    cells: dict[Any, list[tuple[float, float]]] = defaultdict(list)
-    for r in runs:
-        cells[r.strength].append((r.accuracy, r.metric(metric)))
-    return dict(cells)
 
 
 def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
@@ -105,11 +108,6 @@ def _choose_shown(groups: dict[str, list[FrontierRun]], baseline: str | None,
                     key=lambda r: (r.strength is None, r.strength))
         out += rs[:1] + rs[-1:] if len(rs) > 1 else rs
     return out[:limit]
-
-
-def _split_seed(r: FrontierRun) -> int:
-    """The seed of the aux / held-out split the run's attacks ran on."""
-    return int((r.split or {}).get("seed", r.cfg.seed))
 
 
 def _split_key(r: FrontierRun) -> str:
@@ -194,37 +192,45 @@ def write_frontier(
             cells_out.append({
                 "group": g, "strength_key": cr[0].strength_key, "strength": k,
                 "seeds": sorted(r.cfg.seed for r in cr), "runs": [r.name for r in cr],
+                "split_seeds": {str(r.cfg.seed): split_seed(r) for r in cr},
                 "accuracy": acc[0], "accuracy_sd": acc[1],
                 **{m: _mean_sd([r.metric(m) for r in cr])[0] for m in ("mse", "ssim", "psnr")},
                 **{f"{m}_sd": _mean_sd([r.metric(m) for r in cr])[1] for m in ("mse", "ssim")},
                 "leakage_heldout_bits": _mean_sd([r.leakage_bits for r in cr
                                                   if r.leakage_bits is not None])[0],
             })
-    comparisons = []
-    if baseline is not None:
-        base_cells = _cells(groups[baseline])
-        for g, rs in sorted(groups.items()):
-            if g == baseline:
-                continue
-            for k, cell in sorted(_cells(rs).items(), key=lambda kv: (kv[0] is None, kv[0])):
-                m = matched_gain(cell, base_cells, n_boot=n_boot)
-                comparisons.append({"group": g, "strength": k, **m.to_dict()})
-
+    comparisons, base_dropped = compare_groups(groups, baseline) if baseline is not None \
+        else ([], [])
     record = {
         "dirs": [str(d) for d in dirs], "baseline": baseline, "runs": len(runs),
         "groups": {g: sorted({r.strength_key for r in rs}) for g, rs in groups.items()},
         "cells": cells_out, "matched": comparisons, "notes": notes,
+        "splits_per_seed": _splits_per_seed(runs), "baseline_dropped": base_dropped,
         "method": "worst case per run = best score any attack reached (lowest MSE, highest "
-                  "SSIM); matched accuracy: splitcem.study.frontier (linear interpolation along "
-                  "the baseline's seed-mean curve, percentile bootstrap over seeds)",
+                  "SSIM); matched accuracy: splitcem.study.frontier.compare (the baseline's "
+                  "monotone envelope of seed means; paired per seed where seeds are shared, "
+                  "additive model or per-seed t interval, 95%)",
     }
     write_json(out / "frontier.json", _finite(record))
-    _write_csv(runs, out / "frontier.csv")
+    write_settings_csv(record, out / "frontier.csv")
+    write_runs_csv(runs, out / "frontier_runs.csv")
     _plot(groups, baseline, out / "frontier.png")
     shown = _choose_shown(groups, baseline, show)
     grid = _recon_grid(shown, out) if shown else None
     write_text(out / "frontier.md", _markdown(record, groups, shown, grid, out))
     return record
+
+
+def _splits_per_seed(runs: list[FrontierRun]) -> str:
+    """``one``: every run attacked on one held-out split; ``own``: several splits, but one
+    per seed (pairs by seed share their images); ``mixed``: otherwise."""
+    keys = {_split_key(r) for r in runs}
+    if len(keys) <= 1:
+        return "one"
+    per: dict[int, set[str]] = defaultdict(set)
+    for r in runs:
+        per[r.cfg.seed].add(_split_key(r))
+    return "own" if all(len(v) == 1 for v in per.values()) else "mixed"
 
 
 def _as_attacked(r: FrontierRun) -> dict[str, Any]:
@@ -244,27 +250,6 @@ def _finite(o: Any) -> Any:
     if isinstance(o, list):
         return [_finite(v) for v in o]
     return o
-
-
-def _write_csv(runs: list[FrontierRun], path: Path) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["run", "path", "group", "strength_key", "strength", "seed", "accuracy", "mse",
-                "ssim", "psnr", "leakage_heldout_bits"])
-    for r in sorted(runs, key=lambda r: (r.group, r.strength is None, r.strength, r.cfg.seed)):
-        w.writerow([r.name, str(r.path), r.group, r.strength_key, r.strength, r.cfg.seed,
-                    r.accuracy, r.metric("mse"), r.metric("ssim"), r.metric("psnr"),
-                    "" if r.leakage_bits is None else r.leakage_bits])
-    write_text(path, buf.getvalue())
-
-
-def _pct(v: float | None, digits: int = 1) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else \
-        f"{100 * v:+.{digits}f}%"
-
-
-def _num(v: float | None, digits: int = 4) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def _rel(target: Path, start: Path) -> str:
@@ -293,9 +278,11 @@ def _markdown(record: dict[str, Any], groups: dict[str, list[FrontierRun]],
             c["group"], f"{c['strength_key'].rsplit('.', 1)[-1]}={_fmt(c['strength'])}",
             str(len(c["seeds"])), f"{100 * c['accuracy']:.2f} ± {100 * c['accuracy_sd']:.2f}",
             f"{_num(c['mse'])} ± {_num(c['mse_sd'])}", _num(c["ssim"], 3),
-            _num(c["psnr"], 2), "-" if lk is None or math.isnan(lk) else f"{lk:.0f}"])
+            _num(c["psnr"], 2), "-" if lk is None or math.isnan(lk) else f"{lk:.0f}",
+            _splits(c["split_seeds"])])
     lines.append(markdown_table(["group", "strength", "seeds", "accuracy (%)", "MSE", "SSIM",
-                                 "PSNR (dB)", "I(x;z) bound est., held-out (bits)"], points))
+                                 "PSNR (dB)", "I(x;z) bound est., held-out (bits)",
+                                 "attacked on split (data.split_seed)"], points))
     lines += ["", "The I(x;z) column is a plug-in estimate of an upper bound (splitcem.leakage:"
               " k-means partition fitted on training features, statistics measured on test "
               "features in eval mode), not a guarantee; `-` where no run of the cell has one "
@@ -304,32 +291,10 @@ def _markdown(record: dict[str, Any], groups: dict[str, list[FrontierRun]],
         lines += ["No baseline group (pass --baseline GROUP): no matched-accuracy comparison.",
                   ""]
     else:
-        lines += [
-            f"## Attack MSE at matched accuracy, against `{base}`", "",
-            "For each setting: its mean MSE against the MSE the baseline reaches at the same "
-            "mean accuracy (linear interpolation between the baseline's seed-mean points, no "
-            "extrapolation); gain = MSE / baseline MSE - 1, with a 95% percentile bootstrap "
-            "interval over seeds (each setting resamples its own seeds; a setting with one "
-            "seed gets no interval and no verdict, and a baseline point with one seed adds no "
-            "spread, so few seeds give an optimistic interval).", "",
-            "| group | strength | seeds | accuracy (%) | MSE | baseline MSE at that accuracy |"
-            " MSE gain | 95% interval | verdict |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        if not record["matched"]:
-            lines.append("| (no other group with finished runs yet) | | | | | | | | |")
-        for m in record["matched"]:
-            key = next((c["strength_key"] for c in record["cells"] if c["group"] == m["group"]),
-                       "")
-            interval = ("-" if m["low"] is None else f"[{_pct(m['low'])}, {_pct(m['high'])}]")
-            lines.append(
-                f"| {m['group']} | {key.rsplit('.', 1)[-1]}={_fmt(m['strength'])} | "
-                f"{m['seeds']} | {100 * m['accuracy']:.2f} | {_num(m['mse'])} | "
-                f"{_num(m['baseline_mse'])} | {_pct(m['gain'])} | {interval} | {m['verdict']} |")
-        lines.append("")
+        lines += matched_markdown(record)
     lines += ["## Reconstructions", ""]
     if shown:
-        seeds = sorted({_split_seed(r) for r in shown})
+        seeds = sorted({split_seed(r) for r in shown})
         same = len({_split_key(r) for r in shown}) == 1
         lines.append(
             "Runs attacked on the held-out split of seed " + str(seeds[0]) + " (data."

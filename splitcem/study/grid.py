@@ -6,7 +6,8 @@ A sweep file is YAML (paths are relative to the file)::
     base: ../cpu/cifar10_noise.yaml    # the run config every trial starts from
     set:                               # overrides for every trial (dotted keys)
       attack.attacks: [{name: decoder, epochs: 25}]
-    seeds: 1                           # N: seeds base, base+1, ...; or a list [125, 126]
+    seeds: 1                           # N: seeds base, base+1, ...; or a list [125, 126];
+                                       # or {min: 2, max: 8, until: decided}
     grid:                              # cartesian product over dotted keys (optional)
       defenses.0.sigma: [0.1, 0.2]
     variants:                          # optional: named variants, each crossed with its grid
@@ -19,10 +20,13 @@ A sweep file is YAML (paths are relative to the file)::
         grid: {cem.lambda: [1, 3]}
 
 Each variant's grid extends the top-level one; its ``set`` and ``seeds`` override the
-top-level ones. Every trial is one run directory named ``NAME_s{seed}``, where NAME is the
-variant's name with ``{key}`` placeholders filled from the grid (the last part of the dotted
-key); a name without placeholders gets ``_{key}{value}`` appended per grid key. Everything is
-validated here, before any trial runs.
+top-level ones. ``seeds: {min, max, until: decided}`` (a
+:class:`~splitcem.study.frontier_plan.SeedPolicy`) starts with ``min`` seeds (base, base+1,
+...); after them the engine adds seeds to the settings still undecided against the baseline,
+up to ``max`` (:mod:`splitcem.study.adaptive`). Every trial is one run directory named
+``NAME_s{seed}``, where NAME is the variant's name with ``{key}`` placeholders filled from the
+grid (the last part of the dotted key); a name without placeholders gets ``_{key}{value}``
+appended per grid key. Everything is validated here, before any trial runs.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from splitcem.config import RunConfig, load_config, set_path
 from splitcem.errors import ConfigError
+
+if TYPE_CHECKING:
+    from splitcem.study.frontier_plan import SeedPolicy
 
 __all__ = ["SweepSpec", "Trial", "config_trials", "expand", "format_value", "is_sweep_file",
            "load_sweep"]
@@ -57,6 +64,16 @@ class Trial:
     seed: int
     values: dict[str, Any] = field(default_factory=dict)  # grid key -> value
     variant: str = ""
+    #: the trial's name without ``_s{seed}``: one setting, all its seeds
+    stem: str = ""
+    #: the setting's seed policy when the sweep file gave ``seeds: {min, max, until}``
+    policy: SeedPolicy | None = None
+
+    def with_seed(self, seed: int) -> Trial:
+        """The same setting at another seed (named ``{stem}_s{seed}``)."""
+        name = f"{self.stem or self.name.rsplit('_s', 1)[0]}_s{seed}"
+        cfg = load_config({**self.cfg.to_dict(), "name": name, "seed": seed})
+        return Trial(name, cfg, seed, dict(self.values), self.variant, self.stem, self.policy)
 
 
 @dataclass
@@ -67,7 +84,7 @@ class SweepSpec:
     root: Path
     base: str | None
     set: dict[str, Any]
-    seeds: int | list[int]
+    seeds: int | list[int] | SeedPolicy
     grid: dict[str, list[Any]]
     variants: list[dict[str, Any]]
     out: str | None = None
@@ -92,7 +109,14 @@ def _grid(v: Any, what: str) -> dict[str, list[Any]]:
     return g
 
 
-def _seeds(v: Any, what: str) -> int | list[int]:
+def _seeds(v: Any, what: str) -> int | list[int] | SeedPolicy:
+    if isinstance(v, dict):
+        from splitcem.study.frontier_plan import SeedPolicy
+
+        try:
+            return SeedPolicy.parse(v)
+        except ConfigError as e:
+            raise ConfigError(f"sweep {what}: {e}") from None
     if isinstance(v, bool) or v is None:
         raise ConfigError(f"sweep {what} must be a count N >= 1 or a list of seeds, got {v!r}")
     if isinstance(v, int):
@@ -104,7 +128,8 @@ def _seeds(v: Any, what: str) -> int | list[int]:
         if len(set(v)) != len(v):
             raise ConfigError(f"sweep {what} lists a seed twice: {v}")
         return list(v)
-    raise ConfigError(f"sweep {what} must be a count N >= 1 or a list of integer seeds, got {v!r}")
+    raise ConfigError(f"sweep {what} must be a count N >= 1, a list of integer seeds or "
+                      f"{{min: 2, max: 8, until: decided}}, got {v!r}")
 
 
 def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
@@ -195,8 +220,11 @@ def _trial_name(template: str, values: dict[str, Any]) -> str:
     return _SAFE.sub("-", name)
 
 
-def _seed_list(seeds: int | list[int], base_seed: int) -> list[int]:
-    return list(seeds) if isinstance(seeds, list) else [base_seed + i for i in range(seeds)]
+def _seed_list(seeds: int | list[int] | SeedPolicy, base_seed: int) -> list[int]:
+    if isinstance(seeds, list):
+        return list(seeds)
+    n = seeds if isinstance(seeds, int) else seeds.min
+    return [base_seed + i for i in range(n)]
 
 
 def _apply(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -256,7 +284,8 @@ def expand(spec: SweepSpec) -> list[Trial]:
                                           "with different configs; give the variants distinct "
                                           "names or {key} placeholders")
                     continue
-                trials[name] = Trial(name, cfg, seed, values, v["name"])
+                trials[name] = Trial(name, cfg, seed, values, v["name"], stem,
+                                     None if isinstance(seeds, int | list) else seeds)
     return list(trials.values())
 
 

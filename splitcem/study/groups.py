@@ -29,7 +29,7 @@ from splitcem.record import RunRecord, comparable
 from splitcem.report import attack_metric
 from splitcem.study.grid import format_value
 
-__all__ = ["FrontierRun", "family", "find_runs", "group_runs"]
+__all__ = ["FrontierRun", "family", "find_runs", "group_runs", "seed_cells"]
 
 #: config keys that neither change a run's results nor its group
 _NOT_CONTEXT = {("name",), ("seed",), ("device",), ("data", "root"), ("data", "cache_dir"),
@@ -181,6 +181,26 @@ def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:
         r.group = r.family + (f" [{', '.join(parts)}]" if parts else "")
         groups[r.group].append(r)
     return dict(groups)
+
+
+def seed_cells(runs: Sequence[FrontierRun], metric: str = "mse"
+               ) -> tuple[dict[Any, dict[int, tuple[float, float]]], dict[Any, list[str]]]:
+    """A group's cells keyed by seed, ``{strength: {seed: (accuracy, worst-case metric)}}``
+    (what :func:`splitcem.study.frontier.compare` pairs on), and per strength a line per run
+    left out (a second run of one seed in one cell: the first, in path order, is kept)."""
+    cells: dict[Any, dict[int, tuple[float, float]]] = defaultdict(dict)
+    kept: dict[tuple[Any, int], Path] = {}
+    notes: dict[Any, list[str]] = defaultdict(list)
+    for r in sorted(runs, key=lambda r: str(r.path)):
+        key = (r.strength, r.cfg.seed)
+        if key in kept:
+            notes[r.strength].append(
+                f"{r.path}: a second run of seed {r.cfg.seed} (the comparison keeps "
+                f"{kept[key]})")
+            continue
+        kept[key] = r.path
+        cells[r.strength][r.cfg.seed] = (r.accuracy, r.metric(metric))
+    return dict(cells), dict(notes)
 
 
 def _short(v: Any) -> str:

@@ -46,6 +46,7 @@ __all__ = [
     "STATUS_FILE",
     "GridResult",
     "comparable",
+    "dry_run",
     "find_adoptable",
     "plan_trials",
     "run_grid",
@@ -207,6 +208,28 @@ def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
     return result, jobs
 
 
+def dry_run(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
+            device: str | None = None) -> list[dict[str, Any]]:
+    """What :func:`plan_trials` would do, without doing it (nothing is written): per trial
+    ``finished`` (in ``out``), ``adoptable`` (finished in ``adopt``: copied, not run),
+    ``attack only`` (trained in ``adopt``, checkpoint there: attacks run again) or
+    ``pending``; with the source run and, for seeds until decided, the policy."""
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"name": t.name, "state": "pending", "from": None,
+                               "policy": None if t.policy is None else
+                               f"seeds {t.policy.min}..{t.policy.max} until {t.policy.until}"}
+        if RunRecord.load(out / t.name).finished(t.cfg, device=device):
+            row["state"] = "finished"
+        elif adopt:
+            src = find_adoptable(t, [Path(a) for a in adopt], device=device)
+            if src is not None:
+                done = RunRecord.load(src).finished(t.cfg, device=device)
+                row.update(state="adoptable" if done else "attack only", **{"from": str(src)})
+        rows.append(row)
+    return rows
+
+
 def run_trials(
     trials: Sequence[Trial],
     out: str | Path,
@@ -281,6 +304,8 @@ def run_grid(
     progress: bool = True,
 ) -> GridResult:
     """Run every trial of a sweep file that is not finished yet; returns their statuses.
+    Settings with ``seeds: {min, max, until: decided}`` then get more seeds in rounds
+    (:mod:`splitcem.study.adaptive`) until decided against the baseline or at ``max``.
 
     Args:
         sweep: A sweep file (see :mod:`splitcem.study.grid`), its dict, or a parsed spec.
@@ -295,13 +320,21 @@ def run_grid(
             it instead of training again (the source is only read).
         device: Device for every trial (default: each config's).
     """
+    from splitcem.study.adaptive import adaptive, run_until_decided
+
     spec = sweep if isinstance(sweep, SweepSpec) else load_sweep(sweep)
     trials = expand(spec)
     out_dir = Path(out if out is not None else spec.out or Path("runs") / "sweeps" / spec.name)
-    return run_trials(trials, out_dir, name=spec.name, source=spec.source, address=address,
-                      max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
-                      gpus_per_trial=gpus_per_trial, use_ray=use_ray, adopt=adopt,
-                      device=device, progress=progress)
+
+    def run(ts: list[Trial]) -> GridResult:
+        return run_trials(ts, out_dir, name=spec.name, source=spec.source, address=address,
+                          max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
+                          gpus_per_trial=gpus_per_trial, use_ray=use_ray, adopt=adopt,
+                          device=device, progress=progress)
+
+    if adaptive(trials):  # seeds: {min, max, until: decided}: rounds of more seeds
+        return run_until_decided(trials, out_dir, run, device=device)
+    return run(trials)
 
 
 def _write_index(out: Path, name: str, source: str, trials: list[Trial],

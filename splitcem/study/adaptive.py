@@ -1,0 +1,163 @@
+"""Seeds until decided: the engine's adaptive rounds (issue 18 item 4).
+
+A sweep file's ``seeds: {min: 2, max: 8, until: decided}`` (per variant or at the top
+level) makes each of its settings start with ``min`` seeds (:mod:`splitcem.study.grid`).
+:func:`run_until_decided` runs those, then in rounds: reads the finished runs' records (only
+through :class:`splitcem.record.RunRecord`), asks :func:`splitcem.study.frontier_plan.next_seeds`
+which seeds the settings still undecided against the baseline need (closest to a decision
+first; the baseline cells around each setting's accuracy get the same seed, so the new runs
+pair), runs them, and asks again, until every such setting is decided or at ``max``.
+
+Nothing is kept between invocations but the run directories: re-running a sweep finds the
+seeds earlier rounds added (``OUT/{stem}_s{seed}`` finished for that setting's config at that
+seed) and resumes from there. A planned trial that was already tried in this invocation
+(e.g. it failed) ends the rounds, so a failing trial cannot loop.
+
+:func:`plan_round` is the pure-ish planning step (it reads records, runs nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from splitcem.record import RunRecord
+from splitcem.report import attack_metric
+from splitcem.study.frontier_plan import SeedPolicy, next_seeds
+from splitcem.study.grid import Trial
+
+if TYPE_CHECKING:
+    from splitcem.study.trials import GridResult
+
+__all__ = ["adaptive", "finished_cells", "plan_round", "resumed_trials", "run_until_decided"]
+
+log = logging.getLogger(__name__)
+
+Point = tuple[float, float]
+
+
+def adaptive(trials: Sequence[Trial]) -> bool:
+    """Whether any trial's setting asks for seeds until decided."""
+    return any(t.policy is not None and t.policy.until == "decided" for t in trials)
+
+
+def _stems(trials: Sequence[Trial]) -> dict[str, Trial]:
+    out: dict[str, Trial] = {}
+    for t in trials:
+        out.setdefault(t.stem or t.name.rsplit("_s", 1)[0], t)
+    return out
+
+
+def resumed_trials(trials: Sequence[Trial], out: Path, *,
+                   device: str | None = None) -> list[Trial]:
+    """Trials of earlier rounds: ``OUT/{stem}_s{seed}`` finished for a setting's config at
+    that seed (an adaptive setting's, or a baseline cell's that paired with one), not among
+    ``trials``."""
+    have = {t.name for t in trials}
+    found: list[Trial] = []
+    if not adaptive(trials) or not out.is_dir():
+        return found
+    for stem, t in _stems(trials).items():
+        pat = re.compile(re.escape(stem) + r"_s(\d+)")
+        for d in sorted(out.iterdir()):
+            m = pat.fullmatch(d.name)
+            if m is None or d.name in have:
+                continue
+            extra = t.with_seed(int(m.group(1)))
+            if RunRecord.load(d).finished(extra.cfg, device=device):
+                found.append(extra)
+    return found
+
+
+def finished_cells(trials: Sequence[Trial], out: Path, *,
+                   device: str | None = None) -> dict[str, dict[int, Point]]:
+    """``{stem: {seed: (accuracy, worst-case MSE)}}`` of the trials finished in ``out``."""
+    cells: dict[str, dict[int, Point]] = defaultdict(dict)
+    for t in trials:
+        rec = RunRecord.load(out / t.name)
+        if rec.finished(t.cfg, device=device):
+            cells[t.stem or t.name.rsplit("_s", 1)[0]][t.seed] = (
+                rec.accuracy, attack_metric(rec.metrics, "mse"))
+    return dict(cells)
+
+
+def _roles(stems: dict[str, Trial], baseline: str | None) -> tuple[list[str], list[str]]:
+    """(baseline stems, compared stems), grouped as the frontier report groups runs."""
+    from splitcem.study.groups import FrontierRun, group_runs
+
+    runs = [FrontierRun(Path(stem), t.cfg, {}) for stem, t in stems.items()]
+    groups = group_runs(runs)
+    if baseline is None:  # noise alone; where several contexts have it, the largest
+        noise = [g for g, rs in groups.items() if rs[0].family == "noise"]
+        baseline = max(noise, key=lambda g: (len(groups[g]), g == "noise")) if noise else None
+    if baseline is None or baseline not in groups:
+        return [], []
+    base = baseline
+    return ([str(r.path) for r in groups[base]],
+            [str(r.path) for g, rs in groups.items() if g != base for r in rs])
+
+
+def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
+               baseline: str | None = None, level: float = 0.95
+               ) -> tuple[list[Trial], list[str]]:
+    """The trials the next round adds (seeds for undecided settings and their baseline
+    neighbours), and the planner's notes; reads the finished runs in ``out`` (those of
+    earlier rounds too)."""
+    trials = [*trials, *resumed_trials(trials, out, device=device)]
+    stems = _stems(trials)
+    base, compared = _roles(stems, baseline)
+    cells = finished_cells(trials, out, device=device)
+    by_max: dict[int, list[str]] = defaultdict(list)  # min is past: only max matters now
+    for s in compared:
+        pol = stems[s].policy
+        if pol is not None and pol.until == "decided" and cells.get(s):
+            by_max[pol.max].append(s)
+    new: dict[str, Trial] = {}
+    notes: list[str] = []
+    base_cells = {b: cells[b] for b in base if cells.get(b)}
+    for most, settings in sorted(by_max.items()):
+        plan = next_seeds(base_cells, {s: cells[s] for s in settings},
+                          SeedPolicy(1, most, "decided"), level=level)
+        notes += list(plan.notes)
+        for stem, seeds in [*plan.baseline.items(), *plan.settings.items()]:
+            for seed in seeds:
+                t = stems[str(stem)].with_seed(seed)
+                new.setdefault(t.name, t)
+    return list(new.values()), notes
+
+
+def run_until_decided(trials: Sequence[Trial], out: Path,
+                      run: Callable[[list[Trial]], GridResult], *,
+                      device: str | None = None, baseline: str | None = None) -> GridResult:
+    """Run ``trials`` (``run``: the engine, e.g. :func:`splitcem.study.trials.run_trials`
+    bound to its options; returns a :class:`~splitcem.study.trials.GridResult`), then add
+    seeds in rounds until every adaptive setting is decided or at its ``max``."""
+    todo = list(trials) + resumed_trials(trials, out, device=device)
+    tried = {t.name for t in todo}
+    res = run(todo)
+    ran, adopted = list(res.ran), list(res.adopted)
+    bound = sum(t.policy.max for t in _stems(todo).values() if t.policy is not None) + \
+        len(_stems(todo))  # each round adds at least one run; no cell passes max
+    for i in range(bound):
+        new, notes = plan_round(todo, out, device=device, baseline=baseline)
+        for n in notes:
+            log.info("seeds until decided: %s", n)
+        fresh = [t for t in new if t.name not in tried]
+        if not fresh:
+            if new:
+                log.warning("seeds until decided: the plan repeats trials already tried here "
+                            "(%s); stopping", ", ".join(sorted(t.name for t in new)))
+            break
+        log.info("seeds until decided, round %d: %s", i + 1, ", ".join(t.name for t in fresh))
+        todo += fresh
+        tried |= {t.name for t in fresh}
+        res = run(todo)
+        ran += res.ran
+        adopted += res.adopted
+    res.ran, res.adopted = ran, adopted
+    res.skipped = [n for n in res.skipped if n not in ran and n not in adopted]
+    return res

@@ -1,0 +1,173 @@
+"""Seeds until decided (issue 18 item 4): a sweep with ``seeds: {min, max, until: decided}``
+adds seeds to undecided settings and their baseline neighbours until each is decided or at
+``max``, and re-running resumes. No training: a fake-cheap trial function writes each run's
+record with synthetic metrics (the engine, planner and records are the real ones)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from splitcem.config import load_config
+from splitcem.errors import ConfigError
+from splitcem.record import RunRecord
+from splitcem.study import trials as engine
+from splitcem.study.adaptive import plan_round
+from splitcem.study.frontier import compare
+from splitcem.study.grid import expand, load_sweep
+
+#: a seed's effect on every run's log MSE (shared: pairing cancels it)
+_EFFECT = {s: 0.3 * math.sin(1.7 * s) for s in range(200)}
+#: the true gain of each lambda over the noise curve at the same accuracy
+_GAIN = {1.0: 0.0, 3.0: 0.25}
+
+
+def _metrics(cfg) -> tuple[float, float]:
+    """(accuracy, worst-case MSE): noise on a line from (0.80, 0.010) to (0.60, 0.030); CEM
+    lambda L at accuracy 0.75 with gain _GAIN[L]; per-run noise 8% on MSE."""
+    sigma = cfg.defenses[0]["sigma"]
+    lam = cfg.cem.lam if cfg.cem is not None else 0.0
+    rng = np.random.default_rng([cfg.seed, round(100 * sigma), round(10 * lam)])
+    if lam:
+        acc, mse = 0.75, 0.015 * (1 + _GAIN[lam])
+    else:
+        acc, mse = 0.9 - sigma, 0.1 * sigma
+    return (acc + 0.002 * rng.normal(),
+            mse * math.exp(_EFFECT[cfg.seed] + 0.08 * rng.normal()))
+
+
+@pytest.fixture
+def fake_trials(monkeypatch):
+    """The engine's trial function, replaced by one that writes a finished record."""
+    calls: list[str] = []
+
+    def fake(cfg_dict, run_dir, *, threads=1, meta=None, device=None, progress=False,
+             ship=False):
+        cfg = load_config(cfg_dict)
+        calls.append(cfg.name)
+        rec = RunRecord.begin_training(run_dir, cfg, resume=False, device="cpu")
+        acc, mse = _metrics(cfg)
+        rec = rec.finish_training({**rec.metrics, "train": {"epochs": cfg.train.epochs,
+                                                             "test_accuracy": acc}})
+        rec.record_attacks({"attacks": {"decoder": {"metrics": {"mse": mse}}},
+                            "worst": {"mse": {"value": mse, "attack": "decoder"}}},
+                           cfg, device="cpu")
+        status = {**(meta or {}), "status": "finished", "accuracy": acc}
+        rec.write_trial(status)
+        return status
+
+    monkeypatch.setattr(engine, "run_trial", fake)
+    return calls
+
+
+def _sweep(tmp_path, max_seeds: int = 6) -> dict:
+    (tmp_path / "base.yaml").write_text(
+        "name: tiny\nseed: 10\ndevice: cpu\ntrain: {epochs: 1}\n"
+        "defenses: [{name: noise, sigma: 0.1}]\n"
+        "attack: {attacks: [{name: decoder, epochs: 1}]}\n")
+    policy = {"min": 2, "max": max_seeds, "until": "decided"}
+    return {"name": "tiny", "base": str(tmp_path / "base.yaml"), "seeds": 2, "variants": [
+        {"name": "noise{sigma}", "grid": {"defenses.0.sigma": [0.1, 0.2, 0.3]}},
+        {"name": "cem{lambda}", "set": {"cem": {"lambda": 1.0}},
+         "grid": {"cem.lambda": [1.0, 3.0]}, "seeds": policy}]}
+
+
+def _cells(out):
+    cells: dict = {}
+    for rec in RunRecord.find([out]):
+        stem, seed = rec.path.name.rsplit("_s", 1)
+        cells.setdefault(stem, {})[int(seed)] = (rec.accuracy, rec.attacks["worst"]["mse"]
+                                                 ["value"])
+    return cells
+
+
+def test_seeds_until_decided_then_resume(tmp_path, fake_trials):
+    spec = _sweep(tmp_path)
+    out = tmp_path / "out"
+    res = engine.run_grid(spec, out=out, use_ray=False, progress=False)
+    cells = _cells(out)
+    base = {k: v for k, v in cells.items() if k.startswith("noise")}
+    for lam in ("cem1", "cem3"):
+        c = compare(base, cells[lam])
+        # every adaptive setting ends decided or at max; none passes max
+        assert c.decided or len(cells[lam]) == 6, (lam, c)
+        assert 2 <= len(cells[lam]) <= 6
+    # the true +25% is decided (more private) after more seeds than min; the null one is
+    # never decided and stops at max
+    assert compare(base, cells["cem3"]).verdict == "more private" and len(cells["cem3"]) > 2
+    assert compare(base, cells["cem1"]).verdict == "undecided" and len(cells["cem1"]) == 6
+    # the frontier says how many seeds each verdict rests on
+    from splitcem.study.frontier_report import write_frontier
+
+    m = {c["strength"]: c for c in write_frontier([out], tmp_path / "front")["matched"]}
+    assert m[3.0]["n_seeds"] == len(cells["cem3"]) and m[3.0]["verdict"] == "more private"
+    assert m[1.0]["n_seeds"] == 6 and m[1.0]["verdict"] == "undecided"
+    # the new seeds are paired: the noise points around 0.75 (sigma 0.1, 0.2) ran them too
+    added = set(cells["cem1"]) | set(cells["cem3"])
+    assert added <= set(cells["noise0.1"]) & set(cells["noise0.2"])
+    assert set(cells["noise0.3"]) == {10, 11}  # not a neighbour: min seeds only
+    assert sorted(res.ran) == sorted(fake_trials) and len(res.ran) == sum(map(len,
+                                                                              cells.values()))
+    new, notes = plan_round(expand(load_sweep(spec)), out)
+    assert new == [] and notes  # nothing left to decide
+
+    # re-running resumes: the rounds' runs are found, nothing runs again
+    n = len(fake_trials)
+    again = engine.run_grid(spec, out=out, use_ray=False, progress=False)
+    assert len(fake_trials) == n and again.ran == []
+    assert len(again.statuses) == len(res.statuses)
+
+    # a run of a later round lost (killed): only it runs again
+    lost = sorted(s for s in cells["cem1"] if s > 11)
+    if lost:
+        (out / f"cem1_s{lost[-1]}" / "metrics.json").unlink()
+        again = engine.run_grid(spec, out=out, use_ray=False, progress=False)
+        assert again.ran == [f"cem1_s{lost[-1]}"]
+
+
+def test_fixed_seeds_add_nothing(tmp_path, fake_trials):
+    spec = _sweep(tmp_path)
+    spec["variants"][1]["seeds"] = 2
+    engine.run_grid(spec, out=tmp_path / "out", use_ray=False, progress=False)
+    assert len(fake_trials) == 3 * 2 + 2 * 2
+
+
+@pytest.mark.parametrize("seeds, match", [
+    ({"min": 3, "max": 2}, "at most max"),
+    ({"min": 2, "until": "forever"}, "until"),
+    ({"mn": 2}, "unknown key"),
+])
+def test_bad_seed_policies_fail_before_running(tmp_path, seeds, match):
+    spec = _sweep(tmp_path)
+    spec["variants"][1]["seeds"] = seeds
+    with pytest.raises(ConfigError, match=match):
+        expand(load_sweep(spec))
+
+
+def test_dry_run_lists_finished_adoptable_and_pending(tmp_path, fake_trials):
+    import yaml
+    from typer.testing import CliRunner
+
+    from splitcem.cli import app
+
+    spec = _sweep(tmp_path)
+    spec["variants"][1]["seeds"] = 2
+    done = tmp_path / "done"
+    engine.run_trials(expand(load_sweep(spec))[:3], done, use_ray=False, progress=False)
+    trials = expand(load_sweep(spec))
+    n = len(fake_trials)
+    rows = {r["name"]: r for r in engine.dry_run(trials, done)}
+    assert [r["state"] for r in rows.values()].count("finished") == 3
+    rows = {r["name"]: r for r in engine.dry_run(trials, tmp_path / "new", adopt=[done])}
+    assert rows["noise0.1_s10"]["state"] == "adoptable"
+    assert rows["noise0.1_s10"]["from"] == str(done / "noise0.1_s10")
+    assert rows["cem1_s11"]["state"] == "pending"
+    assert len(fake_trials) == n and not (tmp_path / "new").exists()  # nothing ran or written
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    res = CliRunner().invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--dry-run", "--out",
+                                   str(tmp_path / "new"), "--adopt", str(done)])
+    assert res.exit_code == 0, res.output
+    assert "10 trials" in res.output and "3 adoptable, 7 pending" in res.output
