@@ -3,6 +3,7 @@ table, on synthetic finished runs written through the run record (no data, no tr
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -199,3 +200,30 @@ def test_the_bottleneck_is_a_defense_over_its_channels(bundled):
                           for t in trials)
     assert {defense_of(t.cfg)[2] for t in trials} == {t.cfg.model.bottleneck_channels
                                                       for t in trials}
+
+
+def test_reproduce_on_finished_runs_of_the_bundled_sweep_tables_every_zoo_defense(tmp_path,
+                                                                                 bundled):
+    """The one command on a sweep folder whose every trial finished (synthetic runs): it
+    runs nothing, and the table has each zoo defense's CEM rows against its own curve."""
+    from splitcem.study.reproduce import reproduce
+
+    rng = np.random.default_rng(7)
+    for t in bundled:
+        write_run(tmp_path / t.name, t.cfg, 0.75 + 0.05 * rng.random(),
+                  0.01 * math.exp(rng.normal(0, 0.2)))
+    res, table = reproduce("cifar10", "cpu", out=tmp_path, use_ray=False, progress=False,
+                           device="cpu")
+    assert res.ran == [] and sorted(res.skipped) == sorted(t.name for t in bundled)
+    rows = json.loads((tmp_path / "paper_table.json").read_text())
+    assert table in (tmp_path / "paper_table.md").read_text()
+    assert len(table.splitlines()) == len(rows) + 4  # header, rule, rows, blank, average
+    for name in ZOO:
+        mine = [r for r in rows if r["defense_name"] == name]
+        strengths = {defense_of(t.cfg)[2] for t in bundled if defense_of(t.cfg)[0] == name
+                     and not (t.cfg.cem is not None and t.cfg.cem.lam > 0)}
+        assert len(mine) == 2, name  # two lambdas at the middle strength
+        for r in mine:
+            assert sorted(r["own_strengths"]) == sorted(strengths), name
+            assert r["vs_own"] is not None and r["vs_noise"] is not None, name
+            assert r["exploratory"]  # one seed each in the bundled zoo section

@@ -85,8 +85,15 @@ def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
             err = rec.trial.get("error") or rec.metrics.get("error") or "see trial.json"
             states.append(TrialState(t.name, "failed", kind, str(err).splitlines()[0]))
             continue
-        note = "trained run to adopt, attacks left" if src is not None else \
-            (rec.unfinished() or "") if rec.config is not None else ""
+        if src is not None:
+            note = "trained run to adopt, attacks left"
+        elif rec.config is not None:
+            note = rec.unfinished() or ""
+        elif any(r.trained_for(t.cfg, device=device) for r in records):
+            note = "trained under --adopt, attacked on another partition, no " \
+                   "checkpoint: runs again"
+        else:
+            note = ""
         states.append(TrialState(t.name, "pending", kind, note, attacks_only=src is not None))
     return states
 
