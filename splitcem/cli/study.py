@@ -123,8 +123,10 @@ def reproduce(
     set_: Overrides = None,
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """The paper's comparison (defenses without / with CEM, noise curve, cut); resumable."""
+    _threads(threads)
     from splitcem.study.reproduce import list_reproduce
     from splitcem.study.reproduce import reproduce as run
 

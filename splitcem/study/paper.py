@@ -162,16 +162,16 @@ def paper_rows(runs: Sequence[FrontierRun]) -> list[dict[str, Any]]:
     return rows
 
 
-def average_gain(rows: Sequence[dict[str, Any]]) -> tuple[float | None, int]:
+def average_gain(rows: Sequence[dict[str, Any]]) -> tuple[float | None, list[str]]:
     """The same-strength gain averaged over defenses (each defense's rows averaged first)
-    and the number of defenses it averages."""
+    and the defenses it averages."""
     per: dict[str, list[float]] = defaultdict(list)
     for w in rows:
         if w["mse_gain"] is not None and not math.isnan(w["mse_gain"]):
             per[w["defense_name"]].append(w["mse_gain"])
     if not per:
-        return None, 0
-    return sum(sum(g) / len(g) for g in per.values()) / len(per), len(per)
+        return None, []
+    return sum(sum(g) / len(g) for g in per.values()) / len(per), list(per)
 
 
 def _pct(x: float | None) -> str:
@@ -182,7 +182,7 @@ def _matched(c: dict[str, Any] | None) -> str:
     if c is None:
         return "no curve"
     if c["gain"] is None:
-        return str(c["verdict"])
+        return f"{c['verdict']} ({c['reason']})" if c.get("reason") else str(c["verdict"])
     ci = "" if c["low"] is None else f" [{_pct(c['low'])}, {_pct(c['high'])}]"
     return f"{_pct(c['gain'])}{ci} {c['verdict']} (n={c['n_seeds']})"
 
@@ -211,9 +211,10 @@ def paper_table(runs: Sequence[FrontierRun]) -> tuple[str, list[dict[str, Any]]]
             f"{w['ssim_without']:.3f}", f"{w['ssim_with']:.3f}",
             f"{w['psnr_without']:.2f}", f"{w['psnr_with']:.2f}",
             _pct(w["mse_gain"]), _matched(w["vs_own"]), _matched(w["vs_noise"]), note])
-    avg, n = average_gain(rows)
+    avg, names = average_gain(rows)
     lines = [markdown_table(header, cells), "",
-             f"Average same-strength gain over {n} defense(s) (each defense's rows averaged "
-             f"first): {_pct(avg)}; the paper reports {_pct(PAPER_GAINS[0])} to "
+             f"Average same-strength gain over {len(names)} defense(s) "
+             f"({', '.join(names) or 'none'}; each defense's rows averaged first): "
+             f"{_pct(avg)}; the paper reports {_pct(PAPER_GAINS[0])} to "
              f"{_pct(PAPER_GAINS[1])}."]
     return "\n".join(lines), rows
