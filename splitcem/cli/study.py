@@ -131,6 +131,9 @@ def frontier(
 def reproduce(
     dataset: Annotated[str, typer.Argument(help="Dataset of a bundled sweep (cifar10)")],
     protocol: Annotated[str, typer.Option(help="cpu (2 cores, hours) or paper (GPUs)")] = "cpu",
+    list_: Annotated[bool, typer.Option(
+        "--list", help="Print every trial's state (finished / adopted / pending / failed) "
+                       "and the core-hours left; run nothing")] = False,
     out: Annotated[Path | None, typer.Option(help="Sweep folder (default runs/sweeps/NAME)")]
     = None,
     address: Address = None,
@@ -139,16 +142,25 @@ def reproduce(
     gpus_per_trial: Gpus = 0.0,
     no_ray: NoRay = False,
     adopt: Adopt = None,
+    set_: Overrides = None,
     device: Device = None,
     quiet: Quiet = False,
+    threads: Threads = None,
 ) -> None:
     """The paper's comparison (defenses without / with CEM, noise curve, cut); resumable."""
+    _threads(threads)
+    from splitcem.study.reproduce import list_reproduce
     from splitcem.study.reproduce import reproduce as run
 
+    if list_:
+        _, text = list_reproduce(dataset, protocol, out=out, overrides=set_ or [],
+                                 adopt=adopt or (), device=device)
+        typer.echo(text)
+        return
     res, table = run(dataset, protocol, out=out, address=address,
                      max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
                      gpus_per_trial=gpus_per_trial, use_ray=not no_ray, adopt=adopt or (),
-                     device=device, progress=not quiet)
+                     device=device, progress=not quiet, overrides=set_ or [])
     _grid_summary(res)
     typer.echo(table)
     typer.echo(f"-> {res.out / 'paper_table.md'}, {res.out / 'frontier.md'}")

@@ -11,6 +11,8 @@ only through :class:`splitcem.record.RunRecord`.
 * :mod:`~splitcem.study.frontier`: matched-accuracy maths (pure functions);
 * :mod:`~splitcem.study.frontier_report`, :mod:`~splitcem.study.groups`: the frontier
   report (grouping by defense family, tables, the plot);
+* :mod:`~splitcem.study.paper`: the per-defense paper table (same-strength and matched
+  gains); :mod:`~splitcem.study.listing`: what a sweep has left (``reproduce --list``);
 * :mod:`~splitcem.study.sweep`, :mod:`~splitcem.study.reproduce`,
   :mod:`~splitcem.study.demo`: front doors (a list of configs, the bundled sweeps, the
   embedded demo) onto that engine and those reports.
@@ -19,7 +21,7 @@ only through :class:`splitcem.record.RunRecord`.
 from splitcem.study.frontier import Matched, baseline_curve, interp_mse, matched_gain, verdict
 from splitcem.study.frontier_report import FrontierRun, find_runs, group_runs, write_frontier
 from splitcem.study.grid import SweepSpec, Trial, expand, load_sweep
-from splitcem.study.reproduce import paper_table, reproduce, sweep_file
+from splitcem.study.reproduce import list_reproduce, paper_table, reproduce, sweep_file
 from splitcem.study.sweep import run_sweep
 from splitcem.study.trials import GridResult, run_grid
 
@@ -34,6 +36,7 @@ __all__ = [
     "find_runs",
     "group_runs",
     "interp_mse",
+    "list_reproduce",
     "load_sweep",
     "matched_gain",
     "paper_table",

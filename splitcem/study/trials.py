@@ -67,20 +67,20 @@ def trial_finished(run_dir: Path, cfg: RunConfig, *,
     return rec.metrics if rec.finished(cfg, device=device) else None
 
 
-def find_adoptable(trial: Trial, dirs: Sequence[Path], *,
-                   device: str | None = None) -> Path | None:
+def find_adoptable(trial: Trial, dirs: Sequence[Path], *, device: str | None = None,
+                   records: Sequence[RunRecord] | None = None) -> Path | None:
     """A run under ``dirs`` (searched recursively) that can stand in for the trial: finished
     for exactly its config up to name and device (what ran compared: numerics, and attacks
     on the same aux / eval partition); else one trained for it whose checkpoint is there
-    (then only the attacks run again)."""
+    (then only the attacks run again). ``records``: those runs, already loaded (then
+    ``dirs`` is not read)."""
     trained = None
-    for d in dirs:
-        for rec in RunRecord.find([d]):
-            if rec.finished(trial.cfg, device=device):
-                return rec.path
-            if trained is None and rec.has_checkpoint and rec.trained_for(trial.cfg,
-                                                                          device=device):
-                trained = rec.path
+    for rec in records if records is not None else RunRecord.find(list(dirs)):
+        if rec.finished(trial.cfg, device=device):
+            return rec.path
+        if trained is None and rec.has_checkpoint and rec.trained_for(trial.cfg,
+                                                                      device=device):
+            trained = rec.path
     return trained
 
 

@@ -1,0 +1,148 @@
+"""What a sweep will do, without doing it: every trial's state and the core-hours left.
+
+:func:`list_trials` reads (never writes) the sweep's folder and the ``--adopt`` folders
+through the run record and gives each trial one state:
+
+* ``finished``: its run in the sweep folder finished exactly its config;
+* ``adopted``: a finished run for its config is in an ``--adopt`` folder (the sweep would
+  copy it instead of training);
+* ``failed``: its last attempt in the sweep folder failed (the sweep retries it);
+* ``pending``: anything else (not started, interrupted, or adoptable as *trained* only:
+  then only its attacks are left).
+
+The cost of a finished run is what it recorded: ``metrics.json``'s training seconds plus its
+attacks' seconds, times the threads it ran with (``numerics.threads``, else ``trial.json``'s
+``threads``, else 1: runs before either was recorded ran one thread). A trial left to do is
+estimated at the mean cost of the finished runs of its own defense with CEM on or off as it
+has it, else of all finished runs; the train and attack parts are averaged separately, so a
+trial adoptable as trained costs its attacks only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from splitcem.record import RunRecord
+from splitcem.study.grid import Trial
+from splitcem.study.paper import defense_of
+from splitcem.study.trials import find_adoptable
+
+__all__ = ["TrialState", "core_hours_left", "format_listing", "list_trials", "run_cost"]
+
+
+@dataclass
+class TrialState:
+    """One trial as ``--list`` shows it."""
+
+    name: str
+    state: str  # finished / adopted / failed / pending
+    kind: tuple[str, bool]  # (defense, CEM on)
+    note: str = ""
+    #: recorded (train, attack) core-seconds of the run behind a finished / adopted trial
+    cost: tuple[float, float] | None = None
+    #: pending: only the attacks are left (a trained run to adopt)
+    attacks_only: bool = False
+    estimate: float | None = None  # core-seconds left (filled by core_hours_left)
+
+
+def run_cost(rec: RunRecord) -> tuple[float, float]:
+    """(train, attack) core-seconds a finished run recorded (0 where a part is missing)."""
+    m = rec.metrics
+    threads = (m.get("numerics") or {}).get("threads") or rec.trial.get("threads") or 1
+    train = float((m.get("train") or {}).get("seconds") or 0.0)
+    attack = float((m.get("attacks") or {}).get("seconds") or 0.0)
+    return train * threads, attack * threads
+
+
+def _kind(trial: Trial) -> tuple[str, bool]:
+    lam = trial.cfg.cem.lam if trial.cfg.cem is not None else 0.0
+    return defense_of(trial.cfg)[0], lam > 0
+
+
+def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
+                device: str | None = None) -> list[TrialState]:
+    """Each trial's state (module docstring); nothing is written."""
+    records = [r for d in adopt if Path(d).is_dir() for r in RunRecord.find([d])]
+    states: list[TrialState] = []
+    for t in trials:
+        rec = RunRecord.load(Path(out) / t.name)
+        kind = _kind(t)
+        if rec.finished(t.cfg, device=device):
+            states.append(TrialState(t.name, "finished", kind, cost=run_cost(rec)))
+            continue
+        src = find_adoptable(t, [], device=device, records=records) if records else None
+        if src is not None:
+            found = RunRecord.load(src)
+            if found.finished(t.cfg, device=device):
+                states.append(TrialState(t.name, "adopted", kind, f"from {src}",
+                                         cost=run_cost(found)))
+                continue
+        if rec.trial.get("status") == "failed" or rec.metrics.get("status") == "failed":
+            err = rec.trial.get("error") or rec.metrics.get("error") or "see trial.json"
+            states.append(TrialState(t.name, "failed", kind, str(err).splitlines()[0]))
+            continue
+        if src is not None:
+            note = "trained run to adopt, attacks left"
+        elif rec.config is not None:
+            note = rec.unfinished() or ""
+        elif any(r.trained_for(t.cfg, device=device) for r in records):
+            note = "trained under --adopt, attacked on another partition, no " \
+                   "checkpoint: runs again"
+        else:
+            note = ""
+        states.append(TrialState(t.name, "pending", kind, note, attacks_only=src is not None))
+    return states
+
+
+def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
+    """Estimated core-hours of the trials not finished or adopted (module docstring), and
+    the number of recorded runs the estimate rests on; ``None`` without any."""
+    done = [s for s in states if s.cost is not None]
+    if not done:
+        return None, 0
+    by_kind: dict[tuple[str, bool], list[tuple[float, float]]] = defaultdict(list)
+    for s in done:
+        by_kind[s.kind].append(s.cost)  # type: ignore[arg-type]
+
+    def mean(costs: list[tuple[float, float]], i: int) -> float:
+        xs = [c[i] for c in costs if c[i] > 0]  # a resumed run may record 0 train seconds
+        return sum(xs) / len(xs) if xs else 0.0
+
+    everything = [s.cost for s in done if s.cost is not None]
+    total = 0.0
+    for s in states:
+        if s.state in ("finished", "adopted"):
+            continue
+        costs = by_kind.get(s.kind) or everything
+        train = mean(costs, 0) or mean(everything, 0)
+        attack = mean(costs, 1) or mean(everything, 1)
+        s.estimate = attack if s.attacks_only else train + attack
+        total += s.estimate
+    return total / 3600.0, len(done)
+
+
+def format_listing(states: Sequence[TrialState]) -> str:
+    """The ``--list`` text: one line per trial, then counts and the core-hours left."""
+    width = max((len(s.name) for s in states), default=0)
+    hours, n = core_hours_left(states)
+    lines = []
+    for s in states:
+        est = f" ~{s.estimate / 3600:.2f} core-h" if s.estimate is not None else ""
+        note = f" ({s.note})" if s.note else ""
+        lines.append(f"{s.name:<{width}}  {s.state:<8}{est}{note}")
+    counts: dict[str, Any] = defaultdict(int)
+    for s in states:
+        counts[s.state] += 1
+    lines.append(", ".join(f"{counts[k]} {k}" for k in ("finished", "adopted", "pending",
+                                                        "failed")) + f" of {len(states)} trials")
+    if hours is None:
+        lines.append("core-hours left: unknown (no finished run has recorded times yet)")
+    else:
+        lines.append(f"core-hours left: about {hours:.1f} (from the recorded times of {n} "
+                     "finished run(s), train + attack seconds x threads, per defense with / "
+                     "without CEM where it has finished runs)")
+    return "\n".join(lines)

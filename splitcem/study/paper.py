@@ -1,0 +1,220 @@
+"""The paper's table, decided per defense: CEM against its own defense's curve and against noise.
+
+For every setting with CEM (lambda > 0) the table gives, beside the seed means of accuracy and
+the worst-case MSE / SSIM / PSNR without and with CEM:
+
+* the **same-strength gain**, the paper's measure: MSE with CEM / MSE without CEM at the same
+  defense strength - 1 (seed means; no matching of accuracy);
+* the **matched gain against its own curve**: :func:`splitcem.study.frontier.compare` of the
+  CEM cell against the same defense without CEM over its strengths (interpolated at the CEM
+  cell's accuracy), with its interval and verdict;
+* the **matched gain against noise alone**: the same against the noise-only curve over sigma.
+
+A run's *defense* and *strength* (:func:`defense_of`): a zoo defense (any stack entry but
+noise) over its ``strength_param``; a noise-only stack with a model bottleneck other than the
+default (8 channels, stride 1) is ``bottleneck`` over ``model.bottleneck_channels``; noise
+alone is ``noise`` over sigma; no defense is ``cut`` over ``model.cut``. A defense's *curve*
+is its runs without CEM whose configs agree up to seed, CEM and the strength. The noise curve
+a setting is compared with agrees with it up to seed, defenses, CEM and the model bottleneck.
+
+A row whose CEM cell has one seed has no interval: it is marked *exploratory*.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from splitcem.config import ModelConfig, RunConfig
+from splitcem.report import markdown_table
+from splitcem.runid import comparable
+from splitcem.study.frontier import Comparison, compare
+from splitcem.study.grid import format_value
+from splitcem.study.groups import FrontierRun, family
+
+__all__ = ["PAPER_GAINS", "average_gain", "defense_of", "paper_rows", "paper_table"]
+
+#: the paper's average same-strength gains over defenses (CVPR 2025 CEM paper, abstract)
+PAPER_GAINS = (0.129, 0.482)
+_METRICS = ("mse", "ssim", "psnr")
+
+
+def _no_cem(cfg: RunConfig) -> RunConfig:
+    return cfg.model_copy(update={"cem": None})
+
+
+def defense_of(cfg: RunConfig) -> tuple[str, str, Any]:
+    """(defense, dotted strength key, strength value) of a run's config, CEM ignored."""
+    defs = list(cfg.defenses)
+    if not defs:
+        return "cut", "model.cut", cfg.model.cut
+    if any(s["name"] != "noise" for s in defs):  # a zoo defense: its strength_param
+        _, key, val = family(_no_cem(cfg))
+        return next(s["name"] for s in defs if s["name"] != "noise"), key, val
+    m = ModelConfig.model_fields
+    if (cfg.model.bottleneck_channels, cfg.model.bottleneck_stride) != (
+            m["bottleneck_channels"].default, m["bottleneck_stride"].default):
+        return "bottleneck", "model.bottleneck_channels", cfg.model.bottleneck_channels
+    return "noise", "defenses.0.sigma", defs[0].get("sigma")
+
+
+def _label(cfg: RunConfig, name: str, skey: str, val: Any) -> str:
+    fam = family(_no_cem(cfg))[0]
+    if name == "bottleneck":
+        fam = "bottleneck + " + " + ".join(
+            f"{s['name']}(sigma={format_value(s.get('sigma'))})" for s in cfg.defenses)
+    return f"{fam} ({skey.rsplit('.', 1)[-1]}={format_value(val)})"
+
+
+def _key(cfg: RunConfig, drop: Sequence[str]) -> str:
+    d = comparable(cfg.to_dict())
+    for k in ("seed", "cem"):
+        d.pop(k, None)
+    for path in drop:
+        cur: Any = d
+        *head, last = path.split(".")
+        for p in head:
+            cur = cur[int(p)] if isinstance(cur, list) else cur.get(p, {})
+        if isinstance(cur, dict):
+            cur.pop(last, None)
+    data = d.get("data") or {}
+    data.pop("root", None)
+    data.pop("cache_dir", None)
+    return json.dumps(d, sort_keys=True)
+
+
+def _lam(cfg: RunConfig) -> float:
+    return float(cfg.cem.lam) if cfg.cem is not None else 0.0
+
+
+def _mean(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _sd(xs: Sequence[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _cell(rs: Sequence[FrontierRun]) -> dict[int, tuple[float, float]]:
+    return {r.cfg.seed: (r.accuracy, r.metric("mse")) for r in rs}
+
+
+def _cmp(curve: dict[Any, list[FrontierRun]], rs: list[FrontierRun]) -> Comparison | None:
+    cells = {k: _cell(v) for k, v in curve.items() if v}
+    return compare(cells, _cell(rs)) if cells else None
+
+
+def paper_rows(runs: Sequence[FrontierRun]) -> list[dict[str, Any]]:
+    """One row per (defense, strength, lambda > 0): see the module docstring."""
+    own: dict[str, dict[Any, list[FrontierRun]]] = defaultdict(lambda: defaultdict(list))
+    noise: dict[str, dict[Any, list[FrontierRun]]] = defaultdict(lambda: defaultdict(list))
+    cem: dict[tuple[str, Any, float], list[FrontierRun]] = defaultdict(list)
+    labels: dict[str, tuple[str, str]] = {}
+    for r in runs:
+        name, skey, val = defense_of(r.cfg)
+        curve = _key(r.cfg, [skey])
+        labels.setdefault(curve, (name, skey))
+        lam = _lam(r.cfg)
+        if lam > 0:
+            cem[(curve, val, lam)].append(r)
+            continue
+        own[curve][val].append(r)
+        if name == "noise":
+            noise[_key(r.cfg, ["defenses", "model.bottleneck_channels",
+                               "model.bottleneck_stride"])][val].append(r)
+    rows: list[dict[str, Any]] = []
+    for (curve, val, lam), with_cem in cem.items():
+        name, skey = labels[curve]
+        base = own.get(curve, {}).get(val, [])
+        ctx = _key(with_cem[0].cfg, ["defenses", "model.bottleneck_channels",
+                                     "model.bottleneck_stride"])
+        row: dict[str, Any] = {
+            "defense": _label(with_cem[0].cfg, name, skey, val), "defense_name": name,
+            "strength_key": skey, "strength": val, "lambda": lam,
+            "seeds_without": len(base), "seeds_with": len(with_cem),
+            "seed_list_without": sorted(r.cfg.seed for r in base),
+            "seed_list_with": sorted(r.cfg.seed for r in with_cem),
+        }
+        for tag, rs in (("without", base), ("with", with_cem)):
+            row[f"accuracy_{tag}"] = _mean([r.accuracy for r in rs])
+            for m in _METRICS:
+                row[f"{m}_{tag}"] = _mean([r.metric(m) for r in rs])
+            row[f"mse_sd_{tag}"] = _sd([r.metric("mse") for r in rs])
+            row[f"accuracy_sd_{tag}"] = _sd([r.accuracy for r in rs])
+        row["mse_gain"] = row["mse_with"] / row["mse_without"] - 1.0 if base else None
+        vs_own = _cmp(own.get(curve, {}), with_cem)
+        vs_noise = _cmp(noise.get(ctx, {}), with_cem) if name != "noise" else vs_own
+        row["vs_own"] = vs_own.to_dict() if vs_own is not None else None
+        row["vs_noise"] = vs_noise.to_dict() if vs_noise is not None else None
+        row["own_strengths"] = sorted(own.get(curve, {}), key=str)
+        row["exploratory"] = len(with_cem) < 2
+        rows.append(row)
+    rows.sort(key=lambda w: (w["defense_name"] != "noise", w["defense_name"], str(w["strength"]),
+                             w["lambda"]))
+    return rows
+
+
+def average_gain(rows: Sequence[dict[str, Any]]) -> tuple[float | None, list[str]]:
+    """The same-strength gain averaged over defenses (each defense's rows averaged first)
+    and the defenses it averages."""
+    per: dict[str, list[float]] = defaultdict(list)
+    for w in rows:
+        if w["mse_gain"] is not None and not math.isnan(w["mse_gain"]):
+            per[w["defense_name"]].append(w["mse_gain"])
+    if not per:
+        return None, []
+    return sum(sum(g) / len(g) for g in per.values()) / len(per), list(per)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:+.1f}%"
+
+
+def _matched(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "no curve"
+    if c["gain"] is None:
+        return f"{c['verdict']} ({c['reason']})" if c.get("reason") else str(c["verdict"])
+    ci = "" if c["low"] is None else f" [{_pct(c['low'])}, {_pct(c['high'])}]"
+    return f"{_pct(c['gain'])}{ci} {c['verdict']} (n={c['n_seeds']})"
+
+
+def _with_sd(v: float, sd: float | None, fmt: str) -> str:
+    return format(v, fmt) + ("" if sd is None else f" ± {format(sd, fmt)}")
+
+
+def paper_table(runs: Sequence[FrontierRun]) -> tuple[str, list[dict[str, Any]]]:
+    """The per-defense table (markdown) and its rows (:func:`paper_rows`)."""
+    rows = paper_rows(runs)
+    header = ["defense", "CEM lambda", "seeds (w/o, w/)", "accuracy % w/o", "w/", "MSE w/o",
+              "w/", "SSIM w/o", "w/", "PSNR w/o", "w/", "same-strength gain",
+              "matched vs own curve", "matched vs noise", "note"]
+    cells = []
+    for w in rows:
+        note = "exploratory (1 seed)" if w["exploratory"] else ""
+        cells.append([
+            w["defense"], format_value(w["lambda"]), f"{w['seeds_without']}, {w['seeds_with']}",
+            _with_sd(100 * w["accuracy_without"], None if w["accuracy_sd_without"] is None
+                     else 100 * w["accuracy_sd_without"], ".2f"),
+            _with_sd(100 * w["accuracy_with"], None if w["accuracy_sd_with"] is None
+                     else 100 * w["accuracy_sd_with"], ".2f"),
+            _with_sd(w["mse_without"], w["mse_sd_without"], ".4f"),
+            _with_sd(w["mse_with"], w["mse_sd_with"], ".4f"),
+            f"{w['ssim_without']:.3f}", f"{w['ssim_with']:.3f}",
+            f"{w['psnr_without']:.2f}", f"{w['psnr_with']:.2f}",
+            _pct(w["mse_gain"]), _matched(w["vs_own"]), _matched(w["vs_noise"]), note])
+    avg, names = average_gain(rows)
+    lines = [markdown_table(header, cells), "",
+             f"Average same-strength gain over {len(names)} defense(s) "
+             f"({', '.join(names) or 'none'}; each defense's rows averaged first): "
+             f"{_pct(avg)}; the paper reports {_pct(PAPER_GAINS[0])} to "
+             f"{_pct(PAPER_GAINS[1])}."]
+    return "\n".join(lines), rows

@@ -1,0 +1,229 @@
+"""``splitcem reproduce``: ``--list`` (trial states, core-hours left) and the per-defense paper
+table, on synthetic finished runs written through the run record (no data, no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from splitcem.config import RunConfig, load_config
+from splitcem.record import RunRecord
+from splitcem.runid import resolved_amp
+from splitcem.study.frontier import compare
+from splitcem.study.grid import Trial, expand, load_sweep
+from splitcem.study.groups import find_runs
+from splitcem.study.listing import list_trials, run_cost
+from splitcem.study.paper import PAPER_GAINS, defense_of, paper_table
+from splitcem.study.reproduce import sweep_file
+
+ZOO = ("topk", "dropout", "nopeek", "adversarial", "patrol", "ldp", "bottleneck")
+
+
+def _cfg(name: str, seed: int, defenses: list[dict], lam: float = 0.0) -> RunConfig:
+    return load_config({"name": name, "seed": seed, "defenses": defenses,
+                        "train": {"epochs": 2, "warmup_epochs": 0},
+                        "cem": {"lambda": lam, "clusters": 5, "form": "paper"}})
+
+
+def write_run(path: Path, cfg: RunConfig, acc: float, mse: float, *, train_s: float = 60.0,
+              attack_s: float = 30.0, threads: int = 1) -> RunRecord:
+    """A finished (trained + attacked) run directory, written by the record's own writers."""
+    rec = RunRecord.begin_training(path, cfg, resume=False, device="cpu")
+    amp, cl = resolved_amp(cfg.train.amp, "cpu", cfg.train.channels_last)
+    rec = rec.finish_training({**rec.metrics, "numerics": {"amp": amp, "channels_last": cl,
+                                                           "threads": threads},
+                               "train": {"test_accuracy": acc, "seconds": train_s,
+                                         "epochs": cfg.train.epochs}})
+    figures = {"mse": mse, "ssim": 1.0 - 20 * mse, "psnr": -10 * math.log10(mse)}
+    worst = {m: {"attack": "decoder", "value": v} for m, v in figures.items()}
+    return rec.record_attacks({"attacks": {"decoder": {"name": "decoder", "metrics": figures}},
+                               "worst": worst, "seconds": attack_s}, cfg, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def bundled() -> list[Trial]:
+    return expand(load_sweep(sweep_file("cifar10", "cpu")))
+
+
+# ------------------------------------------------------------------------------ --list
+def test_list_of_the_bundled_sweep_shows_every_zoo_defense_with_and_without_cem(tmp_path,
+                                                                                bundled):
+    trials = bundled
+    by_defense: dict[str, dict[bool, list[Trial]]] = {d: {False: [], True: []} for d in ZOO}
+    for t in trials:
+        name, _, _ = defense_of(t.cfg)
+        if name in by_defense:
+            by_defense[name][t.cfg.cem is not None and t.cfg.cem.lam > 0].append(t)
+    for name, split in by_defense.items():
+        strengths = sorted({defense_of(t.cfg)[2] for t in split[False]})
+        assert len(strengths) == 3, (name, strengths)  # its own curve
+        cem_at = {defense_of(t.cfg)[2] for t in split[True]}
+        lambdas = {t.cfg.cem.lam for t in split[True]}  # type: ignore[union-attr]
+        assert cem_at == {strengths[1]} and len(lambdas) == 2, (name, cem_at, lambdas)
+    assert any(defense_of(t.cfg)[0] == "cut" for t in trials)  # the cut baseline stays
+
+    from splitcem.cli import app
+
+    out = CliRunner().invoke(app, ["reproduce", "cifar10", "--list", "--out",
+                                   str(tmp_path / "none"), "--set", "train.epochs=3"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert [ln.split()[0] for ln in lines[:len(trials)]] == [t.name for t in trials]
+    assert all(ln.split()[1] == "pending" for ln in lines[:len(trials)])
+    assert "core-hours left: unknown" in out.output
+    assert not (tmp_path / "none").exists()  # --list writes nothing
+
+
+def test_list_says_finished_adopted_failed_pending_and_the_core_hours_left(tmp_path):
+    out, adopt = tmp_path / "sweep", tmp_path / "old"
+    noise = [{"name": "noise", "sigma": 0.1}]
+    topk = [{"name": "topk", "ratio": 0.3}, {"name": "noise", "sigma": 0.1}]
+    trials = [Trial(n, _cfg(n, s, d, lam), s) for n, s, d, lam in (
+        ("done", 125, noise, 0.0), ("adopt", 126, noise, 0.0), ("broke", 127, noise, 0.0),
+        ("todo", 128, noise, 0.0), ("todo_topk", 125, topk, 0.0))]
+    costs = {"done": (100.0, 40.0, 2), "adopt": (300.0, 20.0, 1)}  # train s, attack s, threads
+    for name in ("done", "adopt"):
+        t = next(t for t in trials if t.name == name)
+        train_s, attack_s, threads = costs[name]
+        where = out / name if name == "done" else adopt / "an_old_name"
+        cfg = t.cfg if name == "done" else t.cfg.model_copy(update={"name": "an_old_name"})
+        write_run(where, cfg, 0.8, 0.01, train_s=train_s, attack_s=attack_s, threads=threads)
+    broke = next(t for t in trials if t.name == "broke")
+    RunRecord.begin_training(out / "broke", broke.cfg, resume=False,
+                             device="cpu").mark_failed("RuntimeError: boom")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    states = {s.name: s for s in list_trials(trials, out, adopt=[adopt], device="cpu")}
+    assert {n: s.state for n, s in states.items()} == {
+        "done": "finished", "adopt": "adopted", "broke": "failed", "todo": "pending",
+        "todo_topk": "pending"}
+    assert "boom" in states["broke"].note
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # read only
+
+    # the recorded cost: (train, attack) seconds x threads
+    recorded = {n: (c[0] * c[2], c[1] * c[2]) for n, c in costs.items()}
+    assert run_cost(RunRecord.load(out / "done")) == recorded["done"]
+
+    from splitcem.study.listing import core_hours_left
+
+    listed = list(states.values())
+    hours, n = core_hours_left(listed)
+    mean = sum(a + b for a, b in recorded.values()) / len(recorded)
+    # noise trials: the mean of the noise runs; topk has no finished run: the mean of all
+    assert n == len(recorded)
+    assert states["todo"].estimate == pytest.approx(mean)
+    assert states["broke"].estimate == pytest.approx(mean)
+    assert states["todo_topk"].estimate == pytest.approx(mean)
+    assert hours == pytest.approx(3 * mean / 3600)
+
+
+# ------------------------------------------------------------------------- paper table
+def _curve_fixture(tmp_path: Path) -> dict:
+    """Runs of three curves (noise over sigma, topk over ratio, dropout over p; seeds 1, 2)
+    and CEM cells at topk 0.3 (seeds 1, 2) and dropout 0.2 (seed 1: exploratory), with
+    figures drawn from a seeded generator."""
+    rng = np.random.default_rng(19)
+    spec = {"noise": ("sigma", [0.1, 0.2, 0.3], lambda v: []),
+            "topk": ("ratio", [0.5, 0.3, 0.1], lambda v: [{"name": "topk", "ratio": v}]),
+            "dropout": ("p", [0.1, 0.2, 0.4], lambda v: [{"name": "dropout", "p": v}])}
+    cells: dict = {}
+    for name, (_param, values, zoo) in spec.items():
+        for i, v in enumerate(values):
+            acc0, mse0 = 0.80 - 0.02 * i, 0.010 * (1 + 0.25 * i)
+            for seed in (1, 2):
+                sigma = v if name == "noise" else 0.1
+                cfg = _cfg(f"{name}{v}_s{seed}", seed, [*zoo(v), {"name": "noise", "sigma": sigma}])
+                acc = acc0 + rng.normal(0, 0.002)
+                mse = mse0 * math.exp(rng.normal(0, 0.03))
+                write_run(tmp_path / cfg.name, cfg, acc, mse)
+                cells.setdefault((name, 0.0), {}).setdefault(v, {})[seed] = (acc, mse)
+    for name, v, lam, seeds in (("topk", 0.3, 3.0, (1, 2)), ("dropout", 0.2, 1.0, (1,))):
+        _param, _, zoo = spec[name]
+        for seed in seeds:
+            cfg = _cfg(f"{name}{v}_cem{lam:g}_s{seed}", seed,
+                       [*zoo(v), {"name": "noise", "sigma": 0.1}], lam)
+            acc = 0.78 + rng.normal(0, 0.002)
+            mse = 0.0125 * (1.4 if name == "topk" else 1.1) * math.exp(rng.normal(0, 0.03))
+            write_run(tmp_path / cfg.name, cfg, acc, mse)
+            cells.setdefault((name, lam), {}).setdefault(v, {})[seed] = (acc, mse)
+    return cells
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Two comparisons agree (up to the float rounding of a JSON round trip)."""
+    keys = ("gain", "low", "high", "baseline_mse", "accuracy")
+    return all(a[k] is b[k] is None or a[k] == pytest.approx(b[k], rel=1e-9)
+               for k in keys) and \
+        all(a[k] == b[k] for k in ("verdict", "n_seeds", "paired", "method"))
+
+
+def test_paper_table_pairs_each_cem_row_with_its_own_defense_curve(tmp_path):
+    cells = _curve_fixture(tmp_path)
+    runs, notes = find_runs([tmp_path])
+    assert not notes
+    table, rows = paper_table(runs)
+    by = {r["defense_name"]: r for r in rows}
+    assert set(by) == {"topk", "dropout"}
+    for name, lam, v in (("topk", 3.0, 0.3), ("dropout", 1.0, 0.2)):
+        row, cem = by[name], cells[(name, lam)][v]
+        own = compare(cells[(name, 0.0)], cem).to_dict()
+        vs_noise = compare(cells[("noise", 0.0)], cem).to_dict()
+        assert _same(row["vs_own"], own) and _same(row["vs_noise"], vs_noise)
+        other = "dropout" if name == "topk" else "topk"
+        assert row["vs_own"]["gain"] != compare(cells[(other, 0.0)], cem).gain
+        base = cells[(name, 0.0)][v]
+        same = np.mean([m for _, m in cem.values()]) / np.mean([m for _, m in
+                                                                base.values()]) - 1
+        assert row["mse_gain"] == pytest.approx(same)
+        assert (row["seeds_without"], row["seeds_with"]) == (len(base), len(cem))
+        assert row["strength"] == pytest.approx(v) and row["lambda"] == lam
+        assert f"{100 * same:+.1f}%" in table
+    assert by["topk"]["vs_own"]["interval"] is not None  # two seeds: an interval
+    line = {r: next(ln for ln in table.splitlines() if ln.startswith(f"| {by[r]['defense']}"))
+            for r in by}
+    # a single-seed row is exploratory: no interval, marked in its row
+    assert by["dropout"]["exploratory"] and by["dropout"]["vs_own"]["interval"] is None
+    assert "exploratory" in line["dropout"] and "exploratory" not in line["topk"]
+    avg = np.mean([by[r]["mse_gain"] for r in by])
+    assert f"{100 * avg:+.1f}%" in table.splitlines()[-1]
+    assert f"{100 * PAPER_GAINS[0]:+.1f}%" in table.splitlines()[-1]
+
+
+def test_the_bottleneck_is_a_defense_over_its_channels(bundled):
+    trials = [t for t in bundled if t.name.startswith("bottleneck")]
+    assert trials and all(defense_of(t.cfg)[:2] == ("bottleneck", "model.bottleneck_channels")
+                          for t in trials)
+    assert {defense_of(t.cfg)[2] for t in trials} == {t.cfg.model.bottleneck_channels
+                                                      for t in trials}
+
+
+def test_reproduce_on_finished_runs_of_the_bundled_sweep_tables_every_zoo_defense(tmp_path,
+                                                                                 bundled):
+    """The one command on a sweep folder whose every trial finished (synthetic runs): it
+    runs nothing, and the table has each zoo defense's CEM rows against its own curve."""
+    from splitcem.study.reproduce import reproduce
+
+    rng = np.random.default_rng(7)
+    for t in bundled:
+        write_run(tmp_path / t.name, t.cfg, 0.75 + 0.05 * rng.random(),
+                  0.01 * math.exp(rng.normal(0, 0.2)))
+    res, table = reproduce("cifar10", "cpu", out=tmp_path, use_ray=False, progress=False,
+                           device="cpu")
+    assert res.ran == [] and sorted(res.skipped) == sorted(t.name for t in bundled)
+    rows = json.loads((tmp_path / "paper_table.json").read_text())
+    assert table in (tmp_path / "paper_table.md").read_text()
+    assert len(table.splitlines()) == len(rows) + 4  # header, rule, rows, blank, average
+    for name in ZOO:
+        mine = [r for r in rows if r["defense_name"] == name]
+        strengths = {defense_of(t.cfg)[2] for t in bundled if defense_of(t.cfg)[0] == name
+                     and not (t.cfg.cem is not None and t.cfg.cem.lam > 0)}
+        assert len(mine) == 2, name  # two lambdas at the middle strength
+        for r in mine:
+            assert sorted(r["own_strengths"]) == sorted(strengths), name
+            assert r["vs_own"] is not None and r["vs_noise"] is not None, name
+            assert r["exploratory"]  # one seed each in the bundled zoo section
