@@ -356,7 +356,7 @@ def test_workers_share_one_port(served_run, token_file, features):
             with contextlib.suppress(Exception):
                 pids.update(k for k in _metrics(proc.url) if k.startswith("splitcem_worker_"))
 
-        deadline = time.monotonic() + 180  # the second worker may still be loading (slow under load)
+        deadline = time.monotonic() + 180  # the second worker may still be loading
         while len(pids) < 2 and time.monotonic() < deadline:
             threads = [threading.Thread(target=scrape) for _ in range(8)]  # concurrent
             for t in threads:                                               # connections
