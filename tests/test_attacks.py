@@ -80,7 +80,9 @@ def test_attack_beats_mean_image(report, label):
 @pytest.mark.slow
 def test_adaptive_decoder_beats_mean_image_under_noise(client, cifar_splits, monkeypatch):
     """The defense-aware decoder against the noise defense, with two draws per image: it
-    trains on the defense's noisy features (fresh draws), not on the clean ones."""
+    trains on the defense's noisy features (fresh draws), not on the clean ones. On the
+    reference path (``encode="every_epoch"``), which calls the features per batch;
+    tests/test_attack_features.py checks the cached path against it."""
     import splitcem.attacks.decoder as decoder_mod
 
     t = AttackTarget(client, [create_defense("noise", sigma=0.1)], cifar_splits.train.info)
@@ -99,7 +101,7 @@ def test_adaptive_decoder_beats_mean_image_under_noise(client, cifar_splits, mon
         return real(decoder, target, aux, recording, **kw)
 
     monkeypatch.setattr(decoder_mod, "train_decoder", spy)
-    a = create_attack("decoder_adaptive", draws=2, **DEC)
+    a = create_attack("decoder_adaptive", draws=2, encode="every_epoch", **DEC)
     got = a.run(t, aux, held, progress=False).metrics
     assert got["mse"] < 0.9 * base["mse"] and got["ssim"] > base["ssim"]
     assert seen, "the adaptive decoder never asked for training features"

@@ -2,10 +2,9 @@
 
 An attack is a curious server that wants the client's input x back from what it receives.
 
-* :class:`AttackTarget` wraps the deployed client pipeline: ``observe(x)`` is exactly what
-  leaves the client (encoder, then the defense stack in eval mode, i.e. the deployed
-  transform with fresh randomness), ``clean(x)`` the encoder's output before any defense,
-  and ``frozen()`` a context for white-box attacks that differentiate through the encoder.
+* :class:`~splitcem.attacks.target.AttackTarget` (re-exported here) wraps the deployed
+  client pipeline: ``observe(x)`` is what leaves the client, ``clean(x)`` the encoder's
+  output before any defense.
 * :class:`Attack` is the ABC. Its ``run`` is a template method the subclasses do not
   override: it observes the held-out (victim) images' features once, lets the attack
   ``fit`` on the auxiliary set, then asks it to ``reconstruct`` images from the victim
@@ -27,20 +26,19 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from splitcem._registry import Registry
 from splitcem._validate import check_choice, check_float, check_int
+from splitcem.attacks.features import images_to_device, iterate_images
+from splitcem.attacks.target import AttackTarget
 from splitcem.attacks.threat import Access
 from splitcem.data.dataset import ArrayDataset
-from splitcem.data.info import DatasetInfo
-from splitcem.defenses.base import Defense, DefenseStack
 from splitcem.errors import DataError, NonFiniteError
 from splitcem.metrics import ImageMetrics
 
@@ -50,6 +48,7 @@ __all__ = [
     "AttackResult",
     "AttackTarget",
     "create_attack",
+    "images_to_device",
     "iterate_images",
     "list_attacks",
     "register_attack",
@@ -99,151 +98,6 @@ def create_attack(name: str, /, **params: Any) -> Attack:
 def list_attacks() -> list[str]:
     """Names of all registered attacks, sorted."""
     return ATTACKS.names()
-
-
-def _modes(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for mod in modules for m in mod.modules()]
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Put modules in eval mode and restore every submodule's own mode afterwards."""
-    saved = _modes(modules)
-    try:
-        for mod in modules:
-            mod.eval()
-        yield
-    finally:
-        for m, was_training in saved:
-            m.training = was_training
-
-
-class AttackTarget:
-    """The deployed client pipeline an attacker faces.
-
-    Args:
-        client: The client encoder, (B, C, H, W) normalised images -> (B, Cz, Hz, Wz).
-        defenses: A :class:`DefenseStack`, an iterable of :class:`Defense`, or ``None``.
-        info: The dataset's :class:`DatasetInfo` (for (de)normalisation and image shape).
-        device: Where attacks run. The client and defenses are moved there (``.to`` is
-            in place, as for any module).
-    """
-
-    def __init__(
-        self,
-        client: nn.Module,
-        defenses: DefenseStack | Iterable[Defense] | None,
-        info: DatasetInfo,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.device = torch.device(device)
-        self.client = client.to(self.device)
-        if defenses is None:
-            defenses = DefenseStack()
-        elif not isinstance(defenses, DefenseStack):
-            defenses = DefenseStack(defenses)
-        self.defenses = defenses.to(self.device)
-        self.info = info
-        self._feature_shape: tuple[int, ...] | None = None
-
-    @property
-    def noise_sigma(self) -> float:
-        """Total std of the Gaussian noise the deployed defenses add (0 if none)."""
-        return self.defenses.noise_sigma
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the inputs."""
-        return (self.info.channels, self.info.image_size, self.info.image_size)
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        """(Cz, Hz, Wz) of what the server receives (found by one forward pass of the
-        encoder; defense transforms keep the shape, and skipping them draws no randomness)."""
-        if self._feature_shape is None:
-            x = torch.zeros(1, *self.image_shape, device=self.device)
-            self._feature_shape = tuple(self.clean(x).shape[1:])
-        return self._feature_shape
-
-    @torch.no_grad()
-    def observe(self, x: Tensor) -> Tensor:
-        """What the server receives for normalised inputs x (B, C, H, W): the deployed
-        transform ``defenses(client(x))`` in eval mode, with fresh randomness per call."""
-        with _eval_mode(self.client, self.defenses):
-            return self.defenses.transform(self.client(x))
-
-    @torch.no_grad()
-    def clean(self, x: Tensor) -> Tensor:
-        """The encoder's output before any defense (white-box access)."""
-        with _eval_mode(self.client):
-            return self.client(x)
-
-    @torch.no_grad()
-    def transform(self, z_clean: Tensor) -> Tensor:
-        """Apply the deployed defense stack (eval mode) to clean features (white-box)."""
-        with _eval_mode(self.defenses):
-            return self.defenses.transform(z_clean)
-
-    def match(self, z: Tensor, observed: Tensor) -> Tensor:
-        """White-box: the deployed defenses' deterministic transforms (eval mode: clipping,
-        top-k masks, dropout zeros where visible; :meth:`DefenseStack.match_transform`)
-        applied to candidate features ``z`` with their graph, so that a feature-matching
-        attack compares ``observed`` with the function that produced it."""
-        with _eval_mode(self.defenses):
-            return self.defenses.match_transform(z, observed)
-
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[nn.Module]:
-        """Yield the client in eval mode with gradients off for its parameters, so a
-        white-box attack can differentiate w.r.t. the *input*; everything is restored."""
-        params = list(self.client.parameters())
-        req = [p.requires_grad for p in params]
-        try:
-            with _eval_mode(self.client):
-                for p in params:
-                    p.requires_grad_(False)
-                yield self.client
-        finally:
-            for p, r in zip(params, req, strict=True):
-                p.requires_grad_(r)
-
-    def to01(self, x: Tensor) -> Tensor:
-        """Normalised images -> [0, 1] (clamped)."""
-        return self.info.denormalize(x)
-
-
-def iterate_images(
-    ds: ArrayDataset,
-    *,
-    batch_size: int,
-    device: torch.device,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    uint8_on_device: Tensor | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (x_norm, x01) float32 (B, C, H, W) batches of ``ds`` on ``device``.
-
-    The whole uint8 array is moved to the device once (pass it back in through
-    ``uint8_on_device`` to reuse it across epochs); batches are converted there, which is
-    4x less transfer than float and keeps the loop free of host work. No augmentation here:
-    metrics need the exact images (decoder training can mirror its own batches, ``flip``).
-    """
-    imgs = uint8_on_device if uint8_on_device is not None else images_to_device(ds, device)
-    n = imgs.shape[0]
-    order = (
-        torch.randperm(n, generator=generator).to(device) if shuffle
-        else torch.arange(n, device=device)
-    )
-    mean = torch.tensor(ds.info.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(ds.info.std, device=device).view(1, -1, 1, 1)
-    for i in range(0, n, batch_size):
-        x01 = imgs[order[i:i + batch_size]].permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
-        yield (x01 - mean) / std, x01
-
-
-def images_to_device(ds: ArrayDataset, device: torch.device) -> Tensor:
-    """(N, H, W, C) uint8 images of ``ds`` as one tensor on ``device``."""
-    return torch.from_numpy(np.ascontiguousarray(ds.images)).to(device)
 
 
 @dataclass

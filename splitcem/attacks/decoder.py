@@ -26,26 +26,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from splitcem._progress import bar as progress_bar
-from splitcem._progress import epoch_log
 from splitcem.attacks.base import (
     Attack,
     AttackTarget,
-    _check_finite,
+    _choice,
     _nonneg_float,
+    _nonneg_int,
     _positive_int,
-    images_to_device,
     iterate_images,
     register_attack,
 )
+from splitcem.attacks.features import ENCODE_CHOICES, SplitFeatures, cache_refusal
 from splitcem.attacks.threat import Access
+from splitcem.attacks.training import (
+    EarlyStop,
+    decode,
+    reconstruction_loss,
+    total_variation,
+    train_decoder,
+)
 from splitcem.data.dataset import ArrayDataset
-from splitcem.errors import ConfigError
-from splitcem.metrics import ssim_unchecked
+from splitcem.errors import ConfigError, DataError
 from splitcem.models.decoder import ResBlock, ResDecoder
 from splitcem.runtime import NumericPath, Setting, check_setting, resolve_numeric_path
 
@@ -55,8 +60,10 @@ __all__ = [
     "MeanImageAttack",
     "ResBlock",
     "ResDecoder",
+    "decode",
     "decoder_strong",
     "load_decoder",
+    "reconstruction_loss",
     "save_decoder",
     "total_variation",
     "train_decoder",
@@ -65,107 +72,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def total_variation(x: Tensor) -> Tensor:
-    """Anisotropic TV per image, mean |dx| + mean |dy|: (B, C, H, W) -> (B,)."""
-    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().flatten(1).mean(1)
-    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().flatten(1).mean(1)
-    return dh + dw
-
-
-def reconstruction_loss(r: Tensor, x01: Tensor, *, ssim_weight: float = 0.0,
-                        tv_weight: float = 0.0) -> Tensor:
-    """Batch loss: MSE + ssim_weight * (1 - SSIM) + tv_weight * TV(r), means over images."""
-    loss = F.mse_loss(r, x01)
-    if ssim_weight:
-        loss = loss + ssim_weight * (1 - ssim_unchecked(r, x01).mean())
-    if tv_weight:
-        loss = loss + tv_weight * total_variation(r).mean()
-    return loss
-
-
-_FLOAT32 = NumericPath(device="cpu", amp=False, channels_last=False, native_bf16=False,
-                       cpu_capability="", reason="float32 (the default)")
-
-
-def train_decoder(
-    decoder: nn.Module,
-    target: AttackTarget,
-    aux: ArrayDataset,
-    features: Callable[[Tensor], Tensor],
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    lr_min: float = 1e-5,
-    ssim_weight: float = 0.0,
-    tv_weight: float = 0.0,
-    numerics: NumericPath | None = None,
-    flip: bool = False,
-    progress: bool = True,
-    desc: str = "decoder",
-) -> list[float]:
-    """Train ``decoder`` on (features(x), x01) pairs of the auxiliary set.
-
-    ``features`` maps normalised images (B, C, H, W) to what the attacker gets for them,
-    (K * B, Cz, Hz, Wz) for K draws per image stacked along the batch (the targets are
-    repeated to match). Adam with weight decay, cosine schedule per step down to ``lr_min``.
-    ``flip``: mirror a random half of each batch before it is encoded (the attacker owns
-    its auxiliary images, so it may augment them; twice the distinct training pairs).
-    ``numerics``: bf16 autocast / channels-last (:func:`splitcem.runtime.resolve_numeric_path`;
-    None: float32, default layout).
-
-    Returns:
-        The mean training loss of each epoch.
-    """
-    device = target.device
-    steps = epochs * -(-len(aux) // batch_size)
-    opt = torch.optim.Adam(decoder.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=lr_min)
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
-    imgs = images_to_device(aux, device)
-    curve: list[float] = []
-    path = numerics or _FLOAT32
-    autocast, layout = path.autocast(), path.memory_format
-    decoder.to(memory_format=layout)  # type: ignore[call-overload]  # not in torch's stubs
-    decoder.train()
-    bar = progress_bar(range(epochs), desc=desc, progress=progress, leave=False)
-    for epoch in bar:
-        total = torch.zeros((), device=device)
-        n = 0
-        for x, x01 in iterate_images(aux, batch_size=batch_size, device=device, shuffle=True,
-                                     generator=gen, uint8_on_device=imgs):
-            if flip:
-                m = (torch.rand(x.shape[0], device=device) < 0.5).view(-1, 1, 1, 1)
-                x, x01 = torch.where(m, x.flip(-1), x), torch.where(m, x01.flip(-1), x01)
-            z = features(x)  # (K * B, Cz, Hz, Wz), no grad
-            k = z.shape[0] // x.shape[0]
-            tgt = x01.repeat(k, 1, 1, 1) if k > 1 else x01
-            with autocast:
-                r = decoder(z.contiguous(memory_format=layout))
-            loss = reconstruction_loss(r.float(), tgt, ssim_weight=ssim_weight,
-                                       tv_weight=tv_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach() * x.shape[0]
-            n += x.shape[0]
-        _check_finite(total, f"{desc} training loss")  # one sync per epoch
-        curve.append(total.item() / max(1, n))
-        bar.set_postfix(loss=f"{curve[-1]:.4f}")
-        epoch_log(log, progress, "%s epoch %d/%d: loss %.5f", desc, epoch + 1, epochs, curve[-1])
-    decoder.eval()
-    return curve
-
-
-@torch.no_grad()
-def decode(decoder: nn.Module, z: Tensor, *, numerics: NumericPath | None = None) -> Tensor:
-    """Run a trained decoder in eval mode: (B, Cz, Hz, Wz) -> (B, C, H, W) in [0, 1]."""
-    decoder.eval()
-    path = numerics or _FLOAT32
-    with path.autocast():
-        return decoder(z.contiguous(memory_format=path.memory_format)).float()
+#: relative fall of the held-out MSE that counts as an improvement for ``early_stop``
+MIN_DELTA = 0.001
 
 
 @register_attack("decoder")
@@ -173,8 +81,10 @@ class DecoderAttack(Attack):
     """The paper's decoder attack: a ResDecoder trained on (observed features, image)
     pairs of the auxiliary set, scored on the held-out set's observed features.
 
-    Query access: features come from ``target.observe`` (the deployed defense in eval
-    mode), re-queried every epoch, so noise is fresh each epoch.
+    Query access: the features are what ``target.observe`` returns (the deployed defense in
+    eval mode) with a fresh draw each epoch. ``encode="once"`` (default) computes them as
+    ``target.transform`` of clean features cached once, which is what a query returns, at
+    a fraction of the cost; ``"every_epoch"`` is the reference, querying every epoch.
 
     Args:
         epochs, batch_size, lr, weight_decay, lr_min: Adam + cosine schedule (paper: 50,
@@ -184,6 +94,10 @@ class DecoderAttack(Attack):
         amp: bfloat16 autocast: ``"auto"`` (default) where bf16 is native, or true / false;
             the layout follows :func:`splitcem.runtime.resolve_numeric_path`.
         flip: Also train on mirrored auxiliary images (random horizontal flips).
+        encode: ``"once"`` or ``"every_epoch"`` (the reference path; same inputs).
+        early_stop: Stop after this many epochs without improvement of the MSE on a
+            held-out ``val_fraction`` of the auxiliary set (which is then not trained on);
+            the best epoch's weights are kept. 0 (default): train all ``epochs``.
         seed: Seeds the noise of the queries and the shuffling.
     """
 
@@ -192,7 +106,8 @@ class DecoderAttack(Attack):
     def __init__(self, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
                  weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 64,
                  depth: int = 8, ssim_weight: float = 0.0, tv_weight: float = 0.0,
-                 amp: Setting = "auto", flip: bool = False, seed: int = 0) -> None:
+                 amp: Setting = "auto", flip: bool = False, encode: str = "once",
+                 early_stop: int = 0, val_fraction: float = 0.05, seed: int = 0) -> None:
         super().__init__(seed=seed, batch_size=batch_size)
         self.epochs = _positive_int("epochs", epochs)
         self.lr = _nonneg_float("lr", lr, positive=True)
@@ -206,27 +121,70 @@ class DecoderAttack(Attack):
         self.tv_weight = _nonneg_float("tv_weight", tv_weight)
         self.amp: Setting = check_setting("decoder amp", amp)
         self.flip = bool(flip)
+        self.encode = _choice("encode", encode, ENCODE_CHOICES)
+        self.early_stop = _nonneg_int("early_stop", early_stop)
+        self.val_fraction = _nonneg_float("val_fraction", val_fraction, positive=True)
+        if self.val_fraction >= 1:
+            raise ConfigError(f"val_fraction must be below 1, got {val_fraction!r}")
         self.decoder: ResDecoder | None = None
         self.numerics: NumericPath | None = None  # resolved for the target's device in fit
 
-    def _features(self, target: AttackTarget) -> Callable[[Tensor], Tensor]:
-        return target.observe
+    def _features(self, target: AttackTarget) -> tuple[Callable[[Tensor], Tensor],
+                                                       SplitFeatures]:
+        """(what the reference path calls per batch, the same as encode + transform)."""
+        return target.observe, SplitFeatures(target.clean, target.transform)
+
+    def _held_out(self, aux: ArrayDataset, features: Callable[[Tensor], Tensor],
+                  device: torch.device) -> tuple[ArrayDataset, EarlyStop | None]:
+        """(images to train on, the early stop on the others); only auxiliary images."""
+        if not self.early_stop:
+            return aux, None
+        n_val = max(1, round(self.val_fraction * len(aux)))
+        if n_val >= len(aux):
+            raise DataError(f"attack {self.name!r}: val_fraction {self.val_fraction} of "
+                            f"{len(aux)} auxiliary images leaves none to train on")
+        perm = np.random.default_rng(self.seed).permutation(len(aux))
+        val = aux.subset(np.sort(perm[:n_val]))
+        zs, xs = [], []
+        for x, x01 in iterate_images(val, batch_size=self.batch_size, device=device):
+            zs.append(features(x)[:len(x)])  # one draw per image, fixed over the epochs
+            xs.append(x01)
+        stop = EarlyStop(torch.cat(zs), torch.cat(xs), patience=self.early_stop,
+                         min_delta=MIN_DELTA)
+        return aux.subset(np.sort(perm[n_val:])), stop
 
     def fit(self, target: AttackTarget, aux: ArrayDataset, *, progress: bool = True
             ) -> dict[str, Any]:
         self.decoder = ResDecoder.for_target(target, width=self.width, depth=self.depth)
         self.numerics = resolve_numeric_path(self.amp, "auto", target.device,
                                              what=self.name or "decoder")
+        features, split = self._features(target)
+        train_aux, stop = self._held_out(aux, features, target.device)
+        why = (cache_refusal(train_aux, target.device, split.encode, target.feature_shape,
+                             flip=self.flip) if self.encode == "once" else None)
+        cached = split if self.encode == "once" and why is None else None
         curve = train_decoder(
-            self.decoder, target, aux, self._features(target), epochs=self.epochs,
+            self.decoder, target, train_aux, features, epochs=self.epochs,
             batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
             lr_min=self.lr_min, ssim_weight=self.ssim_weight, tv_weight=self.tv_weight,
-            numerics=self.numerics, flip=self.flip, progress=progress,
-            desc=self.name or "decoder",
+            numerics=self.numerics, flip=self.flip, cached=cached, early_stop=stop,
+            progress=progress, desc=self.name or "decoder",
         )
-        return {"train_loss": [round(v, 6) for v in curve],
-                "decoder_params": sum(p.numel() for p in self.decoder.parameters()),
-                "numerics": f"{self.numerics.describe()} ({self.numerics.reason})"}
+        out: dict[str, Any] = {
+            "train_loss": [round(v, 6) for v in curve],
+            "decoder_params": sum(p.numel() for p in self.decoder.parameters()),
+            "numerics": f"{self.numerics.describe()} ({self.numerics.reason})",
+            "features": {"encode": self.encode, "path": (
+                "clean features encoded once, defense transform fresh at every step"
+                if cached is not None else "re-encoded every epoch (reference)"),
+                "fallback": why},
+            "epochs_run": len(curve),
+        }
+        if stop is not None:
+            out["early_stop"] = {"val_images": len(stop.x01), "patience": stop.patience,
+                                 "val_loss": [round(v, 6) for v in stop.val_loss],
+                                 "best_epoch": stop.best_epoch}
+        return out
 
     def reconstruct(self, target: AttackTarget, z: Tensor) -> Tensor:
         if self.decoder is None:
@@ -238,19 +196,23 @@ class DecoderAttack(Attack):
 def decoder_strong(*, epochs: int = 100, batch_size: int = 128, lr: float = 1e-3,
                    weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 96,
                    depth: int = 12, ssim_weight: float = 0.1, tv_weight: float = 0.0,
-                   amp: Setting = "auto", flip: bool = True, seed: int = 0) -> DecoderAttack:
+                   amp: Setting = "auto", flip: bool = True, encode: str = "once",
+                   early_stop: int = 0, val_fraction: float = 0.05,
+                   seed: int = 0) -> DecoderAttack:
     """A wider, deeper decoder trained longer with MSE + 0.1 (1 - SSIM) on flip-augmented
     auxiliary images (query access)."""
     return DecoderAttack(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          lr_min=lr_min, width=width, depth=depth, ssim_weight=ssim_weight,
-                         tv_weight=tv_weight, amp=amp, flip=flip, seed=seed)
+                         tv_weight=tv_weight, amp=amp, flip=flip, encode=encode,
+                         early_stop=early_stop, val_fraction=val_fraction, seed=seed)
 
 
 @register_attack("decoder_adaptive")
 class AdaptiveDecoderAttack(DecoderAttack):
     """A defense-aware decoder: trained on features produced exactly as the deployed
     defense produces them (``target.defenses`` in eval mode, applied by the attacker to
-    the clean features), with ``draws`` fresh noise / mask draws per image and step.
+    the clean features), with ``draws`` fresh noise / mask draws per image and step
+    (also with ``encode="once"``: only the clean features are cached).
 
     Needs white-box access (clean features and the defense's configuration). With no
     randomness in the defense, draws > 1 would only repeat the batch, so it uses one.
@@ -267,20 +229,25 @@ class AdaptiveDecoderAttack(DecoderAttack):
                  lr: float = 1e-3, weight_decay: float = 1e-4, lr_min: float = 1e-5,
                  width: int = 64, depth: int = 8, ssim_weight: float = 0.0,
                  tv_weight: float = 0.0, amp: Setting = "auto", flip: bool = False,
+                 encode: str = "once", early_stop: int = 0, val_fraction: float = 0.05,
                  seed: int = 0) -> None:
         super().__init__(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          lr_min=lr_min, width=width, depth=depth, ssim_weight=ssim_weight,
-                         tv_weight=tv_weight, amp=amp, flip=flip, seed=seed)
+                         tv_weight=tv_weight, amp=amp, flip=flip, encode=encode,
+                         early_stop=early_stop, val_fraction=val_fraction, seed=seed)
         self.draws = _positive_int("draws", draws)
 
-    def _features(self, target: AttackTarget) -> Callable[[Tensor], Tensor]:
+    def _features(self, target: AttackTarget) -> tuple[Callable[[Tensor], Tensor],
+                                                       SplitFeatures]:
         k = self.draws if _is_random(target) else 1
 
-        def features(x: Tensor) -> Tensor:
-            z = target.clean(x)  # (B, Cz, Hz, Wz)
-            return target.transform(z.repeat(k, 1, 1, 1) if k > 1 else z)  # (k*B, ...)
+        def transform(z: Tensor) -> Tensor:  # (B, Cz, Hz, Wz) -> (k*B, ...), fresh draws
+            return target.transform(z.repeat(k, 1, 1, 1) if k > 1 else z)
 
-        return features
+        def features(x: Tensor) -> Tensor:
+            return transform(target.clean(x))
+
+        return features, SplitFeatures(target.clean, transform)
 
 
 def _is_random(target: AttackTarget) -> bool:
