@@ -4,7 +4,8 @@
 Two ways to put the budget, both Optuna's TPE (``mode``):
 
 * ``constrained`` (default): one objective, the worst-case attack MSE (maximised), with the
-  budget as TPE's ``constraints_func`` (``budget - accuracy <= 0`` is feasible);
+  budget as TPE's constraint (``budget - accuracy <= 0`` is feasible; set on each trial with
+  Optuna >= 5, through ``constraints_func`` before);
 * ``multi``: two objectives, MSE and accuracy, both maximised; the recommendation is read at
   the budget afterwards.
 
@@ -25,6 +26,7 @@ __all__ = ["MODES", "Searcher"]
 
 MODES = ("constrained", "multi")
 _SEP = "|"
+CONSTRAINT = "accuracy_budget"  # budget - accuracy: feasible when <= 0
 
 
 def _key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -61,9 +63,12 @@ class Searcher:
                     dist[name] = optuna.distributions.FloatDistribution(
                         float(p.low or 0), float(p.high or 0), log=p.log)
         self.dist = dist
+        #: Optuna >= 5 reads constraints set on the trial; older ones need constraints_func
+        self._set_constraint = hasattr(optuna.trial.Trial, "set_constraint")
         if mode == "constrained":
-            sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=self._constraint,
-                                                 n_startup_trials=5)
+            old: dict[str, Any] = {} if self._set_constraint else {
+                "constraints_func": self._constraint}
+            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, **old)
             self.search = OptunaSearch(dist, metric="mse", mode="max", sampler=sampler,
                                        seed=seed)
         else:
@@ -72,6 +77,11 @@ class Searcher:
                                        sampler=sampler, seed=seed)
         self._asked = 0
         self._acc_key: dict[str, tuple[tuple[str, Any], ...]] = {}
+
+    def _attrs(self, accuracy: float) -> dict[str, Any]:
+        if self._set_constraint:
+            return {f"constraints:{CONSTRAINT}": self.budget - accuracy}
+        return {"constraints": [self.budget - accuracy]}
 
     def _constraint(self, trial: Any) -> list[float]:
         acc = self._acc.get(_key(trial.params))
@@ -98,6 +108,9 @@ class Searcher:
             self.search.on_trial_complete(tid, None, error=True)
             return
         self._acc[self._acc_key[tid]] = float(accuracy)
+        if self.mode == "constrained" and self._set_constraint:
+            trial: Any = self.search._ot_trials[tid]  # OptunaSearch's trial for this id
+            trial.set_constraint(CONSTRAINT, self.budget - float(accuracy))
         self.search.on_trial_complete(tid, self._result(accuracy, mse))
 
     def observe(self, family: str, values: Mapping[str, Any], accuracy: float,
@@ -116,7 +129,6 @@ class Searcher:
         trial = optuna.trial.create_trial(
             params=params, distributions=self.dist,
             values=vals if isinstance(vals, list) else [vals],
-            system_attrs={"constraints": [self.budget - float(accuracy)]}
-            if self.mode == "constrained" else None)
+            system_attrs=self._attrs(float(accuracy)) if self.mode == "constrained" else None)
         study: Any = self.search._ot_study  # OptunaSearch's own study (set up by then)
         study.add_trial(trial)
