@@ -93,7 +93,8 @@ def test_stop_rule_never_stopped_a_trial_within_budget(tuned):
     res = tuned
     runs = [RunRecord.load(o.run_dir).metrics for o in res.observations
             if o.status == "finished"]
-    assert res.rule is not None and res.rule.runs == len(runs) >= 1
+    runs.append(RunRecord.load(res.out / "reference" / "undefended_s0").metrics)
+    assert res.rule is not None and res.rule.runs == len(runs) >= 2
     assert res.rule.check(runs) == []
     for o in res.observations:
         if o.status == "stopped":  # stopped after epoch 1, below what could reach the budget

@@ -16,7 +16,7 @@ its fate, written as each one ends: ``resume`` observes the finished and stopped
 so a kill loses at most the epochs under way. ``warm_start`` folders: finished runs that lie
 in the space (and match the base otherwise, hashes compared) are adopted as observations.
 Trials that cannot reach the budget are stopped after an epoch by a rule learned from the
-finished runs' histories (:mod:`splitcem.study.stopping`).
+finished runs' histories, the reference runs' included (:mod:`splitcem.study.stopping`).
 
 ``confirm_seeds`` N: the recommended setting and the noise-only settings around its accuracy
 run again with more seeds, one at a time, until the gain's verdict is decided or N seeds
@@ -100,13 +100,15 @@ def _observation(rec: RunRecord, family: str, values: dict[str, Any], source: st
 
 
 def _reference(base: RunConfig, reference: Sequence[str | Path], out: Path, *,
-               warm: Sequence[str | Path], address: str | None, device: str | None) -> float:
+               warm: Sequence[str | Path], address: str | None, device: str | None
+               ) -> tuple[float, list[dict[str, Any]]]:
+    """The reference accuracy and the reference runs' records (they teach the stop rule)."""
     if reference:
-        accs = [r.accuracy for r in RunRecord.find(reference) if r.finished()]
-        if not accs:
+        recs = [r for r in RunRecord.find(reference) if r.finished()]
+        if not recs:
             raise ConfigError(f"--reference {' '.join(map(str, reference))}: no finished run "
                               "there; train one (splitcem run CONFIG) or leave it out")
-        return float(sum(accs) / len(accs))
+        return float(sum(r.accuracy for r in recs) / len(recs)), [r.metrics for r in recs]
     raw = {**base.to_dict(), "defenses": [], "cem": None, "name": f"undefended_s{base.seed}"}
     cfg = load_config(raw)
     trial = Trial(cfg.name, cfg, cfg.seed, {}, "reference")
@@ -116,7 +118,7 @@ def _reference(base: RunConfig, reference: Sequence[str | Path], out: Path, *,
     if not rec.finished(cfg, device=device):
         raise ConfigError(f"the undefended reference run failed: "
                           f"{res.statuses.get(cfg.name, {}).get('error')}; see {rec.path}")
-    return rec.accuracy
+    return rec.accuracy, [rec.metrics]
 
 
 def _warm_start(space: SearchSpace, base: dict[str, Any], dirs: Sequence[str | Path],
@@ -197,7 +199,7 @@ def run_tune(
     tdir = out_dir / TRIALS
     ray, started = _ray(address, None, None)
     try:
-        ref = _reference(base_cfg, reference, out_dir, warm=warm_start, address=address,
+        ref, ref_runs = _reference(base_cfg, reference, out_dir, warm=warm_start, address=address,
                          device=device)
         budget = ref - max_drop / 100
         log.info("tune: reference accuracy %.4f, budget %.4f", ref, budget)
@@ -225,8 +227,8 @@ def run_tune(
                                     "mode": mode, "trials": asked})
 
         def rule() -> StopRule:
-            runs = [RunRecord.load(o.run_dir).metrics for o in result.observations
-                    if o.status == "finished"]
+            runs = ref_runs + [RunRecord.load(o.run_dir).metrics for o in result.observations
+                               if o.status == "finished"]
             r = learn_rule(runs, budget=budget, epochs=base_cfg.train.epochs)
             assert not r.check(runs), r.check(runs)  # never stops a feasible run it saw
             return r
