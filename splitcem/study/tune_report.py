@@ -194,6 +194,7 @@ def write(result: TuneResult, space: SearchSpace, *, mode: str) -> dict[str, Any
         ["trial", "status", "source", "accuracy", "worst MSE", "feasible"],
         [[o.name, o.status, o.source, o.accuracy, o.mse,
           "yes" if o.feasible(result.budget) else "no"] for o in result.observations]),
-        "", "![trials](tune.png)", ""]
+        "", "A stopped trial's accuracy is its training accuracy at the epoch it stopped.", "",
+        "![trials](tune.png)", ""]
     write_text(out / "tune.md", "\n".join(lines))
     return rep
