@@ -128,7 +128,7 @@ def _trial_status(out: Path, name: str) -> str | None:
     return RunRecord.load(out / "trials" / name).trial.get("status")
 
 
-def test_a_killed_tune_resumes(base, local_ray, tmp_path):
+def test_a_killed_tune_resumes(base, tuned, tmp_path):  # tuned: its reference run
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPLITCEM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
