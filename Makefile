@@ -15,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test,serve,sweep,tensorboard,edge]"
+	$(BIN)/pip install -q -e ".[test,serve,sweep,tune,tensorboard,edge]"
 	touch $@
 
 # Fashion-MNIST from Debian (the demo's default data; tests use it too).

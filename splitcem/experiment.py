@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,8 +155,12 @@ def train_run(
     overwrite: bool = False,
     progress: bool = True,
     device: str | torch.device | None = None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train the run ``cfg`` describes into ``run_dir``; returns the results record."""
+    """Train the run ``cfg`` describes into ``run_dir``; returns the results record.
+
+    ``on_epoch_end``: called with each epoch's record after it is checkpointed (an exception
+    it raises stops training there; the run stays unfinished and resumable)."""
     run_dir = Path(run_dir)
     check_attacks(cfg)
     writer_cls = _tensorboard() if cfg.train.tensorboard else None  # fail before training
@@ -175,6 +179,8 @@ def train_run(
                 if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool):
                     writer.add_scalar(k, v, int(rec["epoch"]))
             writer.flush()
+        if on_epoch_end is not None:
+            on_epoch_end(rec)
 
     trainer = Trainer(
         p.model, p.stack, p.splits, cfg.train, device=p.device, seed=cfg.seed,

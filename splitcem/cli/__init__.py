@@ -1,4 +1,4 @@
-"""Command line: ``splitcem train | attack | run | sweep | frontier | reproduce | demo | configs``,
+"""Command line: ``splitcem train | attack | run | sweep | frontier | reproduce | demo | tune``,
 ``defenses | attacks``, and for deployment ``export | serve | infer | lens``.
 
 Each command is a thin shell over :mod:`splitcem.experiment`; errors of ours are printed as
@@ -43,9 +43,9 @@ def _run_dir(out: Path | None, name: str) -> Path:
 
 
 # the commands register themselves on ``app`` (imported after the shared options above)
-from splitcem.cli import catalog, deploy, runs, study  # noqa: E402
+from splitcem.cli import catalog, deploy, runs, study, tune  # noqa: E402
 
-__all__ = ["app", "catalog", "deploy", "main", "runs", "study"]
+__all__ = ["app", "catalog", "deploy", "main", "runs", "study", "tune"]
 
 
 def main() -> None:

@@ -60,15 +60,21 @@ def run_trial(
     device: str | None = None,
     progress: bool = False,
     ship: bool = False,
+    stop_rule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train and attack one trial in ``run_dir`` (resuming it if it was killed); return
     its status. Errors are caught and recorded, never raised: the sweep goes on.
 
     Runs in a Ray worker or in the driver; everything it takes and returns is plain data.
     With ``ship`` the status carries the run's result files (``files``: name -> bytes),
-    for a driver that does not share this node's filesystem.
+    for a driver that does not share this node's filesystem. ``stop_rule`` (a
+    :class:`~splitcem.study.stopping.StopRule` as a dict) stops a trial that cannot reach
+    its accuracy budget after an epoch: status ``stopped``, the run left resumable.
     """
     from splitcem.experiment import attack_run, train_run
+    from splitcem.study.stopping import StopRule, TrialStopped
+
+    hook = StopRule.from_dict(stop_rule).on_epoch if stop_rule else None
 
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
@@ -88,10 +94,13 @@ def run_trial(
                 run.config.to_dict() == cfg.to_dict())
             status["resumed"] = resume
             rec = train_run(cfg, path, resume=resume, overwrite=not resume, progress=progress,
-                            device=device)
+                            device=device, on_epoch_end=hook)
             if cfg.attack.attacks:
                 rec = attack_run(path, progress=progress, device=device)
         status.update(status="finished", accuracy=(rec.get("train") or {}).get("test_accuracy"))
+    except TrialStopped as e:  # hopeless: not a failure, not a result
+        status.update(status="stopped", stopped_at_epoch=e.epoch, accuracy=e.accuracy,
+                      reason=e.reason)
     except Exception as e:  # recorded for the sweep's table; the others go on
         status.update(status="failed", error=f"{type(e).__name__}: {e}",
                       traceback=traceback.format_exc())
