@@ -336,7 +336,7 @@ def test_demo_sweep_is_a_paired_frontier_and_noise_runs_carry_no_cem():
     from splitcem.study.demo import DEMO_CEM_LAMBDAS, DEMO_SEEDS, DEMO_SIGMAS, demo_sweep
     from splitcem.study.grid import expand, load_sweep
 
-    trials = expand(load_sweep(demo_sweep()))
+    trials = expand(load_sweep(demo_sweep(undefended=True)))
     by = {t.name: t for t in trials}
     s0 = DEMO_SEEDS[0]
     assert set(by) == {f"undefended_s{s0}"} | {
@@ -345,7 +345,7 @@ def test_demo_sweep_is_a_paired_frontier_and_noise_runs_carry_no_cem():
     assert len(DEMO_SEEDS) >= 2 and min(DEMO_SIGMAS) == 0.1 and len(DEMO_SIGMAS) >= 2
     assert by[f"undefended_s{s0}"].cfg.defenses == [] and by[f"undefended_s{s0}"].cfg.cem is None
     labels = {n: build_defenses(t.cfg).describe() for n, t in by.items()}
-    assert labels[f"noise0.2_s{s0}"] == "noise(sigma=0.2)"  # no cem(lam=0.0) on noise alone
+    assert labels[f"noise0.3_s{s0}"] == "noise(sigma=0.3)"  # no cem(lam=0.0) on noise alone
     assert not any("lam=0" in v for v in labels.values())
     cem = by[f"noise0.1_cem{DEMO_CEM_LAMBDAS[0]:g}_s{s0}"].cfg
     noise = by[f"noise0.1_s{s0}"].cfg
@@ -375,7 +375,7 @@ def test_demo_end_to_end_at_tiny_size(fashion_dir, tmp_path, cache_dir, monkeypa
     # sigma 0.02 and 1.5 bracket CEM's accuracy, so a comparison exists whatever tiny runs do
     text = demo.run_demo(out=tmp_path, progress=False, overrides=tiny,
                          sigmas=(0.02, 0.1, 1.5), lambdas=(30.0,), seeds=(125, 126),
-                         use_ray=False)
+                         undefended=True, use_ray=False)
     assert (tmp_path / "comparison.md").read_text().strip() == text.strip()
     assert "cem(lam=0" not in text and "| noise 1.5 | noise(sigma=1.5) | 125, 126 |" in text
     assert "| undefended | none | 125 |" in text

@@ -142,14 +142,17 @@ def demo(
     quiet: Quiet = False,
     threads: Threads = None,
     no_ray: NoRay = False,
+    undefended: Annotated[bool, typer.Option(
+        help="Also train one undefended run as a reference point (about 100 CPU-s more)")]
+    = False,
 ) -> None:
-    """A small frontier (noise alone at several sigmas, noise + CEM, paired seeds, one
-    undefended run), attacked; CEM against more noise at matched accuracy, with a verdict."""
+    """A small frontier (noise alone at several sigmas, noise + CEM, paired seeds), attacked;
+    CEM against more noise at matched accuracy, with its interval and verdict."""
     _threads(threads)
     from splitcem.study.demo import run_demo
 
     text = run_demo(dataset=dataset, root=root, out=out, progress=not quiet, device=device,
-                    use_ray=False if no_ray else None)
+                    undefended=undefended, use_ray=False if no_ray else None)
     typer.echo(text)
     typer.echo(f"-> {out / 'comparison.md'}, {out / 'frontier.png'} and the images in "
                f"{out}/*/reconstructions.png")
