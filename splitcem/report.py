@@ -269,10 +269,11 @@ class CurvePoint:
 
 
 def plot_curves(series: dict[str, list[CurvePoint]], path: str | Path, *,
-                baseline: str | None = None) -> Path:
+                baseline: str | None = None, title: str | None = None) -> Path:
     """The one frontier plot: test accuracy against worst-case attack MSE (left) and SSIM
     (right), one curve per series (mean ± sd over seeds, points labelled by strength); the
-    baseline drawn solid. Used by ``splitcem frontier``, ``sweep``, ``reproduce`` and the demo."""
+    baseline drawn solid; ``title``, if given, a second line under the heading (the demo puts
+    its verdict there). Used by ``splitcem frontier``, ``sweep``, ``reproduce`` and the demo."""
     fig = _figure(figsize=(12, 5))
     axes = fig.subplots(1, 2)
     for gi, (g, points) in enumerate(sorted(series.items())):
@@ -296,7 +297,8 @@ def plot_curves(series: dict[str, list[CurvePoint]], path: str | Path, *,
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle("privacy-utility frontier (mean ± sd over seeds; labels: strength)")
+    head = "privacy-utility frontier (mean ± sd over seeds; labels: strength)"
+    fig.suptitle(head if not title else f"{head}\n{title}")
     fig.tight_layout()
     return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
 

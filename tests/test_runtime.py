@@ -331,34 +331,70 @@ def test_bad_yaml_in_an_override_is_a_config_error():
 # ---- the demo -------------------------------------------------------------------------------
 
 
-def test_demo_configs_compare_three_runs():
-    from splitcem.study.demo import DEMO_CEM_LAMBDA, demo_configs
+def test_demo_sweep_is_a_paired_frontier_and_noise_runs_carry_no_cem():
+    from splitcem.experiment import build_defenses
+    from splitcem.study.demo import DEMO_CEM_LAMBDAS, DEMO_SEEDS, DEMO_SIGMAS, demo_sweep
+    from splitcem.study.grid import expand, load_sweep
 
-    plain, noise, cem = (load_config(c) for c in demo_configs())
-    assert [c.name for c in (plain, noise, cem)] == [
-        "undefended", "noise_0.1", f"noise_0.1_cem_{DEMO_CEM_LAMBDA:g}"]
-    assert plain.defenses == [] and noise.defenses == cem.defenses != []
-    assert noise.cem is not None and noise.cem.lam == 0 and cem.cem is not None
-    assert cem.cem.lam == DEMO_CEM_LAMBDA > 0
-    assert noise.train == cem.train and noise.model == cem.model  # only CEM differs
+    trials = expand(load_sweep(demo_sweep(undefended=True)))
+    by = {t.name: t for t in trials}
+    s0 = DEMO_SEEDS[0]
+    assert set(by) == {f"undefended_s{s0}"} | {
+        f"noise{s:g}_s{k}" for s in DEMO_SIGMAS for k in DEMO_SEEDS} | {
+        f"noise0.1_cem{lam:g}_s{k}" for lam in DEMO_CEM_LAMBDAS for k in DEMO_SEEDS}
+    assert len(DEMO_SEEDS) >= 2 and min(DEMO_SIGMAS) == 0.1 and len(DEMO_SIGMAS) >= 2
+    assert by[f"undefended_s{s0}"].cfg.defenses == [] and by[f"undefended_s{s0}"].cfg.cem is None
+    labels = {n: build_defenses(t.cfg).describe() for n, t in by.items()}
+    assert labels[f"noise0.3_s{s0}"] == "noise(sigma=0.3)"  # no cem(lam=0.0) on noise alone
+    assert not any("lam=0" in v for v in labels.values())
+    cem = by[f"noise0.1_cem{DEMO_CEM_LAMBDAS[0]:g}_s{s0}"].cfg
+    noise = by[f"noise0.1_s{s0}"].cfg
+    assert cem.cem is not None and cem.cem.lam == DEMO_CEM_LAMBDAS[0] > 0
+    assert noise.defenses == cem.defenses and noise.cem is None
+    assert noise.train == cem.train and noise.model == cem.model and noise.data == cem.data
 
 
-def test_demo_end_to_end_at_tiny_size(fashion_dir, tmp_path, cache_dir):
-    """The real demo pipeline (three runs, table, plot) on a few hundred images."""
-    from splitcem.study.demo import run_demo
+def test_demo_end_to_end_at_tiny_size(fashion_dir, tmp_path, cache_dir, monkeypatch):
+    """The real demo pipeline (a tiny frontier: noise at three sigmas and CEM, two paired
+    seeds, one undefended run; the matched-accuracy comparison, the plot) on a few hundred
+    images."""
+    import splitcem.study.demo as demo
+    from splitcem.study.frontier import LESS, MORE, UNDECIDED
 
-    tiny = ["data.limit_train=256", "data.limit_test=200", f"data.cache_dir={cache_dir}",
+    drawn = {}
+
+    def spy(series, path, **kw):
+        drawn.update(series)
+        return real(series, path, **kw)
+
+    real = demo.plot_curves
+    monkeypatch.setattr(demo, "plot_curves", spy)
+    tiny = ["data.limit_train=1024", "data.limit_test=200", f"data.cache_dir={cache_dir}",
             "model.client_width=0.25", "train.epochs=2", "device=cpu",
             "attack.attacks=[{name: decoder, epochs: 1, width: 8, depth: 0}]"]
-    table = run_demo(out=tmp_path, progress=False, overrides=tiny)
-    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
-    assert [r.split("|")[1].strip() for r in rows] == [
-        "undefended", "noise_0.1", "noise_0.1_cem_30"]
-    assert (tmp_path / "comparison.md").read_text().strip() == table.strip()
-    png = (tmp_path / "comparison.png").read_bytes()
+    # sigma 0.02 and 1.5 bracket CEM's accuracy, so a comparison exists whatever tiny runs do
+    text = demo.run_demo(out=tmp_path, progress=False, overrides=tiny,
+                         sigmas=(0.02, 0.1, 1.5), lambdas=(30.0,), seeds=(125, 126),
+                         undefended=True, use_ray=False)
+    assert (tmp_path / "comparison.md").read_text().strip() == text.strip()
+    assert "cem(lam=0" not in text and "| noise 1.5 | noise(sigma=1.5) | 125, 126 |" in text
+    assert "| undefended | none | 125 |" in text
+    verdict = json.loads((tmp_path / "comparison.json").read_text())["comparisons"][
+        "noise 0.1 + CEM lambda 30"]
+    assert verdict["verdict"] in (MORE, LESS, UNDECIDED) and verdict["n_seeds"] == 2, text
+    assert verdict["paired"] and f"-> {verdict['verdict'].upper()}" in text
+    if verdict["verdict"] == UNDECIDED:
+        assert "deciding it would need" in text
+    else:
+        assert verdict["low"] > 0 or verdict["high"] < 0
+    png = (tmp_path / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    rec = json.loads((tmp_path / "noise_0.1_cem_30" / "metrics.json").read_text())
+    assert [p.label for p in drawn[demo.BASELINE]] == ["0.02", "0.1", "1.5"]
+    assert [p.label for p in drawn[demo.CEM]] == ["0", "30"]  # starts at noise 0.1 alone
+    rec = json.loads((tmp_path / "noise0.1_cem30_s126" / "metrics.json").read_text())
     assert rec["cem_lambda"] == 30 and "loss/cem" in rec["train"]["history"][-1]
+    assert json.loads((tmp_path / "noise0.1_s126" / "metrics.json").read_text())[
+        "defenses"] == "noise(sigma=0.1)"
 
 
 # ---- CUDA only (benchmarks/gpu_check.sh runs these with -k cuda) -----------------------------
