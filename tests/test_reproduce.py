@@ -202,19 +202,39 @@ def test_the_bottleneck_is_a_defense_over_its_channels(bundled):
                                                       for t in trials}
 
 
-def test_reproduce_on_finished_runs_of_the_bundled_sweep_tables_every_zoo_defense(tmp_path,
-                                                                                 bundled):
+def test_reproduce_on_finished_runs_of_the_bundled_sweep_tables_every_zoo_defense(
+        tmp_path, bundled, monkeypatch):
     """The one command on a sweep folder whose every trial finished (synthetic runs): it
-    runs nothing, and the table has each zoo defense's CEM rows against its own curve."""
+    trains nothing of the zoo (its settings have fixed seeds), only the seeds that the
+    frontier's seeds-until-decided rounds add (here a fake trial function writes their
+    records), and the table has each zoo defense's CEM rows against its own curve."""
+    from splitcem.study import trials as engine
     from splitcem.study.reproduce import reproduce
 
     rng = np.random.default_rng(7)
+
+    def figures() -> tuple[float, float]:
+        return 0.75 + 0.05 * rng.random(), 0.01 * math.exp(rng.normal(0, 0.2))
+
     for t in bundled:
-        write_run(tmp_path / t.name, t.cfg, 0.75 + 0.05 * rng.random(),
-                  0.01 * math.exp(rng.normal(0, 0.2)))
+        write_run(tmp_path / t.name, t.cfg, *figures())
+    added: list[str] = []
+
+    def fake(cfg_dict, run_dir, *, threads=1, meta=None, device=None, progress=False,
+             ship=False):  # an added seed: a finished record, no training
+        cfg = load_config(cfg_dict)
+        added.append(cfg.name)
+        rec = write_run(Path(run_dir), cfg, *figures())
+        status = {**(meta or {}), "status": "finished", "accuracy": rec.accuracy}
+        rec.write_trial(status)
+        return status
+
+    monkeypatch.setattr(engine, "run_trial", fake)
     res, table = reproduce("cifar10", "cpu", out=tmp_path, use_ray=False, progress=False,
                            device="cpu")
-    assert res.ran == [] and sorted(res.skipped) == sorted(t.name for t in bundled)
+    assert sorted(res.skipped) == sorted(t.name for t in bundled)
+    assert sorted(res.ran) == sorted(added)
+    assert all(n.startswith("noise") for n in added), added  # the frontier section only
     rows = json.loads((tmp_path / "paper_table.json").read_text())
     assert table in (tmp_path / "paper_table.md").read_text()
     assert len(table.splitlines()) == len(rows) + 4  # header, rule, rows, blank, average
