@@ -280,7 +280,7 @@ def test_decoder_attack_logs_one_line_per_epoch(cifar_splits, monkeypatch, caplo
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     client = create_split_model("vgg11_bn", num_classes=10, client_width=0.25).client
     target = AttackTarget(client, None, cifar_splits.train.info)
-    with caplog.at_level(logging.INFO, logger="splitcem.attacks.decoder"):
+    with caplog.at_level(logging.INFO, logger="splitcem.attacks"):  # training.py logs it
         rep = run_attacks(target, cifar_splits,
                           [{"name": "decoder", "epochs": 3, "width": 8, "depth": 0}],
                           threat=ThreatModel(setting="inference", heldout_limit=16))
