@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 TRIAL_FILE = "trial.json"
+#: held by the process running a sweep's trial for as long as it runs (the OS drops it when
+#: that process dies): a resumed sweep never writes beside a worker of a killed one
+LOCK_FILE = ".trial.lock"
 CHECKPOINT = "checkpoints/last.pt"
 #: files a run's attacks leave behind (removed when training starts again)
 ATTACK_FILES = ("reconstructions.png", "reconstructions.npz", "attack_decoder.safetensors",
@@ -321,7 +324,8 @@ class RunRecord:
         dst = Path(dst)
         if dst.exists():
             shutil.rmtree(dst)
-        shutil.copytree(self.path, dst, ignore=shutil.ignore_patterns(TRIAL_FILE, ".*.tmp"))
+        shutil.copytree(self.path, dst,
+                        ignore=shutil.ignore_patterns(TRIAL_FILE, LOCK_FILE, ".*.tmp"))
         write_text(dst / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         m = {**self.metrics, "name": cfg.name, "adopted_from": str(self.path)}
         if self.legacy:  # pin what ran: the copy's config may say amp: auto

@@ -138,6 +138,35 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
     assert done.attacks["split"]["seed"] == 125
 
 
+def test_a_trial_waits_for_a_worker_still_running_it(tiny_config, tmp_path, caplog):
+    """A worker of a killed sweep may still be running a trial when the sweep is resumed:
+    the new attempt waits for that process's lock instead of writing beside it, then counts
+    the attempt after the other one's."""
+    from splitcem.record import LOCK_FILE
+    from splitcem.study.execute import run_trial
+
+    run = tmp_path / "t"
+    run.mkdir()
+    (run / "trial.json").write_text(json.dumps({"status": "running", "attempts": 1}))
+    code = ("import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
+            "l.acquire(); print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run / LOCK_FILE), "2"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        cfg = tiny_config(name="t", data={"root": str(tmp_path / "no-such-data")})
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="splitcem.study.trials"):
+            status = run_trial(cfg.to_dict(), str(run), threads=1)
+        waited = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert waited > 1.0, waited  # it did not start until the holder let go (2 s)
+    assert any("still being run" in r.message for r in caplog.records)
+    assert status["status"] == "failed" and status["attempts"] == 2
+
+
 def test_committed_runs_adopt_into_reproduce(tmp_path):
     """The committed CPU-protocol runs (``amp: true``) adopt into the bundled sweep's
     ``amp: auto`` trials where auto means the same path: a CPU with native bf16."""

@@ -5,6 +5,7 @@ early-stopping rule it learned never stopped a trial that finished within the bu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -128,6 +129,32 @@ def _trial_status(out: Path, name: str) -> str | None:
     return RunRecord.load(out / "trials" / name).trial.get("status")
 
 
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of ``proc``'s session (it was started with a new one) and wait
+    until they are gone: Ray's workers have process groups of their own, so a kill of the
+    CLI's group alone leaves the trial in flight running."""
+    def members() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            try:
+                if (d.name.isdigit() and os.getsid(int(d.name)) == proc.pid
+                        and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"):
+                    pids.append(int(d.name))  # alive (a zombie holds no lock, writes nothing)
+            except OSError:  # gone already
+                pass
+        return pids
+
+    deadline = time.monotonic() + 30
+    while (pids := members()) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(OSError):  # gone already
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait(timeout=30)
+        time.sleep(0.1)
+    assert not members(), "the killed tune's processes did not exit"
+
+
 def test_a_killed_tune_resumes(base, tuned, tmp_path):  # tuned: its reference run
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPLITCEM_THREADS": "1",
@@ -149,8 +176,7 @@ def test_a_killed_tune_resumes(base, tuned, tmp_path):  # tuned: its reference r
             time.sleep(0.5)
         assert proc.poll() is None and done, "the tune ended before it could be killed"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Ray and the trial in flight
-        proc.wait(timeout=30)
+        _kill_session(proc)  # the CLI, its Ray and the trial in flight
     names = list(_state(out)["trials"])
     killed = names[-1]
     assert _trial_status(out, killed) == "running"

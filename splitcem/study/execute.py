@@ -16,9 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from splitcem._io import atomic_write
 from splitcem.config import load_config
-from splitcem.record import CONFIG_FILE, METRICS_FILE, RunRecord
+from splitcem.record import CONFIG_FILE, LOCK_FILE, METRICS_FILE, RunRecord
 
 __all__ = ["RESULT_FILES", "land", "run_trial"]
 
@@ -71,13 +73,41 @@ def run_trial(
     :class:`~splitcem.study.stopping.StopRule` as a dict) stops a trial that cannot reach
     its accuracy budget after an epoch: status ``stopped``, the run left resumable.
     """
-    from splitcem.experiment import attack_run, train_run
-    from splitcem.study.stopping import StopRule, TrialStopped
+    from splitcem.study.stopping import StopRule
 
     hook = StopRule.from_dict(stop_rule).on_epoch if stop_rule else None
 
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path):
+        return _run_locked(path, cfg_dict, threads=threads, meta=meta, device=device,
+                           progress=progress, ship=ship, hook=hook)
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold the trial's lock; if another process holds it (a worker of a killed sweep still
+    finishing this trial), say so and wait for it, then go on from where it got."""
+    lock = FileLock(path / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = RunRecord.load(path).trial
+        log.warning("trial %s: still being run by pid %s on %s (a worker of a killed sweep?); "
+                    "waiting for it to end", path.name, holder.get("pid"), holder.get("host"))
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_locked(path: Path, cfg_dict: dict[str, Any], *, threads: int | None,
+                meta: dict[str, Any] | None, device: str | None, progress: bool, ship: bool,
+                hook: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    from splitcem.experiment import attack_run, train_run
+    from splitcem.study.stopping import TrialStopped
+
     run = RunRecord.load(path)
     status: dict[str, Any] = {
         **(meta or {}), "status": "running", "run_dir": str(path), "host": socket.gethostname(),
