@@ -171,3 +171,53 @@ def test_dry_run_lists_finished_adoptable_and_pending(tmp_path, fake_trials):
                                    str(tmp_path / "new"), "--adopt", str(done)])
     assert res.exit_code == 0, res.output
     assert "10 trials" in res.output and "3 adoptable, 7 pending" in res.output
+
+
+def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, monkeypatch):
+    """``splitcem tune --confirm-seeds N``: the recommendation (CEM lambda 3, true gain +25%)
+    and the noise settings around its accuracy get one more seed at a time until the gain is
+    decided or N seeds ran; a second call pays for nothing."""
+    from functools import partial
+
+    import yaml
+
+    from splitcem.study import tune_confirm
+    from splitcem.study.grid import Trial
+    from splitcem.study.space import load_space
+    from splitcem.study.tune import TuneResult, _observation
+    from splitcem.study.tune_report import gain_over_noise, recommend, settings
+
+    base = load_config({"name": "tiny", "seed": 10, "device": "cpu", "train": {"epochs": 1},
+                        "defenses": [{"name": "noise", "sigma": 0.1}],
+                        "attack": {"attacks": [{"name": "decoder", "epochs": 1}]}}).to_dict()
+    sigma = {"low": 0.05, "high": 0.5}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"families": {
+        "noise": {"set": {"defenses.0.sigma": sigma, "cem.lambda": 0.0}},
+        "cem": {"set": {"defenses.0.sigma": 0.1, "cem.lambda": {"low": 1.0, "high": 3.0}}}}}))
+    space = load_space(tmp_path / "space.yaml", base)
+    monkeypatch.setattr(tune_confirm, "run_trials", partial(engine.run_trials, use_ray=False))
+    points = [("noise", {"defenses.0.sigma": s}) for s in (0.1, 0.2, 0.3)]
+    points.append(("cem", {"cem.lambda": 3.0}))
+    trials = [Trial(f"{space.label(f, v)}_s10", space.config(base, f, v,
+                    name=f"{space.label(f, v)}_s10", seed=10), 10, v, f) for f, v in points]
+    engine.run_trials(trials, tmp_path / "trials", use_ray=False, progress=False)
+    result = TuneResult(tmp_path, budget=0.72, reference_accuracy=0.8, observations=[
+        _observation(RunRecord.load(tmp_path / "trials" / t.name), t.variant, t.values, "tune")
+        for t in trials])
+    tuned = len(fake_trials)
+
+    tune_confirm.confirm(result, space, base, 8)
+    sets = settings(result.observations, space)
+    best = recommend(sets, result.budget)[0]
+    cmp = gain_over_noise(best, sets)
+    assert best.family == "cem" and cmp is not None
+    assert cmp.decided and cmp.verdict == "more private", cmp.to_dict()
+    n = len(best.seeds)
+    assert 2 < n < 8 and best.seeds == list(range(10, 10 + n))  # one seed per round, stopped
+    added = fake_trials[tuned:]  # the recommendation and its noise neighbours, never others
+    assert len(added) >= 2 * (n - 1) and all(a.startswith(("cem_", "noise_")) for a in added)
+    assert not any(a.startswith("noise_sigma=0.3") for a in added)  # far from 0.75 accuracy
+
+    again = len(fake_trials)
+    tune_confirm.confirm(result, space, base, 8)  # decided already: runs nothing
+    assert len(fake_trials) == again

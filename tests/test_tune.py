@@ -23,6 +23,7 @@ os.environ.update(LOOPBACK_ENV)  # before ray is imported: local Ray on loopback
 ray = pytest.importorskip("ray", reason="pip install 'splitcem[tune]' (make setup does)")
 pytest.importorskip("optuna", reason="pip install 'splitcem[tune]' (make setup does)")
 
+from splitcem.errors import ConfigError  # noqa: E402
 from splitcem.record import RunRecord  # noqa: E402
 from splitcem.study.tune import run_tune  # noqa: E402
 
@@ -184,6 +185,9 @@ def test_a_killed_tune_resumes(base, tuned, tmp_path):  # tuned: its reference r
     with pytest.raises(Exception, match="--resume"):
         run_tune(base / "base.yaml", max_drop=3.0, space=base / "space.yaml", trials=3,
                  out=out, reference=[base / "first" / "reference"])
+    with pytest.raises(ConfigError, match="max_drop"):  # another budget: not this tune
+        run_tune(base / "base.yaml", max_drop=2.0, space=base / "space.yaml", trials=3,
+                 out=out, reference=[base / "first" / "reference"], resume=True)
     res = run_tune(base / "base.yaml", max_drop=3.0, space=base / "space.yaml", trials=3,
                    max_concurrent=1, out=out, reference=[base / "first" / "reference"],
                    resume=True)

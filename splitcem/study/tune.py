@@ -36,6 +36,7 @@ from splitcem.config import RunConfig, load_config
 from splitcem.errors import ConfigError
 from splitcem.record import RunRecord
 from splitcem.report import attack_metric
+from splitcem.runid import attack_hash
 from splitcem.study.execute import land, run_trial
 from splitcem.study.grid import Trial
 from splitcem.study.space import SearchSpace, default_space, load_space
@@ -193,6 +194,15 @@ def run_tune(
     if old and not resume:
         raise ConfigError(f"{out_dir} holds a tune already: add --resume to continue it, or "
                           "give a new --out")
+    same = {"base_hash": attack_hash(base_cfg, device=device), "max_drop": max_drop,
+            "mode": mode, "seed": seed}
+    if old:
+        changed = [k for k, v in same.items() if k in old and old[k] != v]
+        if changed:
+            raise ConfigError(
+                f"{out_dir} holds a tune of another {', '.join(changed)} (base config, "
+                "--max-drop, --mode, --seed): resume it with what it was started with, or "
+                "give a new --out")
     sp = space if isinstance(space, SearchSpace) else (
         load_space(space, base_raw) if space is not None else default_space(base_raw, cut=cut))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -202,6 +212,10 @@ def run_tune(
         ref, ref_runs = _reference(base_cfg, reference, out_dir, warm=warm_start, address=address,
                          device=device)
         budget = ref - max_drop / 100
+        if old and "budget" in old and abs(float(old["budget"]) - budget) > 1e-9:
+            raise ConfigError(f"{out_dir} was tuned against a reference accuracy of "
+                              f"{old['reference']:.4f}, these --reference runs give {ref:.4f}: "
+                              "resume with the same reference runs, or give a new --out")
         log.info("tune: reference accuracy %.4f, budget %.4f", ref, budget)
         result = TuneResult(out_dir, budget, ref)
         obs = _warm_start(sp, base_raw, warm_start, tdir, device) if warm_start else []
@@ -224,7 +238,7 @@ def run_tune(
 
         def save_state() -> None:
             write_json(state_path, {"base": str(base), "budget": budget, "reference": ref,
-                                    "mode": mode, "trials": asked})
+                                    **same, "trials": asked})
 
         def rule() -> StopRule:
             runs = ref_runs + [RunRecord.load(o.run_dir).metrics for o in result.observations
