@@ -1,7 +1,9 @@
-"""Small I/O helpers: atomic writes, so a crash never leaves a half-written file behind."""
+"""Small I/O helpers: atomic writes, so a crash never leaves a half-written file behind, and
+a module's fingerprint."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -11,7 +13,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "load_checkpoint", "save_checkpoint", "write_json", "write_text"]
+__all__ = ["atomic_write", "load_checkpoint", "save_checkpoint", "weights_sha256", "write_json",
+           "write_text"]
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -74,3 +77,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it and "
             "re-run without --resume, or resume from an earlier copy"
         ) from e
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes, values): the fingerprint an
+    audit's saved decoder and a BYO deployment share, so the lens can tell they match."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

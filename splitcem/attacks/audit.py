@@ -228,9 +228,9 @@ def _splits(data: AuditData, train: AuditData | None, threats: list[Any], *,
 def _write(out: Path, report: AttackReport, seconds: float, stack: DefenseStack | None,
            encoder: nn.Module) -> None:
     from splitcem import report as reports
+    from splitcem._io import weights_sha256
     from splitcem.attacks.decoder import save_decoder
     from splitcem.experiment import ATTACK_DECODER
-    from splitcem.serving.program import weights_sha256
 
     record: dict[str, Any] = {
         "name": out.name,

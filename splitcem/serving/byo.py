@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splitcem._io import weights_sha256
 from splitcem.data.info import DatasetInfo
 from splitcem.defenses.base import Defense
 from splitcem.defenses.protect import Protected
@@ -27,7 +28,7 @@ from splitcem.errors import ConfigError
 from splitcem.serving.deploy import DEPLOY_DIR
 from splitcem.serving.edge import write_onnx
 from splitcem.serving.export import transforms_features, write_deployment
-from splitcem.serving.program import program_bytes, weights_sha256
+from splitcem.serving.program import program_bytes
 
 __all__ = ["defense_spec", "export"]
 

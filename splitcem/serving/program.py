@@ -15,7 +15,6 @@ The edge client (``client.onnx``) is :mod:`splitcem.serving.edge`.
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import types
 from pathlib import Path
@@ -26,24 +25,13 @@ from torch import Tensor, nn
 
 from splitcem.errors import ServingError
 
-__all__ = ["ONNX_FILE", "PROGRAM_FILES", "build_half", "program_bytes", "weights_sha256"]
+__all__ = ["ONNX_FILE", "PROGRAM_FILES", "build_half", "program_bytes"]
 
 #: the program file of each half, beside its .safetensors
 PROGRAM_FILES = {"server": "server.pt2", "client": "client.pt2"}
 ONNX_FILE = "client.onnx"
 #: largest batch the programs accept (their batch dimension is dynamic up to this)
 MAX_BATCH = 4096
-
-
-def weights_sha256(module: nn.Module) -> str:
-    """SHA-256 of a module's state (names, dtypes, shapes, values): the fingerprint an
-    audit's saved decoder and a BYO deployment share, so the lens can tell they match."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def program_bytes(module: nn.Module, example: Tensor) -> bytes:
