@@ -321,3 +321,9 @@ def test_cuda_matches_cpu_and_defers_the_nonfinite_check():
     c_gpu.loss(ctx)  # no raise here
     with pytest.raises(NonFiniteError, match="step 5"):
         c_gpu.on_epoch_end(EpochContext(model=fake, epoch=1, device=dev, train_batches=None))
+
+
+def test_lambda_zero_describes_itself_as_estimates_only():
+    """A run's defenses line does not read as a CEM defense when lambda is 0."""
+    assert "estimates only" in CEM(lam=0.0).extra_repr()
+    assert CEM(lam=3.0).extra_repr().startswith("lam=3.0, clusters=")

@@ -378,7 +378,6 @@ class CEM(Defense):
         self._mixture_changed()
 
     def extra_repr(self) -> str:
-        return (
-            f"lam={self.lam}, clusters={self.clusters}, form={self.form}, tau={self.tau}, "
-            f"bank={self.bank}"
-        )
+        lam = f"lam={self.lam}" if self.lam else "lam=0: estimates only, no regularisation"
+        return (f"{lam}, clusters={self.clusters}, form={self.form}, tau={self.tau}, "
+                f"bank={self.bank}")
