@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from _serve_proc import ServeProcess  # benchmarks/_serve_proc.py, beside this script
 
 from splitcem.data.info import NORMALIZATION, DatasetInfo
 from splitcem.defenses import create_defense
@@ -52,43 +52,6 @@ VARIANTS = {
     "batched": [],
     "batched_w2": ["--workers", "2"],
 }
-
-
-class _Server:
-    """``splitcem serve TARGET --port 0`` as a child process; reads its URL from stdout."""
-
-    def __init__(self, target: Path, threads: int, extra: list[str] | None = None,
-                 timeout: float = 180.0) -> None:
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", "splitcem.cli", "serve", str(target), "--port", "0",
-             "--threads", str(threads), *(extra or [])], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
-        found: list[str] = []
-        ready = threading.Event()
-
-        def drain() -> None:  # keeps reading so the child never blocks on a full pipe
-            assert self.p.stdout is not None
-            for line in self.p.stdout:
-                m = re.search(r"http://127\.0\.0\.1:\d+", line)
-                if m and not found:
-                    found.append(m.group(0))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        ready.wait(timeout)
-        if not found:
-            self.stop()
-            raise RuntimeError("splitcem serve did not start")
-        self.url = found[0]
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
 
 
 def _deploy(out: Path) -> Path:
@@ -203,7 +166,7 @@ def _compare(target: Path, body: bytes, args: argparse.Namespace,
         n: {"lat": [], "reqs": [], "cpu": []} for n in args.variants}
     for r in range(args.rounds):
         for name in args.variants:
-            server = _Server(target, args.server_threads, VARIANTS[name])
+            server = ServeProcess(target, ["--threads", str(args.server_threads), *VARIANTS[name]])
             try:
                 cpu0 = _tree_cpu_s(server.p.pid)
                 reqs, lat = _load_procs(server.url, body, args.procs, args.seconds)
@@ -241,7 +204,7 @@ def _compare(target: Path, body: bytes, args: argparse.Namespace,
 def _grid(target: Path, z_all: torch.Tensor, args: argparse.Namespace,
           out: dict[str, float | int | str]) -> None:
     """Threads of this process against the default (batched) server: batch x clients."""
-    server = _Server(target, args.server_threads)
+    server = ServeProcess(target, ["--threads", str(args.server_threads)])
     try:
         for b in args.batches:
             body = encode_features(z_all[:b])

@@ -28,11 +28,11 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
+from _serve_proc import ServeProcess  # benchmarks/_serve_proc.py, beside this script
 
 from splitcem.data.info import NORMALIZATION, DatasetInfo
 from splitcem.models import create_split_model
@@ -57,42 +57,6 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-class _Server:
-    def __init__(self, deploy: Path, token_file: Path, timeout: float = 180.0) -> None:
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", "splitcem.cli", "serve", str(deploy), "--port", "0",
-             "--threads", "1", "--token-file", str(token_file), "--header-timeout", "2",
-             "--body-timeout", "3", "--keep-alive", "2", "--max-connections", "256"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        ready = threading.Event()
-
-        def drain() -> None:
-            assert self.p.stdout is not None
-            for line in self.p.stdout:
-                self.lines.append(line)
-                if re.search(r"http://127\.0\.0\.1:\d+", line):
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        ready.wait(timeout)
-        m = next((re.search(r"http://127\.0\.0\.1:\d+", x) for x in self.lines
-                  if "http://" in x), None)
-        if m is None:
-            self.stop()
-            raise RuntimeError("splitcem serve did not start:\n" + "".join(self.lines[-20:]))
-        self.url = m.group(0)
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
 
 
 def _cases(deploy: Path, n: int = 16) -> list[dict]:
@@ -138,7 +102,9 @@ def main() -> int:
         cases = _cases(deploy)
         cases_file = Path(tmp) / "cases.json"
         cases_file.write_text(json.dumps(cases))
-        server = _Server(deploy, token_file)
+        server = ServeProcess(deploy, [
+            "--threads", "1", "--token-file", str(token_file), "--header-timeout", "2",
+            "--body-timeout", "3", "--keep-alive", "2", "--max-connections", "256"])
         try:
             conn = ServerConnection(server.url, token=TOKEN)
             for c in cases * 4:  # warm-up: allocator and caches settle before the baseline
