@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from splitcem.study.trials import run_grid
+from splitcem.study.trials import Engine, run_grid
 
 
 def sweep_spec(root: str | None, *, quick: bool) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def timed(spec: dict[str, Any], out: Path, **kw: Any) -> float:
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    res = run_grid(spec, out=out, progress=False, **kw)
+    res = run_grid(spec, out=out, engine=Engine(progress=False, **kw))
     seconds = time.perf_counter() - t0
     if res.failed:
         errs = {n: res.statuses[n].get("error") for n in res.failed}

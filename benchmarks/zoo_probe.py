@@ -40,7 +40,7 @@ from splitcem.record import RunRecord
 from splitcem.study.grid import Trial, add_overrides, expand, format_value, load_sweep
 from splitcem.study.paper import defense_of
 from splitcem.study.reproduce import sweep_file
-from splitcem.study.trials import run_trials
+from splitcem.study.trials import Engine, run_trials
 
 #: epoch-counting defense parameters, rescaled to the probe's epochs (name -> key)
 _EPOCH_KEYS = {"patrol": "prune_epoch", "adversarial": "pretrain_epochs"}
@@ -105,8 +105,8 @@ def main() -> None:
     print(f"probe: {len(trials)} trials, {args.epochs} epoch(s) on {args.limit_train} images "
           f"-> {args.out}", flush=True)
     t0 = time.perf_counter()
-    res = run_trials(trials, args.out, name="zoo_probe", use_ray=False,
-                     threads_per_trial=args.threads, progress=True)
+    res = run_trials(trials, args.out, name="zoo_probe",
+                     engine=Engine(use_ray=False, threads_per_trial=args.threads))
     seconds = time.perf_counter() - t0
     acc: dict[str, dict[str, float]] = defaultdict(dict)
     for t in trials:

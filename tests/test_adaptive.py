@@ -18,6 +18,8 @@ from splitcem.study.adaptive import plan_round
 from splitcem.study.frontier import compare
 from splitcem.study.grid import expand, load_sweep
 
+#: the trials one after another in this process, no progress bars
+LOOP = engine.Engine(use_ray=False, progress=False)
 #: a seed's effect on every run's log MSE (shared: pairing cancels it)
 _EFFECT = {s: 0.3 * math.sin(1.7 * s) for s in range(200)}
 #: the true gain of each lambda over the noise curve at the same accuracy
@@ -86,7 +88,7 @@ def _cells(out):
 def test_seeds_until_decided_then_resume(tmp_path, fake_trials):
     spec = _sweep(tmp_path)
     out = tmp_path / "out"
-    res = engine.run_grid(spec, out=out, use_ray=False, progress=False)
+    res = engine.run_grid(spec, out=out, engine=LOOP)
     cells = _cells(out)
     base = {k: v for k, v in cells.items() if k.startswith("noise")}
     for lam in ("cem1", "cem3"):
@@ -115,7 +117,7 @@ def test_seeds_until_decided_then_resume(tmp_path, fake_trials):
 
     # re-running resumes: the rounds' runs are found, nothing runs again
     n = len(fake_trials)
-    again = engine.run_grid(spec, out=out, use_ray=False, progress=False)
+    again = engine.run_grid(spec, out=out, engine=LOOP)
     assert len(fake_trials) == n and again.ran == []
     assert len(again.statuses) == len(res.statuses)
 
@@ -123,14 +125,14 @@ def test_seeds_until_decided_then_resume(tmp_path, fake_trials):
     lost = sorted(s for s in cells["cem1"] if s > 11)
     if lost:
         (out / f"cem1_s{lost[-1]}" / "metrics.json").unlink()
-        again = engine.run_grid(spec, out=out, use_ray=False, progress=False)
+        again = engine.run_grid(spec, out=out, engine=LOOP)
         assert again.ran == [f"cem1_s{lost[-1]}"]
 
 
 def test_fixed_seeds_add_nothing(tmp_path, fake_trials):
     spec = _sweep(tmp_path)
     spec["variants"][1]["seeds"] = 2
-    engine.run_grid(spec, out=tmp_path / "out", use_ray=False, progress=False)
+    engine.run_grid(spec, out=tmp_path / "out", engine=LOOP)
     assert len(fake_trials) == 3 * 2 + 2 * 2
 
 
@@ -155,7 +157,7 @@ def test_dry_run_lists_finished_adoptable_and_pending(tmp_path, fake_trials):
     spec = _sweep(tmp_path)
     spec["variants"][1]["seeds"] = 2
     done = tmp_path / "done"
-    engine.run_trials(expand(load_sweep(spec))[:3], done, use_ray=False, progress=False)
+    engine.run_trials(expand(load_sweep(spec))[:3], done, engine=LOOP)
     trials = expand(load_sweep(spec))
     n = len(fake_trials)
     rows = {r["name"]: r for r in engine.dry_run(trials, done)}
@@ -177,8 +179,6 @@ def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, monkeypatch):
     """``splitcem tune --confirm-seeds N``: the recommendation (CEM lambda 3, true gain +25%)
     and the noise settings around its accuracy get one more seed at a time until the gain is
     decided or N seeds ran; a second call pays for nothing."""
-    from functools import partial
-
     import yaml
 
     from splitcem.study import tune_confirm
@@ -195,18 +195,17 @@ def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, monkeypatch):
         "noise": {"set": {"defenses.0.sigma": sigma, "cem.lambda": 0.0}},
         "cem": {"set": {"defenses.0.sigma": 0.1, "cem.lambda": {"low": 1.0, "high": 3.0}}}}}))
     space = load_space(tmp_path / "space.yaml", base)
-    monkeypatch.setattr(tune_confirm, "run_trials", partial(engine.run_trials, use_ray=False))
     points = [("noise", {"defenses.0.sigma": s}) for s in (0.1, 0.2, 0.3)]
     points.append(("cem", {"cem.lambda": 3.0}))
     trials = [Trial(f"{space.label(f, v)}_s10", space.config(base, f, v,
                     name=f"{space.label(f, v)}_s10", seed=10), 10, v, f) for f, v in points]
-    engine.run_trials(trials, tmp_path / "trials", use_ray=False, progress=False)
+    engine.run_trials(trials, tmp_path / "trials", engine=LOOP)
     result = TuneResult(tmp_path, budget=0.72, reference_accuracy=0.8, observations=[
         _observation(RunRecord.load(tmp_path / "trials" / t.name), t.variant, t.values, "tune")
         for t in trials])
     tuned = len(fake_trials)
 
-    tune_confirm.confirm(result, space, base, 8)
+    tune_confirm.confirm(result, space, base, 8, engine=LOOP)
     sets = settings(result.observations, space)
     best = recommend(sets, result.budget)[0]
     cmp = gain_over_noise(best, sets)
@@ -219,5 +218,5 @@ def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, monkeypatch):
     assert not any(a.startswith("noise_sigma=0.3") for a in added)  # far from 0.75 accuracy
 
     again = len(fake_trials)
-    tune_confirm.confirm(result, space, base, 8)  # decided already: runs nothing
+    tune_confirm.confirm(result, space, base, 8, engine=LOOP)  # decided already: runs nothing
     assert len(fake_trials) == again

@@ -83,8 +83,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 DRIVER = """
 import json, sys
-from splitcem.study.trials import run_grid
-res = run_grid(json.loads(sys.argv[1]), out=sys.argv[2], address=sys.argv[3], progress=False)
+from splitcem.study.trials import Engine, run_grid
+res = run_grid(json.loads(sys.argv[1]), out=sys.argv[2],
+               engine=Engine(address=sys.argv[3], progress=False))
 print("RESULT " + json.dumps({n: s.get("status") for n, s in res.statuses.items()}))
 """
 

@@ -16,9 +16,12 @@ import yaml
 
 from splitcem.config import load_config
 from splitcem.record import RunRecord, attack_hash, train_hash
+from splitcem.study.trials import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "results" / "cifar10_cpu"
+#: the trials one after another in this process, no progress bars
+LOOP = Engine(use_ray=False, progress=False)
 
 
 def _legacy_run(tmp: Path, cfg: dict, metrics: dict) -> Path:
@@ -98,7 +101,7 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
              "attack": {"attacks": [{"name": "decoder", "epochs": 1, "width": 8, "depth": 1}]}}
     old = tiny_config(name="t", defenses=[{"name": "noise", "sigma": 0.1}],
                       train={"epochs": 4, "warmup_epochs": 0}, **small)
-    res = run_trials([Trial("t", old, 0)], tmp_path / "sweep", use_ray=False, progress=False)
+    res = run_trials([Trial("t", old, 0)], tmp_path / "sweep", engine=LOOP)
     run = tmp_path / "sweep" / "t"
     assert res.ran == ["t"] and trial_finished(run, old) is not None
 
@@ -130,7 +133,7 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
     runs, notes = find_runs([tmp_path / "sweep"])
     assert runs == [] and any("unfinished (training)" in n for n in notes)
 
-    again = run_trials([Trial("t", new, 0)], tmp_path / "sweep", use_ray=False, progress=False)
+    again = run_trials([Trial("t", new, 0)], tmp_path / "sweep", engine=LOOP)
     assert again.ran == ["t"] and again.statuses["t"]["status"] == "finished"
     assert again.statuses["t"]["resumed"] is True  # the killed run's own checkpoint
     done = RunRecord.load(run)
@@ -220,8 +223,8 @@ def test_a_run_attacked_on_another_split_is_adopted_as_trained_and_reattacked(ti
                                          "channels_last": "auto"}, **small)
     assert trial.data.split_seed == 125 and RunRecord.load(src_ckpt.parents[1]).split[
         "seed"] == 0
-    res = run_trials([Trial("t", trial, 0)], tmp_path / "out", adopt=[tmp_path / "src"],
-                     use_ray=False, progress=False)
+    res = run_trials([Trial("t", trial, 0)], tmp_path / "out",
+                     engine=LOOP.but(adopt=(tmp_path / "src",)))
     assert res.adopted == [] and res.ran == ["t"]  # not a finished result: attacked again
     st = res.statuses["t"]
     assert st["status"] == "finished" and st["resumed"] is True

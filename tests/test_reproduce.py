@@ -230,8 +230,8 @@ def test_reproduce_on_finished_runs_of_the_bundled_sweep_tables_every_zoo_defens
         return status
 
     monkeypatch.setattr(engine, "run_trial", fake)
-    res, table = reproduce("cifar10", "cpu", out=tmp_path, use_ray=False, progress=False,
-                           device="cpu")
+    res, table = reproduce("cifar10", "cpu", out=tmp_path,
+                           engine=engine.Engine(use_ray=False, progress=False, device="cpu"))
     assert sorted(res.skipped) == sorted(t.name for t in bundled)
     assert sorted(res.ran) == sorted(added)
     assert all(n.startswith("noise") for n in added), added  # the frontier section only

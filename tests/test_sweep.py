@@ -8,6 +8,10 @@ import pytest
 import yaml
 
 from splitcem.study.sweep import run_sweep
+from splitcem.study.trials import Engine
+
+#: the runs one after another in this process, no progress bars
+LOOP = Engine(use_ray=False, progress=False)
 
 
 @pytest.mark.slow
@@ -20,7 +24,7 @@ def test_sweep_compares_and_reuses(tiny_config, tmp_path):
             .to_dict()))
         paths.append(p)
     out = tmp_path / "sweep"
-    table = run_sweep(paths, out, baseline="plain", progress=False)
+    table = run_sweep(paths, out, baseline="plain", engine=LOOP)
     assert "| plain |" in table and "| noisy |" in table and "MSE vs baseline" in table
     for f in ("comparison.md", "comparison.json", "frontier.png"):
         assert (out / f).is_file(), f
@@ -29,5 +33,5 @@ def test_sweep_compares_and_reuses(tiny_config, tmp_path):
     assert all("history" not in r["train"] for r in records)
     ckpt = out / "plain" / "checkpoints" / "last.pt"
     before = ckpt.stat().st_mtime_ns
-    assert run_sweep(paths, out, baseline="plain", progress=False) == table  # reused
+    assert run_sweep(paths, out, baseline="plain", engine=LOOP) == table  # reused
     assert ckpt.stat().st_mtime_ns == before

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import yaml
 
-from splitcem.study.trials import LOOPBACK_ENV, run_grid
+from splitcem.study.trials import LOOPBACK_ENV, Engine, run_grid
 
 os.environ.update(LOOPBACK_ENV)  # before ray is imported: local Ray on loopback only
 ray = pytest.importorskip("ray", reason="pip install 'splitcem[sweep]' (make setup does)")
@@ -61,7 +61,7 @@ def swept(local_ray, tmp_path_factory, cifar_tar, cache_dir):
         return load_config(raw)
 
     spec = _sweep(tmp, tiny_config, failing=True)
-    res = run_grid(spec, out=tmp / "out", max_concurrent=2, progress=False)
+    res = run_grid(spec, out=tmp / "out", engine=Engine(max_concurrent=2, progress=False))
     return spec, res
 
 
@@ -103,7 +103,7 @@ def test_rerun_skips_finished_and_resumes_a_killed_trial(swept):
     st = json.loads((killed / "trial.json").read_text())
     (killed / "trial.json").write_text(json.dumps({**st, "status": "running"}))
 
-    again = run_grid(spec, out=out, max_concurrent=2, progress=False)
+    again = run_grid(spec, out=out, engine=Engine(max_concurrent=2, progress=False))
     assert sorted(again.skipped) == ["noise0.1_s0", "noise0.1_s1", "noise0.3_s0"]
     assert sorted(again.ran) == ["broken_s0", "noise0.3_s1"]  # failed ones are retried
     for n, t in ckpts.items():
@@ -143,8 +143,8 @@ def test_adopting_finished_runs_and_the_cli(swept, tmp_path):
     spec, res = swept
     src_mtimes = {p: p.stat().st_mtime_ns for p in res.out.rglob("*") if p.is_file()}
     spec = {**spec, "name": "again"}
-    adopted = run_grid(spec, out=tmp_path / "adopted", adopt=[res.out], use_ray=False,
-                       progress=False)
+    adopted = run_grid(spec, out=tmp_path / "adopted",
+                       engine=Engine(adopt=(res.out,), use_ray=False, progress=False))
     assert sorted(adopted.adopted) == ["noise0.1_s0", "noise0.1_s1", "noise0.3_s0",
                                        "noise0.3_s1"]
     assert adopted.ran == ["broken_s0"]  # nothing finished to adopt: it ran (and failed)

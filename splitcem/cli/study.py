@@ -21,6 +21,18 @@ Adopt = Annotated[list[Path] | None, typer.Option(
          "it instead of training (the folder is only read); repeatable")]
 
 
+def _engine(address: str | None, max_concurrent: int | None, threads_per_trial: int,
+            gpus_per_trial: float, no_ray: bool, adopt: list[Path] | None, device: str | None,
+            quiet: bool) -> Any:
+    """The sweep engine's options from the shared command-line options."""
+    from splitcem.study.trials import Engine
+
+    return Engine(address=address, max_concurrent=max_concurrent,
+                  threads_per_trial=threads_per_trial, gpus_per_trial=gpus_per_trial,
+                  use_ray=not no_ray, adopt=tuple(adopt or ()), device=device,
+                  progress=not quiet)
+
+
 def _grid_summary(res) -> None:  # type: ignore[no-untyped-def]
     for name, s in res.statuses.items():
         extra = f" ({s.get('error')})" if s.get("error") else ""
@@ -75,19 +87,18 @@ def sweep(
                                                                    for k, v in counts.items()))
         return
 
-    engine: dict[str, Any] = {"address": address, "max_concurrent": max_concurrent,
-                              "threads_per_trial": threads_per_trial, "adopt": adopt or (),
-                              "gpus_per_trial": gpus_per_trial, "device": device}
+    engine = _engine(address, max_concurrent, threads_per_trial, gpus_per_trial, no_ray,
+                     adopt, device, quiet)
     if len(configs) == 1 and is_sweep_file(configs[0]):
         res = run_sweep_file(configs[0], overrides=set_ or [], out=out, baseline=baseline,
-                             use_ray=not no_ray, progress=not quiet, **engine)
+                             engine=engine)
         _grid_summary(res)
         if len(res.statuses) > len(res.failed):
             typer.echo(f"-> {res.out / 'frontier.md'}")
         return
     out = out or Path("runs/sweep")
     table = run_sweep(configs, out, overrides=set_ or [], baseline=baseline,
-                      progress=not quiet, **engine)
+                      engine=engine.but(use_ray=False) if no_ray or address is None else engine)
     typer.echo(table)
     typer.echo(f"-> {out / 'comparison.md'}, {out / 'frontier.png'}")
 
@@ -157,10 +168,9 @@ def reproduce(
                                  adopt=adopt or (), device=device)
         typer.echo(text)
         return
-    res, table = run(dataset, protocol, out=out, address=address,
-                     max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
-                     gpus_per_trial=gpus_per_trial, use_ray=not no_ray, adopt=adopt or (),
-                     device=device, progress=not quiet, overrides=set_ or [])
+    res, table = run(dataset, protocol, out=out, overrides=set_ or [],
+                     engine=_engine(address, max_concurrent, threads_per_trial,
+                                    gpus_per_trial, no_ray, adopt, device, quiet))
     _grid_summary(res)
     typer.echo(table)
     typer.echo(f"-> {res.out / 'paper_table.md'}, {res.out / 'frontier.md'}")

@@ -7,7 +7,8 @@ only through :class:`splitcem.record.RunRecord`.
 * :mod:`~splitcem.study.grid`: sweep files (base + variants + grid + seeds) and lists of
   run configs, expanded into :class:`~splitcem.study.grid.Trial` s;
 * :mod:`~splitcem.study.trials`: the one engine that runs trials (a loop or Ray), with
-  resume, adoption and failure handling; results come back to the driver;
+  resume, adoption and failure handling; results come back to the driver; how and where
+  they run is one :class:`~splitcem.study.trials.Engine` every front door passes down;
 * :mod:`~splitcem.study.frontier`: matched-accuracy maths (pure functions);
 * :mod:`~splitcem.study.frontier_report`, :mod:`~splitcem.study.groups`: the frontier
   report (grouping by defense family, tables, the plot);
@@ -23,9 +24,10 @@ from splitcem.study.frontier_report import FrontierRun, find_runs, group_runs, w
 from splitcem.study.grid import SweepSpec, Trial, expand, load_sweep
 from splitcem.study.reproduce import list_reproduce, paper_table, reproduce, sweep_file
 from splitcem.study.sweep import run_sweep
-from splitcem.study.trials import GridResult, run_grid
+from splitcem.study.trials import Engine, GridResult, run_grid
 
 __all__ = [
+    "Engine",
     "FrontierRun",
     "GridResult",
     "Matched",

@@ -25,7 +25,7 @@ from splitcem.record import RunRecord
 from splitcem.report import CurvePoint, attack_metric, markdown_table, plot_curves
 from splitcem.study.frontier import Comparison, compare
 from splitcem.study.grid import add_overrides, expand, format_value, load_sweep
-from splitcem.study.trials import run_trials
+from splitcem.study.trials import Engine, run_trials
 
 __all__ = ["DEMO_CEM_LAMBDAS", "DEMO_CONFIG", "DEMO_SEEDS", "DEMO_SIGMAS", "demo_sweep",
            "run_demo"]
@@ -162,9 +162,10 @@ def run_demo(
                          list(overrides))
     trials = expand(spec)  # every config validated before anything runs
     ray = _use_ray(device) if use_ray is None else use_ray
-    res = run_trials(trials, out, name="demo", source="splitcem demo", use_ray=ray,
-                     threads_per_trial=1 if ray else torch.get_num_threads(), device=dev,
-                     progress=progress, trial_progress=progress and not ray)
+    engine = Engine(use_ray=ray, threads_per_trial=1 if ray else torch.get_num_threads(),
+                    device=dev, progress=progress)
+    res = run_trials(trials, out, name="demo", source="splitcem demo", engine=engine,
+                     trial_progress=progress and not ray)
     runs: Runs = {UNDEFENDED: {}, BASELINE: {}, CEM: {}}
     for t in trials:
         rec = RunRecord.load(out / t.name)

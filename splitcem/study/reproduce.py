@@ -23,7 +23,7 @@ from splitcem.study.grid import SweepSpec, add_overrides, expand, load_sweep
 from splitcem.study.groups import find_runs
 from splitcem.study.listing import TrialState, format_listing, list_trials
 from splitcem.study.paper import paper_table
-from splitcem.study.trials import GridResult, run_grid
+from splitcem.study.trials import Engine, GridResult, run_grid
 
 __all__ = ["list_reproduce", "paper_table", "reproduce", "sweep_file"]
 
@@ -69,23 +69,14 @@ def reproduce(
     protocol: str = "cpu",
     *,
     out: str | Path | None = None,
-    address: str | None = None,
-    max_concurrent: int | None = None,
-    threads_per_trial: int = 1,
-    gpus_per_trial: float = 0.0,
-    use_ray: bool = True,
-    adopt: Sequence[str | Path] = (),
-    device: str | None = None,
-    progress: bool = True,
+    engine: Engine | None = None,
     overrides: Sequence[str] = (),
 ) -> tuple[GridResult, str]:
     """Run (or continue) the bundled sweep and write its tables; returns (result, table).
+    ``engine``: how and where the trials run (:class:`~splitcem.study.trials.Engine`);
     ``overrides`` (``key.sub=value``) apply to every trial, last (``--set``)."""
     spec = _spec(dataset, protocol, overrides)
-    res = run_grid(spec, out=_out(spec, out), address=address,
-                   max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
-                   gpus_per_trial=gpus_per_trial, use_ray=use_ray, adopt=adopt, device=device,
-                   progress=progress)
+    res = run_grid(spec, out=_out(spec, out), engine=engine)
     runs, notes = find_runs([res.out])
     table, rows = paper_table(runs)
     failed = res.failed

@@ -18,7 +18,7 @@ from splitcem.errors import SplitcemError
 from splitcem.record import RunRecord
 from splitcem.report import comparison_table, plot_frontier
 from splitcem.study.grid import add_overrides, config_trials, load_sweep
-from splitcem.study.trials import GridResult, run_grid, run_trials
+from splitcem.study.trials import Engine, GridResult, run_grid, run_trials
 
 __all__ = ["run_sweep", "run_sweep_file", "write_comparison"]
 
@@ -46,33 +46,28 @@ def run_sweep(
     *,
     overrides: Sequence[str] = (),
     baseline: str | None = None,
-    progress: bool = True,
-    device: str | None = None,
-    address: str | None = None,
-    use_ray: bool = False,
-    max_concurrent: int | None = None,
-    threads_per_trial: int | None = None,
-    gpus_per_trial: float = 0.0,
-    adopt: Sequence[str | Path] = (),
+    engine: Engine | None = None,
 ) -> str:
     """Train + attack each config under ``out/NAME``; write and return the comparison table.
 
     Writes ``out/comparison.md`` (markdown table), ``out/comparison.json`` (all records) and
-    ``out/frontier.png`` (accuracy against attack MSE). Runs in this process one after the
-    other unless ``use_ray`` (or an ``address``); a failed run is listed under the table
-    (its ``trial.json`` has the traceback), and if every run failed that is an error.
+    ``out/frontier.png`` (accuracy against attack MSE). ``engine``
+    (:class:`~splitcem.study.trials.Engine`): default one after another in this process, on
+    Ray only with ``use_ray`` (or an ``address``); its ``progress`` shows each run's bars. A
+    failed run is listed under the table (its ``trial.json`` has the traceback), and if every
+    run failed that is an error.
     """
     out = Path(out)
+    eng = engine or Engine(use_ray=False)
     trials = config_trials(list(configs), list(overrides))
     res: GridResult = run_trials(
-        trials, out, name=out.name, source=", ".join(map(str, configs)), address=address,
-        use_ray=use_ray or address is not None, max_concurrent=max_concurrent,
-        threads_per_trial=threads_per_trial or 1, gpus_per_trial=gpus_per_trial,
-        adopt=adopt, device=device, progress=False, trial_progress=progress)
+        trials, out, name=out.name, source=", ".join(map(str, configs)),
+        engine=eng.but(use_ray=eng.use_ray or eng.address is not None, progress=False),
+        trial_progress=eng.progress)
     records = []
     for t in trials:
         run = RunRecord.load(out / t.name)
-        if run.finished(t.cfg, device=device):
+        if run.finished(t.cfg, device=eng.device):
             records.append(run.metrics)
     failed = [f"{n} ({res.statuses[n].get('error')})" for n in res.failed]
     if not records:
@@ -83,12 +78,12 @@ def run_sweep(
 
 def run_sweep_file(path: str | Path, *, overrides: Sequence[str] = (),
                    out: str | Path | None = None, baseline: str | None = None,
-                   **engine: Any) -> GridResult:
+                   engine: Engine | None = None) -> GridResult:
     """The sweep-file front door: :func:`~splitcem.study.trials.run_grid` (``engine``: its
     options), then the frontier report into the sweep's folder when a trial finished."""
     from splitcem.study.frontier_report import write_frontier
 
-    res = run_grid(add_overrides(load_sweep(path), list(overrides)), out=out, **engine)
+    res = run_grid(add_overrides(load_sweep(path), list(overrides)), out=out, engine=engine)
     if len(res.statuses) > len(res.failed):
         write_frontier([res.out], res.out, baseline=baseline)
     return res

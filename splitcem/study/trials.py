@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from splitcem.study.grid import SweepSpec, Trial, expand, load_sweep
 __all__ = [
     "RESULT_FILES",
     "STATUS_FILE",
+    "Engine",
     "GridResult",
     "comparable",
     "dry_run",
@@ -93,6 +94,51 @@ def _adopt(trial: Trial, src: Path, dst: Path, *, device: str | None) -> dict[st
               "values": trial.values, "seed": trial.seed, "accuracy": rec.accuracy}
     rec.write_trial(status)
     return status
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How and where a study's trials run: one object that every front door (a sweep file,
+    a list of configs, ``reproduce``, the tuner) hands to :func:`run_trials` unchanged.
+
+    Args:
+        address: A Ray cluster's address; ``None`` starts a local Ray sized to this machine.
+        max_concurrent: Trials at once (default: CPUs // threads_per_trial).
+        threads_per_trial: torch threads (and Ray CPUs) per trial.
+        gpus_per_trial: Ray GPUs per trial (a fraction shares one GPU).
+        use_ray: ``False`` runs the trials one after another in this process.
+        adopt: Folders of existing runs: a trial whose config matches a finished run there
+            (up to name and device; what ran compared, see :mod:`splitcem.record`) copies
+            it instead of training again (the source is only read).
+        device: Device for every trial (default: each config's).
+        progress: A progress bar over the trials.
+
+    Example:
+        >>> Engine(use_ray=False, progress=False).but(device="cpu").device
+        'cpu'
+    """
+
+    address: str | None = None
+    max_concurrent: int | None = None
+    threads_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    use_ray: bool = True
+    adopt: tuple[Path, ...] = ()
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads_per_trial < 1:
+            raise ConfigError(f"--threads-per-trial must be >= 1, got {self.threads_per_trial}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        if self.gpus_per_trial < 0:
+            raise ConfigError(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
+        object.__setattr__(self, "adopt", tuple(Path(a) for a in self.adopt))
+
+    def but(self, **changes: Any) -> Engine:
+        """A copy with ``changes`` (e.g. ``engine.but(progress=False)``)."""
+        return replace(self, **changes)
 
 
 @dataclass
@@ -236,28 +282,19 @@ def run_trials(
     *,
     name: str = "sweep",
     source: str = "(trials)",
-    address: str | None = None,
-    max_concurrent: int | None = None,
-    threads_per_trial: int = 1,
-    gpus_per_trial: float = 0.0,
-    use_ray: bool = True,
-    adopt: Sequence[str | Path] = (),
-    device: str | None = None,
-    progress: bool = True,
+    engine: Engine | None = None,
     trial_progress: bool = False,
 ) -> GridResult:
     """Run every trial that is not finished yet in ``out/TRIAL``; returns their statuses.
 
     The one engine behind :func:`run_grid` (sweep files), :func:`splitcem.study.sweep.run_sweep`
-    (lists of configs) and :func:`splitcem.study.reproduce.reproduce`; arguments as in
-    :func:`run_grid`. ``trial_progress``: progress bars inside each trial (loop only).
+    (lists of configs) and :func:`splitcem.study.reproduce.reproduce`. ``engine``: how and
+    where they run (default: an :class:`Engine` with its defaults). ``trial_progress``:
+    progress bars inside each trial (loop only).
     """
-    if threads_per_trial < 1:
-        raise ConfigError(f"--threads-per-trial must be >= 1, got {threads_per_trial}")
-    if max_concurrent is not None and max_concurrent < 1:
-        raise ConfigError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    eng = engine or Engine()
     out_dir = Path(out)
-    result, jobs = plan_trials(trials, out_dir, adopt=adopt, device=device)
+    result, jobs = plan_trials(trials, out_dir, adopt=eng.adopt, device=eng.device)
     index = (name, source, list(trials))
     _write_index(out_dir, *index, result)
     log.info("sweep %s: %d trials, %d finished before, %d adopted, %d to run -> %s", name,
@@ -265,7 +302,7 @@ def run_trials(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(jobs), desc=f"sweep {name}", disable=not progress or not jobs,
+    bar = tqdm(total=len(jobs), desc=f"sweep {name}", disable=not eng.progress or not jobs,
                dynamic_ncols=True)
 
     def on_done(trial: Trial, status: dict[str, Any]) -> None:
@@ -277,14 +314,14 @@ def run_trials(
                  f" ({status.get('error')})" if status.get("error") else "")
 
     try:
-        if use_ray and jobs:
-            _execute_ray(jobs, address=address, max_concurrent=max_concurrent,
-                         threads=threads_per_trial, gpus=gpus_per_trial, device=device,
-                         on_done=on_done)
+        if eng.use_ray and jobs:
+            _execute_ray(jobs, address=eng.address, max_concurrent=eng.max_concurrent,
+                         threads=eng.threads_per_trial, gpus=eng.gpus_per_trial,
+                         device=eng.device, on_done=on_done)
         else:
             for t, path, meta in jobs:
-                on_done(t, run_trial(t.cfg.to_dict(), str(path), threads=threads_per_trial,
-                                     meta=meta, device=device, progress=trial_progress))
+                on_done(t, run_trial(t.cfg.to_dict(), str(path), threads=eng.threads_per_trial,
+                                     meta=meta, device=eng.device, progress=trial_progress))
     finally:
         bar.close()
     return result
@@ -294,14 +331,7 @@ def run_grid(
     sweep: str | Path | dict[str, Any] | SweepSpec,
     *,
     out: str | Path | None = None,
-    address: str | None = None,
-    max_concurrent: int | None = None,
-    threads_per_trial: int = 1,
-    gpus_per_trial: float = 0.0,
-    use_ray: bool = True,
-    adopt: Sequence[str | Path] = (),
-    device: str | None = None,
-    progress: bool = True,
+    engine: Engine | None = None,
 ) -> GridResult:
     """Run every trial of a sweep file that is not finished yet; returns their statuses.
     Settings with ``seeds: {min, max, until: decided}`` then get more seeds in rounds
@@ -310,30 +340,20 @@ def run_grid(
     Args:
         sweep: A sweep file (see :mod:`splitcem.study.grid`), its dict, or a parsed spec.
         out: The sweep's folder (default: the file's ``out``, else ``runs/sweeps/NAME``).
-        address: A Ray cluster's address; ``None`` starts a local Ray sized to this machine.
-        max_concurrent: Trials at once (default: CPUs // threads_per_trial).
-        threads_per_trial: torch threads (and Ray CPUs) per trial.
-        gpus_per_trial: Ray GPUs per trial (a fraction shares one GPU).
-        use_ray: ``False`` runs the trials one after another in this process.
-        adopt: Folders of existing runs: a trial whose config matches a finished run there
-            (up to name and device; what ran compared, see :mod:`splitcem.record`) copies
-            it instead of training again (the source is only read).
-        device: Device for every trial (default: each config's).
+        engine: How and where the trials run (:class:`Engine`; default a local Ray).
     """
     from splitcem.study.adaptive import adaptive, run_until_decided
 
+    eng = engine or Engine()
     spec = sweep if isinstance(sweep, SweepSpec) else load_sweep(sweep)
     trials = expand(spec)
     out_dir = Path(out if out is not None else spec.out or Path("runs") / "sweeps" / spec.name)
 
     def run(ts: list[Trial]) -> GridResult:
-        return run_trials(ts, out_dir, name=spec.name, source=spec.source, address=address,
-                          max_concurrent=max_concurrent, threads_per_trial=threads_per_trial,
-                          gpus_per_trial=gpus_per_trial, use_ray=use_ray, adopt=adopt,
-                          device=device, progress=progress)
+        return run_trials(ts, out_dir, name=spec.name, source=spec.source, engine=eng)
 
     if adaptive(trials):  # seeds: {min, max, until: decided}: rounds of more seeds
-        return run_until_decided(trials, out_dir, run, device=device)
+        return run_until_decided(trials, out_dir, run, device=eng.device)
     return run(trials)
 
 

@@ -41,7 +41,7 @@ from splitcem.study.execute import land, run_trial
 from splitcem.study.grid import Trial
 from splitcem.study.space import SearchSpace, default_space, load_space
 from splitcem.study.stopping import StopRule, learn_rule
-from splitcem.study.trials import plan_trials, run_trials
+from splitcem.study.trials import Engine, plan_trials, run_trials
 
 __all__ = ["Observation", "TuneResult", "run_tune"]
 
@@ -113,8 +113,9 @@ def _reference(base: RunConfig, reference: Sequence[str | Path], out: Path, *,
     raw = {**base.to_dict(), "defenses": [], "cem": None, "name": f"undefended_s{base.seed}"}
     cfg = load_config(raw)
     trial = Trial(cfg.name, cfg, cfg.seed, {}, "reference")
-    res = run_trials([trial], out / "reference", name="reference", address=address,
-                     adopt=warm, device=device, progress=False)
+    res = run_trials([trial], out / "reference", name="reference",
+                     engine=Engine(address=address, adopt=tuple(map(Path, warm)), device=device,
+                                   progress=False))
     rec = RunRecord.load(out / "reference" / cfg.name)
     if not rec.finished(cfg, device=device):
         raise ConfigError(f"the undefended reference run failed: "
@@ -305,8 +306,9 @@ def run_tune(
         if confirm_seeds > 1:
             from splitcem.study.tune_confirm import confirm
 
-            confirm(result, sp, base_raw, confirm_seeds, address=address, device=device,
-                    warm=warm_start)
+            confirm(result, sp, base_raw, confirm_seeds,
+                    engine=Engine(address=address, adopt=tuple(map(Path, warm_start)),
+                                  device=device, progress=False))
     finally:
         if started:
             ray.shutdown()

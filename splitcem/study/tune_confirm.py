@@ -7,14 +7,12 @@ kill loses at most the runs in flight and a second call pays for nothing already
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from splitcem.record import RunRecord
 from splitcem.study.grid import Trial
 from splitcem.study.space import NOISE, SearchSpace
-from splitcem.study.trials import run_trials
+from splitcem.study.trials import Engine, run_trials
 from splitcem.study.tune_report import gain_over_noise, recommend, settings
 
 if TYPE_CHECKING:
@@ -26,9 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def confirm(result: TuneResult, space: SearchSpace, base: dict[str, Any], seeds: int, *,
-            address: str | None = None, device: str | None = None,
-            warm: Sequence[str | Path] = ()) -> None:
-    """Add seeds to the recommendation and its noise neighbours until decided (in place)."""
+            engine: Engine | None = None) -> None:
+    """Add seeds to the recommendation and its noise neighbours until decided (in place);
+    ``engine`` runs them (:class:`~splitcem.study.trials.Engine`; its ``adopt`` folders are
+    the tune's warm-start runs)."""
     from splitcem.study.tune import Observation, _observation
 
     tdir = result.out / "trials"
@@ -50,8 +49,7 @@ def confirm(result: TuneResult, space: SearchSpace, base: dict[str, Any], seeds:
             trials.append(Trial(name, cfg, seed, dict(s.values), s.family))
         log.info("confirm: seed %d for %s (verdict so far: %s)", seed,
                  ", ".join(t.name for t in trials), cmp.verdict)
-        run_trials(trials, tdir, name="confirm", address=address, adopt=warm, device=device,
-                   progress=False)
+        run_trials(trials, tdir, name="confirm", engine=engine)
         for t in trials:
             o: Observation = _observation(RunRecord.load(tdir / t.name), t.variant, t.values,
                                           "confirm")
