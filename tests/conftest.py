@@ -148,3 +148,16 @@ def serving(served_run, tmp_path_factory):
                               token_file=token_file, audit_log=audit, run=served_run)
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One small local Ray for the test module: 2 CPUs, no dashboard (the module sets
+    ``splitcem.study.trials.LOOPBACK_ENV`` before it imports Ray); shut down after it."""
+    ray = pytest.importorskip("ray", reason="pip install 'splitcem[sweep]' (make setup does)")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

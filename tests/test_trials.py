@@ -19,17 +19,6 @@ ray = pytest.importorskip("ray", reason="pip install 'splitcem[sweep]' (make set
 pytestmark = pytest.mark.slow  # Ray start-up and real (tiny) training: ~40 s in all
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One small local Ray for the module: 2 CPUs, no dashboard."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def _sweep(tmp, tiny_config, *, failing: bool) -> dict:
     base = tiny_config(train={"epochs": 1, "warmup_epochs": 0}, cem={"lambda": 0.0},
                        model={"client_width": 0.125, "server_width": 0.125},

@@ -55,16 +55,6 @@ def base(tmp_path_factory, fashion_dir, cache_dir):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tuned(base, local_ray):
     return run_tune(base / "base.yaml", max_drop=3.0, space=base / "space.yaml", trials=4,
                     max_concurrent=2, out=base / "first")
