@@ -186,10 +186,13 @@ def test_committed_runs_adopt_into_reproduce(tmp_path):
     trials = expand(load_sweep(sweep_file("cifar10", "cpu")))
     res, jobs = plan_trials(trials, tmp_path / "out", adopt=[COMMITTED], device="cpu")
     committed = sorted(p.name for p in COMMITTED.iterdir() if p.is_dir())
-    s125 = [n for n in committed if n.endswith("_s125")]
-    assert sorted(res.adopted) == s125  # attacked on the fixed split (125): the results
-    # seeds 126 / 127 were attacked on their own seed's partition and have no checkpoint:
-    # neither adopted as attacked nor as trained, so they run (are re-attacked) again
+    # attacked on the fixed split (125): seed 125's legacy runs and the sweep's own runs
+    s125 = [n for n in committed if (RunRecord.load(COMMITTED / n).split or {}).get("seed")
+            == 125]
+    assert {n for n in committed if n.endswith("_s125")} <= set(s125)
+    assert sorted(res.adopted) == s125
+    # legacy runs of seeds 126 / 127 were attacked on their own seed's partition and have no
+    # checkpoint: neither adopted as attacked nor as trained, so they run (are re-attacked)
     others = set(committed) - set(s125)
     assert others <= {t.name for t, _, _ in jobs}
     for name in s125:
