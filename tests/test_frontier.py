@@ -257,7 +257,7 @@ def test_bundled_sweeps_expand(name):
         assert policy["noise0.1_cem10"] == SeedPolicy(2, 8, "decided")
         assert policy["noise0.1"] is None and policy["noise0.1_cem1"] is None
         assert {"noise0.1_s125", "noise0.1_cem3_s127"} <= set(names)
-        assert {"cut4_s125", "cut6_s125", "topk0.3_cem3_s125"} <= set(names)
+        assert {"cut4_s125", "cut6_s125", "topk0.4_cem3_s125"} <= set(names)
 
 
 def test_paper_table_pairs_runs_without_and_with_cem(tmp_path):
