@@ -336,3 +336,30 @@ def test_auto_falls_back_to_per_seed_when_the_setting_spreads_more():
     assert c.interval == pytest.approx(c.per_seed_interval)
     m = compare(base, cell, method="model")
     assert m.method == "model" and (m.high - m.low) < (c.high - c.low)
+
+
+def test_groups_compare_the_numeric_path_that_ran_not_the_setting():
+    """``amp: true`` and ``amp: auto`` runs that both trained in bf16 are one group (the
+    committed legacy runs beside the sweep's), a float32 run is not; the held-out leakage
+    estimate (``attack.leakage``) changes no attack figure and splits nothing."""
+    from pathlib import Path
+
+    from splitcem.config import load_config
+    from splitcem.study.groups import FrontierRun, group_runs
+
+    def run(name, sigma, amp, numerics, leakage=False):
+        cfg = load_config({"name": name, "seed": 0,
+                           "train": {"amp": amp, "channels_last": amp},
+                           "defenses": [{"name": "noise", "sigma": sigma}],
+                           "attack": {"leakage": leakage, "attacks": [
+                               {"name": "decoder", "epochs": 1, "amp": amp}]}})
+        return FrontierRun(Path(name), cfg, {}, numerics=numerics)
+
+    bf16 = {"device": "cpu", "amp": True, "channels_last": True}
+    fp32 = {"device": "cpu", "amp": False, "channels_last": False}
+    runs = [run("legacy", 0.1, True, bf16), run("swept", 0.2, "auto", bf16, leakage=True),
+            run("other", 0.3, True, bf16), run("fp32", 0.15, False, fp32)]
+    groups = group_runs(runs)
+    assert sorted(r.name for r in groups["noise"]) == ["legacy", "other", "swept"]
+    (odd,) = set(groups) - {"noise"}
+    assert [r.name for r in groups[odd]] == ["fp32"] and "amp=false" in odd

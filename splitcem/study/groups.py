@@ -27,13 +27,15 @@ from typing import Any
 from splitcem.config import RunConfig
 from splitcem.record import RunRecord, comparable
 from splitcem.report import attack_metric
+from splitcem.runid import resolved_amp
 from splitcem.study.grid import format_value
 
 __all__ = ["FrontierRun", "family", "find_runs", "group_runs", "seed_cells"]
 
 #: config keys that neither change a run's results nor its group
 _NOT_CONTEXT = {("name",), ("seed",), ("device",), ("data", "root"), ("data", "cache_dir"),
-                ("train", "tensorboard"), ("defenses",), ("cem",)}
+                ("train", "tensorboard"), ("defenses",), ("cem",),
+                ("attack", "leakage")}  # the held-out I(x; z) estimate: no attack's figure
 
 
 @dataclass
@@ -51,6 +53,8 @@ class FrontierRun:
     leakage_bits: float | None = None
     #: the aux / eval partition its attacks ran on (:attr:`splitcem.record.RunRecord.split`)
     split: dict[str, Any] | None = None
+    #: the numeric path it trained on (:attr:`splitcem.record.RunRecord.numerics`)
+    numerics: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -79,7 +83,8 @@ def find_runs(dirs: Sequence[str | Path]) -> tuple[list[FrontierRun], list[str]]
             notes.append(f"{rec.path}: same config as {seen[key]}, counted once")
             continue
         seen[key] = rec.path
-        runs.append(FrontierRun(rec.path, rec.config, rec.metrics, split=rec.split))
+        runs.append(FrontierRun(rec.path, rec.config, rec.metrics, split=rec.split,
+                                numerics=rec.numerics))
     return runs, notes
 
 
@@ -140,8 +145,20 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: json.dumps(d, sort_keys=True)}
 
 
-def _context(cfg: RunConfig, family: str) -> dict[str, Any]:
+def _context(r: FrontierRun) -> dict[str, Any]:
+    """What a run shares with the runs it is compared with: its config without its name,
+    seed, paths and defense, with the numeric path as it ran (``amp: auto`` and ``amp: true``
+    are one context where both ran bf16) rather than as it was asked for."""
+    cfg, family = r.cfg, r.family
     d = cfg.to_dict()
+    num = r.numerics or {}
+    if "amp" in num and "channels_last" in num:
+        d["train"] = {**d["train"], "amp": bool(num["amp"]),
+                      "channels_last": bool(num["channels_last"])}
+    dev = str(num.get("device") or "cpu")
+    d["attack"] = {**d["attack"], "attacks": [
+        {**a, "amp": resolved_amp(a["amp"], dev)[0]} if "amp" in a else a
+        for a in d["attack"].get("attacks") or []]}
     for path in _NOT_CONTEXT:
         cur = d
         for k in path[:-1]:
@@ -164,7 +181,7 @@ def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:
     counts: dict[str, int] = defaultdict(int)
     for r in runs:
         r.family, r.strength_key, r.strength = family(r.cfg)
-        ctx = _context(r.cfg, r.family)
+        ctx = _context(r)
         r.context = json.dumps(ctx, sort_keys=True)
         contexts[r.context] = _flatten(ctx)
         counts[r.context] += 1
