@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from splitcem.cli import Device, Overrides, Quiet, Threads, _threads, app
+
+if TYPE_CHECKING:
+    from splitcem.study.trials import Engine
 
 Address = Annotated[str | None, typer.Option(
     help="Ray cluster address (default: a local Ray sized to this machine)")]
@@ -23,7 +26,7 @@ Adopt = Annotated[list[Path] | None, typer.Option(
 
 def _engine(address: str | None, max_concurrent: int | None, threads_per_trial: int,
             gpus_per_trial: float, no_ray: bool, adopt: list[Path] | None, device: str | None,
-            quiet: bool) -> Any:
+            quiet: bool) -> Engine:
     """The sweep engine's options from the shared command-line options."""
     from splitcem.study.trials import Engine
 
