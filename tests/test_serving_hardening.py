@@ -390,3 +390,47 @@ def test_short_soak_no_5xx_right_answers_bounded_memory(served_run):
     assert res["server_counted_disconnects"] == res["mid_body_disconnects"]
     assert res["slow_held_past_deadline"] == 0 and res["slow_body_408"] == 6
     assert res["rss_growth_mb"] <= 50 and res["healthy_after"]
+
+
+def test_the_nth_answer_on_one_connection_says_close():
+    """``max_requests_per_connection``: on one keep-alive connection the N-th answer carries
+    ``Connection: close`` and the server closes the socket (a uvicorn server in a thread,
+    with a trivial app: the cap lives in the protocol, not the app)."""
+    pytest.importorskip("uvicorn", reason="pip install 'splitcem[serve]' (make setup does)")
+    import uvicorn
+
+    from splitcem.serving.protocol import uvicorn_config
+    from splitcem.serving.transport import Deadlines, listen_socket
+
+    async def app(scope, receive, send):  # a bare ASGI app: 200 "ok"
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = listen_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(app, Deadlines(max_requests_per_connection=3)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        heads = []
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            for _ in range(3):
+                c.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                buf = b""
+                while not buf.endswith(b"\r\n\r\nok"):  # one whole answer (2-byte body)
+                    chunk = c.recv(4096)
+                    assert chunk, f"closed early after {len(heads)} answers: {buf!r}"
+                    buf += chunk
+                heads.append(buf.split(b"\r\n\r\n")[0].lower())
+            assert c.recv(1) == b""  # then the server closed this connection
+        assert all(h.startswith(b"http/1.1 200") for h in heads)
+        assert [b"connection: close" in h for h in heads] == [False, False, True]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -64,7 +64,10 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm()
             self._requests += 1
             if self._requests >= self.deadlines.max_requests_per_connection:
+                # uvicorn closes after the answer; the header tells the client beforehand
                 self.cycle.keep_alive = False
+                self.cycle.default_headers = [*self.cycle.default_headers,
+                                              (b"connection", b"close")]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
