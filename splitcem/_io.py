@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "load_checkpoint", "save_checkpoint", "weights_sha256", "write_json",
-           "write_text"]
+__all__ = ["atomic_write", "load_checkpoint", "read_json_object", "save_checkpoint",
+           "weights_sha256", "write_json", "write_text"]
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -54,6 +54,16 @@ def write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON (NaN written as null-free strings is not
     attempted: callers pass finite numbers)."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; ``None`` if it is missing, unreadable, not JSON or not an
+    object (a half-written or foreign file is treated as absent)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -25,7 +25,6 @@ seed (how splits were drawn then).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -36,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from splitcem._io import write_json, write_text
+from splitcem._io import read_json_object, write_json, write_text
 from splitcem.config import RunConfig, load_config
 from splitcem.errors import ConfigError
 from splitcem.runid import attack_hash, attack_split, comparable, resolved_amp, train_hash
@@ -68,14 +67,6 @@ ATTACK_FILES = ("reconstructions.png", "reconstructions.npz", "attack_decoder.sa
                 "attack_decoder.json", "summary.md")
 
 Status = Literal["missing", "training", "trained", "attacked", "failed"]
-
-
-def _read_json(p: Path) -> dict[str, Any] | None:
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
 
 
 def _now() -> str:
@@ -112,8 +103,8 @@ class RunRecord:
                 err = str(e).splitlines()[0]
         else:
             err = f"no {CONFIG_FILE}"
-        return cls(path, cfg, _read_json(path / METRICS_FILE) or {},
-                   _read_json(path / TRIAL_FILE) or {}, err)
+        return cls(path, cfg, read_json_object(path / METRICS_FILE) or {},
+                   read_json_object(path / TRIAL_FILE) or {}, err)
 
     @classmethod
     def find(cls, dirs: Sequence[str | Path]) -> Iterator[RunRecord]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from splitcem._io import write_json
+from splitcem._io import read_json_object, write_json
 from splitcem.config import RunConfig, load_config
 from splitcem.errors import ConfigError
 from splitcem.record import RunRecord
@@ -191,7 +191,7 @@ def run_tune(
     out_dir, base_cfg = Path(out), load_config(base)
     base_raw = base_cfg.to_dict()
     state_path = out_dir / STATE_FILE
-    old = _read_state(state_path)
+    old = read_json_object(state_path)
     if old and not resume:
         raise ConfigError(f"{out_dir} holds a tune already: add --resume to continue it, or "
                           "give a new --out")
@@ -314,13 +314,3 @@ def run_tune(
             ray.shutdown()
     result.report = tune_report.write(result, sp, mode=mode)
     return result
-
-
-def _read_state(path: Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
