@@ -2,22 +2,28 @@
 
 One model of the protocol (noise 0.1 + CEM lambda 3, seed 127: the committed run
 results/cifar10_cpu/noise0.1_cem3_s127, whose config this trains) is trained once, on one
-thread, or taken from ``--run-dir``. Then the protocol's attack suite (``decoder`` +
-``decoder_adaptive``, the worst case of the two) runs on that model on each path:
+thread, or taken from ``--run-dir``. Then two attack suites run on that model, and the worst
+case of each is taken:
 
-* ``before``: the reference path, ``encode: every_epoch`` (the encoder runs on every batch
-  of every epoch, as the committed runs did);
-* ``after``: ``encode: once`` (clean features cached once, the defense's transform applied
-  afresh at every step);
-* ``after_es`` (with ``--early-stop N``): ``after`` plus early stopping on a held-out 5% of
-  the auxiliary images, patience N epochs.
+* ``before``: the reference, as the first committed runs were attacked: ``decoder`` and
+  ``decoder_adaptive`` (2 draws), 25 epochs each, each from random weights, on
+  ``encode: every_epoch`` (the encoder runs on every batch of every epoch);
+* ``after``: the protocol's attacks as the bundled sweep file
+  (configs/sweeps/cifar10_cpu.yaml) now sets them: ``encode: once`` (clean features cached
+  once, the defense's transform applied afresh at every step) and ``decoder_adaptive``
+  continuing the plain decoder's training (``init_from: decoder``) for its own, fewer
+  epochs instead of training from random weights;
+* with ``--adaptive-epochs E ...``: ``after`` also runs the warm-started adaptive decoder
+  for each E (each from the same plain decoder), so that its epochs can be chosen from one
+  run (``per_attack`` / ``variants`` in the JSON).
 
-Each path runs in its own single-threaded process (with ``--parallel``: one process per
-path and attack, all side by side); an attack's cost is its process's CPU time
-(core-seconds), which other jobs on a shared machine inflate less than wall time. The
-ratio of two paths measured in one run is the figure that counts. Trained here, training
-is measured the same way; taken from ``--run-dir``, it is the run record's training
-seconds (wall time of a one-thread run) or ``--train-core-s``.
+Each path runs in its own single-threaded process (with ``--parallel`` the two side by
+side, as two trials share a 2-core machine); an attack's cost is the CPU time its process spent
+on it (core-seconds, read when the suite logs the attack's result), which other jobs on a
+shared machine inflate less than wall time. The ratio of two paths measured in one run is
+the figure that counts. Trained here, training is measured the same way; taken from
+``--run-dir``, it is the run record's training seconds (wall time of a one-thread run) or
+``--train-core-s``.
 
 Usage (from the repository root, with ``PYTHONPATH=.`` so that it runs this checkout)::
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing as mp
 import os
 import sys
@@ -44,10 +51,21 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "results" / "cifar10_cpu" / "noise0.1_cem3_s127" / "config.yaml"
-PATHS: dict[str, dict[str, Any]] = {
-    "before": {"encode": "every_epoch"},
-    "after": {"encode": "once"},
-}
+SWEEP = REPO / "splitcem" / "configs" / "sweeps" / "cifar10_cpu.yaml"
+#: the reference: the attacks the first committed runs had, on the re-encoding path
+BEFORE: list[dict[str, Any]] = [
+    {"name": "decoder", "epochs": 25, "width": 48, "depth": 4, "amp": "auto",
+     "encode": "every_epoch"},
+    {"name": "decoder_adaptive", "draws": 2, "epochs": 25, "width": 48, "depth": 4,
+     "amp": "auto", "encode": "every_epoch"},
+]
+
+
+def after_specs() -> list[dict[str, Any]]:
+    """The protocol's attacks as the bundled sweep file sets them."""
+    from splitcem.study.grid import load_sweep
+
+    return [dict(a) for a in load_sweep(SWEEP).set["attack.attacks"]]
 
 
 def _one_thread() -> None:
@@ -90,47 +108,64 @@ def train(args: argparse.Namespace) -> tuple[Path, float, str]:
     return run_dir, time.process_time() - t0, "trained here (process CPU seconds)"
 
 
-def attack_path(run_dir: str, label: str, params: dict[str, Any], which: list[int],
-                attack_epochs: int, result_file: str) -> None:
-    """Child process: the protocol's attacks number ``which`` on one path; writes their
-    figures (and results, for the worst case) as JSON."""
+class _AttackClock(logging.Handler):
+    """Process CPU time at the moment the suite logs each attack's result."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.marks: list[tuple[str, float, float]] = []  # (label, cpu s, wall s)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "attack %s: %s" and isinstance(record.args, tuple):
+            self.marks.append((str(record.args[0]), time.process_time(), time.perf_counter()))
+
+
+def attack_path(run_dir: str, label: str, specs: list[dict[str, Any]],
+                result_file: str) -> None:
+    """Child process: one suite of ``specs`` (an ``init_from`` chain runs in one suite) on
+    the trained run; writes each attack's core-seconds and figures as JSON."""
     _one_thread()
     from splitcem.attacks import AttackTarget, run_attacks
     from splitcem.experiment import load_trained
 
     p = load_trained(run_dir)
     target = AttackTarget(p.model.client, p.stack, p.splits.train.info, p.device)
+    clock = _AttackClock()
+    logger = logging.getLogger("splitcem.attacks.suite")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(clock)
+    c0, w0 = time.process_time(), time.perf_counter()
+    rep = run_attacks(target, p.splits, specs, threat=p.cfg.attack.threat, progress=False)
     out: dict[str, Any] = {}
-    for i in which:
-        spec = {**p.cfg.attack.attacks[i], **params,
-                **({"epochs": attack_epochs} if attack_epochs else {})}
-        c0, w0 = time.process_time(), time.perf_counter()
-        rep = run_attacks(target, p.splits, [spec], threat=p.cfg.attack.threat,
-                          progress=False)
-        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-        (name, r), = rep.results.items()
+    for name, cpu, wall in clock.marks:
+        r = rep.results[name]
         out[name] = {
-            "core_s": round(cpu, 1), "wall_s": round(wall, 1), "metrics": r.metrics,
+            "core_s": round(cpu - c0, 1), "wall_s": round(wall - w0, 1), "metrics": r.metrics,
             "epochs_run": r.extra.get("epochs_run"), "features": r.extra.get("features"),
-            "numerics": r.extra.get("numerics"), "early_stop": r.extra.get("early_stop"),
+            "init_from": r.extra.get("init_from"), "numerics": r.extra.get("numerics"),
             "train_loss": r.extra.get("train_loss")}
-        print(f"[{label}] {name}: {cpu:.1f} core-s ({wall:.1f} s wall), "
+        print(f"[{label}] {name}: {cpu - c0:.1f} core-s ({wall - w0:.1f} s wall), "
               f"MSE {r.metrics['mse']:.5f}", flush=True)
+        c0, w0 = cpu, wall
     Path(result_file).write_text(json.dumps(out))
 
 
-def summarise(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One path's attacks (from its processes): per attack, total core-s, worst case."""
+def summarise(attacks: dict[str, dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    """The suite of ``labels`` (each attack's figures in ``attacks``): total core-seconds
+    and the worst case."""
     import torch
 
     from splitcem.attacks import AttackResult, worst_case
 
-    attacks = {k: v for part in parts for k, v in part.items()}
     empty = torch.zeros(0)
-    worst = worst_case({k: AttackResult(k, v["metrics"], empty, empty, v["wall_s"])
-                        for k, v in attacks.items()})["mse"]
-    return {"attacks": attacks, "worst_mse": worst["value"], "worst_attack": worst["attack"],
-            "core_s": round(sum(v["core_s"] for v in attacks.values()), 1)}
+    worst = worst_case({k: AttackResult(k, attacks[k]["metrics"], empty, empty, 0.0)
+                        for k in labels})["mse"]
+    return {"labels": labels, "worst_mse": worst["value"], "worst_attack": worst["attack"],
+            "core_s": round(sum(attacks[k]["core_s"] for k in labels), 1)}
+
+
+def _label(spec: dict[str, Any]) -> str:
+    return str(spec.get("label", spec["name"]))
 
 
 def main() -> None:
@@ -141,8 +176,8 @@ def main() -> None:
     ap.add_argument("--limit-test", type=int, default=0, help="smoke: test images")
     ap.add_argument("--epochs", type=int, default=0, help="smoke: training epochs")
     ap.add_argument("--attack-epochs", type=int, default=0, help="smoke: decoder epochs")
-    ap.add_argument("--early-stop", type=int, default=0,
-                    help="also run the after path with early stopping, this patience")
+    ap.add_argument("--adaptive-epochs", type=int, nargs="*", default=[],
+                    help="also run the warm-started adaptive decoder for these epochs")
     ap.add_argument("--parallel", action="store_true", help="run the paths side by side")
     ap.add_argument("--train-core-s", type=float, default=0.0,
                     help="with --run-dir: the training's core-seconds, measured outside "
@@ -150,31 +185,34 @@ def main() -> None:
                          "record's training seconds (wall)")
     args = ap.parse_args()
     _one_thread()
-    from splitcem.config import load_config
-
     print(f"CPU: {_cpu()}", flush=True)
     if args.run_dir:
         run_dir = Path(args.run_dir)
         record = json.loads((run_dir / "metrics.json").read_text())
-        train_s, source = float(record["train"]["seconds"]), "run record (wall, one thread)"
+        train_s = float(record["train"]["seconds"])
+        source_note = "run record (wall, one thread)"
         if args.train_core_s:
-            train_s, source = args.train_core_s, "--train-core-s (measured outside)"
+            train_s, source_note = args.train_core_s, "--train-core-s (measured outside)"
     else:
-        run_dir, train_s, source = train(args)
-    print(f"training: {train_s:.1f} core-s ({source})", flush=True)
-    paths = dict(PATHS)
-    if args.early_stop:
-        paths["after_es"] = {"encode": "once", "early_stop": args.early_stop}
+        run_dir, train_s, source_note = train(args)
+    print(f"training: {train_s:.1f} core-s ({source_note})", flush=True)
+    before, after = BEFORE, after_specs()
+    if args.attack_epochs:  # smoke: every attack of both paths this many epochs
+        before, after = ([{**s, "epochs": args.attack_epochs} for s in specs]
+                         for specs in (BEFORE, after))
+    chain = list(after)
+    src = next((str(a["init_from"]) for a in after if a.get("init_from")), _label(after[0]))
+    for e in args.adaptive_epochs:  # more warm-started adaptive decoders, to choose E
+        base = next(a for a in after if a["name"] == "decoder_adaptive")
+        chain.append({**base, "epochs": e, "label": f"decoder_adaptive_e{e}",
+                      "init_from": src})
     ctx = mp.get_context("spawn")
-    n_attacks = len(load_config(run_dir / "config.yaml").attack.attacks)
-    # one process per path, or with --parallel one per (path, attack), all side by side
-    jobs = [(k, [i]) for k in paths for i in range(n_attacks)] if args.parallel else \
-        [(k, list(range(n_attacks))) for k in paths]
-    files = [str(run_dir / f"trial_cost_{k}_{'_'.join(map(str, w))}.json") for k, w in jobs]
+    # one process per path (an init_from chain runs in one suite); --parallel: side by side
+    jobs = [("before", before), ("after", chain)]
+    files = [str(run_dir / f"trial_cost_{k}_{i}.json") for i, (k, _) in enumerate(jobs)]
     procs = []
-    for (k, which), f in zip(jobs, files, strict=True):
-        proc = ctx.Process(target=attack_path, args=(str(run_dir), k, paths[k], which,
-                                                     args.attack_epochs, f))
+    for (k, specs), f in zip(jobs, files, strict=True):
+        proc = ctx.Process(target=attack_path, args=(str(run_dir), k, specs, f))
         proc.start()
         procs.append(proc)
         if not args.parallel:
@@ -183,31 +221,38 @@ def main() -> None:
         proc.join()
     if any(proc.exitcode for proc in procs):
         sys.exit("an attack process failed; see its output above")
-    res = {k: summarise([json.loads(Path(f).read_text())
-                         for (k2, _), f in zip(jobs, files, strict=True) if k2 == k])
-           for k in paths}
-    b, a = res["before"], res["after"]
+    per_path: dict[str, dict[str, Any]] = {"before": {}, "after": {}}
+    for (k, _), f in zip(jobs, files, strict=True):
+        per_path[k].update(json.loads(Path(f).read_text()))
+    b = summarise(per_path["before"], [_label(s) for s in before])
+    a = summarise(per_path["after"], [_label(s) for s in after])
     print(f"attacks before: {b['core_s']:.1f} core-s, worst-case MSE {b['worst_mse']:.5f} "
           f"({b['worst_attack']})")
     print(f"attacks after:  {a['core_s']:.1f} core-s, worst-case MSE {a['worst_mse']:.5f} "
           f"({a['worst_attack']})")
+    variants = {}
+    for e in args.adaptive_epochs:
+        v = summarise(per_path["after"], [src, f"decoder_adaptive_e{e}"])
+        variants[f"adaptive_epochs_{e}"] = {
+            "attack_s": v["core_s"], "worst_mse": round(v["worst_mse"], 6),
+            "attack_speedup": round(b["core_s"] / v["core_s"], 3),
+            "trial_speedup": round((train_s + b["core_s"]) / (train_s + v["core_s"]), 3),
+            "mse_change_pct": round(100 * (v["worst_mse"] / b["worst_mse"] - 1), 2)}
+        print(f"  adaptive warm-started for {e} epochs: {v['core_s']:.1f} core-s, worst-case "
+              f"MSE {v['worst_mse']:.5f}")
     figures: dict[str, Any] = {
-        "cpu": _cpu(), "train_source": source, "train_s": round(train_s, 1),
+        "cpu": _cpu(), "train_source": source_note, "train_s": round(train_s, 1),
         "attack_before_s": b["core_s"], "attack_after_s": a["core_s"],
         "attack_speedup": round(b["core_s"] / a["core_s"], 3),
         "trial_speedup": round((train_s + b["core_s"]) / (train_s + a["core_s"]), 3),
         "mse_before": round(b["worst_mse"], 6), "mse_after": round(a["worst_mse"], 6),
         "mse_change_pct": round(100 * (a["worst_mse"] / b["worst_mse"] - 1), 2),
+        "after_specs": after,
         "per_attack": {k: {n: {"core_s": v["core_s"], "mse": round(v["metrics"]["mse"], 6),
-                               "epochs_run": v["epochs_run"]}
-                           for n, v in r["attacks"].items()} for k, r in res.items()},
+                               "epochs_run": v["epochs_run"], "init_from": v["init_from"]}
+                           for n, v in r.items()} for k, r in per_path.items()},
+        "variants": variants,
     }
-    if "after_es" in res:
-        e = res["after_es"]
-        figures.update({
-            "attack_after_es_s": e["core_s"], "mse_after_es": round(e["worst_mse"], 6),
-            "attack_speedup_es": round(b["core_s"] / e["core_s"], 3),
-            "trial_speedup_es": round((train_s + b["core_s"]) / (train_s + e["core_s"]), 3)})
     print(json.dumps(figures))
 
 

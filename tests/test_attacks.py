@@ -264,6 +264,35 @@ def test_init_from_follows_the_declared_attribute(monkeypatch):
     parse_specs([{"name": "decoder"}, {"name": "zz_from_decoder", "init_from": "decoder"}])
 
 
+def test_adaptive_decoder_continues_the_plain_decoder(client, cifar_splits):
+    """``decoder_adaptive`` with ``init_from: decoder`` continues the plain decoder's
+    training (the protocol's shared attack work): its first epoch starts near where the
+    decoder ended, far below a fresh decoder's first epoch; the source is not changed; the
+    record says where it started; another width is one clear error."""
+    t = AttackTarget(client, [create_defense("noise", sigma=0.1)], cifar_splits.train.info)
+    spec = {"width": 16, "depth": 1, "batch_size": 32}
+    rep = run_attacks(t, cifar_splits, [
+        {"name": "decoder", "epochs": 4, **spec},
+        {"name": "decoder_adaptive", "draws": 2, "epochs": 1, "init_from": "decoder", **spec},
+        {"name": "decoder_adaptive", "label": "fresh", "draws": 2, "epochs": 1, **spec},
+    ], threat=THREAT, progress=False)
+    dec, warm, fresh = (rep.results[k].extra for k in ("decoder", "decoder_adaptive", "fresh"))
+    assert warm["init_from"] == "decoder" and "init_from" not in fresh
+    assert warm["started_from"].startswith("another attack's")
+    assert fresh["started_from"] == "random weights"
+    assert warm["train_loss"][0] < 0.75 * fresh["train_loss"][0], (warm, fresh)
+    assert warm["train_loss"][0] < 1.25 * dec["train_loss"][-1], (warm, dec)
+    # the plain decoder's own result and weights are its own (the suite hands over a copy)
+    assert not all(torch.equal(a, b) for a, b in zip(
+        rep.decoders["decoder"].state_dict().values(),
+        rep.decoders["decoder_adaptive"].state_dict().values(), strict=True))
+    with pytest.raises(ConfigError, match="same width and depth"):
+        run_attacks(t, cifar_splits, [
+            {"name": "decoder", "epochs": 1, **spec},
+            {"name": "decoder_adaptive", "epochs": 1, "init_from": "decoder",
+             **{**spec, "width": 8}}], threat=THREAT, progress=False)
+
+
 def test_figure_images_spread_over_heldout_set():
     from splitcem.attacks.base import NUM_KEPT, kept_indices
 

@@ -171,8 +171,9 @@ def test_a_trial_waits_for_a_worker_still_running_it(tiny_config, tmp_path, capl
 
 
 def test_committed_runs_adopt_into_reproduce(tmp_path):
-    """The committed CPU-protocol runs (``amp: true``) adopt into the bundled sweep's
-    ``amp: auto`` trials where auto means the same path: a CPU with native bf16."""
+    """The committed CPU-protocol runs (``amp: true`` or ``auto``) adopt into the bundled
+    sweep's ``amp: auto`` trials where auto means the same path (a CPU with native bf16)
+    and their attacks are the protocol's; the others run again."""
     from splitcem.runtime import native_bf16
     from splitcem.study.grid import expand, load_sweep
     from splitcem.study.reproduce import sweep_file
@@ -184,15 +185,17 @@ def test_committed_runs_adopt_into_reproduce(tmp_path):
     if not COMMITTED.is_dir():
         pytest.skip(f"{COMMITTED} is not in this checkout")
     trials = expand(load_sweep(sweep_file("cifar10", "cpu")))
+    protocol = trials[0].cfg.attack.attacks
     res, jobs = plan_trials(trials, tmp_path / "out", adopt=[COMMITTED], device="cpu")
     committed = sorted(p.name for p in COMMITTED.iterdir() if p.is_dir())
-    # attacked on the fixed split (125): seed 125's legacy runs and the sweep's own runs
+    # attacked on the fixed split (125) by the protocol's attacks (as the sweep file sets
+    # them now): seed 125's legacy runs once, the sweep's own runs since
     s125 = [n for n in committed if (RunRecord.load(COMMITTED / n).split or {}).get("seed")
-            == 125]
-    assert {n for n in committed if n.endswith("_s125")} <= set(s125)
+            == 125 and RunRecord.load(COMMITTED / n).config.attack.attacks == protocol]
     assert sorted(res.adopted) == s125
-    # legacy runs of seeds 126 / 127 were attacked on their own seed's partition and have no
-    # checkpoint: neither adopted as attacked nor as trained, so they run (are re-attacked)
+    # the others were attacked on their own seed's partition or by the protocol's earlier
+    # attacks (decoder_adaptive from random weights, 25 epochs) and have no checkpoint:
+    # neither adopted as attacked nor as trained, so they run
     others = set(committed) - set(s125)
     assert others <= {t.name for t, _, _ in jobs}
     for name in s125:

@@ -122,6 +122,24 @@ def test_list_says_finished_adopted_failed_pending_and_the_core_hours_left(tmp_p
     assert hours == pytest.approx(3 * mean / 3600)
 
 
+def test_list_says_why_a_trained_run_under_adopt_is_not_the_trials_result(tmp_path):
+    """A run trained for the trial but attacked otherwise (other attacks, or another aux /
+    eval partition) with no checkpoint runs again, and --list says which it was."""
+    noise = [{"name": "noise", "sigma": 0.1}]
+    trial = Trial("t", _cfg("t", 125, noise), 125)
+    adopt = tmp_path / "old"
+    other_attacks = trial.cfg.model_copy(update={"name": "a", "attack": trial.cfg.attack.model_copy(
+        update={"attacks": [{"name": "decoder", "epochs": 3}]})})
+    other_split = trial.cfg.model_copy(update={"name": "b", "data": trial.cfg.data.model_copy(
+        update={"split_seed": 7})})
+    for cfg in (other_attacks, other_split):
+        write_run(adopt / cfg.name, cfg, 0.8, 0.01)
+    for only, why in (("a", "attacked with other attacks"),
+                      ("b", "attacked on another partition")):
+        state, = list_trials([trial], tmp_path / "out", adopt=[adopt / only], device="cpu")
+        assert state.state == "pending" and why in state.note and "runs again" in state.note
+
+
 # ------------------------------------------------------------------------- paper table
 def _curve_fixture(tmp_path: Path) -> dict:
     """Runs of three curves (noise over sigma, topk over ratio, dropout over p; seeds 1, 2)

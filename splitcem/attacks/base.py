@@ -147,7 +147,12 @@ class Attack(ABC):
     #: training its own: the suite's ``init_from`` then sets :attr:`init_decoder`, and
     #: ``all_attack_specs`` (``splitcem attack --all``) starts it from ``decoder``
     starts_from_decoder: ClassVar[bool] = False
-    #: the decoder handed over by the suite (attacks with ``starts_from_decoder`` only)
+    #: whether the attack *may* start from another attack's decoder when a spec names one
+    #: with ``init_from`` (the decoder attacks: they then continue its training), although
+    #: by default it trains its own (``splitcem attack --all`` does not wire it)
+    accepts_decoder: ClassVar[bool] = False
+    #: the decoder handed over by the suite (attacks with ``starts_from_decoder`` or
+    #: ``accepts_decoder`` only)
     init_decoder: nn.Module | None = None
 
     def __init__(self, *, seed: int = 0, batch_size: int = 256) -> None:

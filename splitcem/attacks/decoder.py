@@ -99,9 +99,14 @@ class DecoderAttack(Attack):
             held-out ``val_fraction`` of the auxiliary set (which is then not trained on);
             the best epoch's weights are kept. 0 (default): train all ``epochs``.
         seed: Seeds the noise of the queries and the shuffling.
+
+    Given another decoder attack's trained decoder (the suite's ``init_from``, same width
+    and depth), it continues that decoder's training for its own ``epochs`` (a fresh
+    optimiser and cosine schedule) instead of starting from random weights.
     """
 
     requires: ClassVar[Access] = "query"
+    accepts_decoder: ClassVar[bool] = True
 
     def __init__(self, *, epochs: int = 50, batch_size: int = 256, lr: float = 1e-3,
                  weight_decay: float = 1e-4, lr_min: float = 1e-5, width: int = 64,
@@ -155,7 +160,7 @@ class DecoderAttack(Attack):
 
     def fit(self, target: AttackTarget, aux: ArrayDataset, *, progress: bool = True
             ) -> dict[str, Any]:
-        self.decoder = ResDecoder.for_target(target, width=self.width, depth=self.depth)
+        self.decoder = self._initial_decoder(target)
         self.numerics = resolve_numeric_path(self.amp, "auto", target.device,
                                              what=self.name or "decoder")
         features, split = self._features(target)
@@ -179,12 +184,28 @@ class DecoderAttack(Attack):
                 if cached is not None else "re-encoded every epoch (reference)"),
                 "fallback": why},
             "epochs_run": len(curve),
+            "started_from": "random weights" if self.init_decoder is None else
+                            "another attack's trained decoder (init_from)",
         }
         if stop is not None:
             out["early_stop"] = {"val_images": len(stop.x01), "patience": stop.patience,
                                  "val_loss": [round(v, 6) for v in stop.val_loss],
                                  "best_epoch": stop.best_epoch}
         return out
+
+    def _initial_decoder(self, target: AttackTarget) -> ResDecoder:
+        """A fresh decoder for ``target``, with ``init_decoder``'s weights when given."""
+        dec = ResDecoder.for_target(target, width=self.width, depth=self.depth)
+        src = self.init_decoder
+        if src is None:
+            return dec
+        if not isinstance(src, ResDecoder) or src.config != dec.config:
+            have = src.config if isinstance(src, ResDecoder) else type(src).__name__
+            raise ConfigError(f"attack {self.name!r}: init_from hands over a decoder {have}, "
+                              f"but this attack builds {dec.config}; give both attacks the "
+                              "same width and depth")
+        dec.load_state_dict(src.state_dict())
+        return dec
 
     def reconstruct(self, target: AttackTarget, z: Tensor) -> Tensor:
         if self.decoder is None:

@@ -11,7 +11,10 @@ the suite itself reads:
   attack twice with different parameters. Labels must be unique.
 * ``init_from``: the label of an earlier decoder-based attack in the same list whose
   trained decoder this attack starts from (``rmle`` with ``init: decoder``, ``gan``),
-  instead of training its own: saves a decoder training per attack.
+  instead of training its own: saves a decoder training per attack. A decoder attack
+  (``decoder``, ``decoder_adaptive``, ...) given ``init_from`` continues that decoder's
+  training for its own ``epochs`` (same width and depth), e.g. the defense-aware decoder
+  fine-tuning the plain one.
 
 Every spec is validated (names, parameters, labels, ``init_from``) before any attack runs.
 
@@ -164,7 +167,8 @@ def parse_specs(attack_specs: Sequence[Mapping[str, Any]]
             raise ConfigError(f"attack {label!r}: init_from={init_from!r} must name an earlier "
                               f"attack in the list (earlier labels: {sorted(labels) or 'none'})")
         attack = create_attack(name, **spec)
-        if init_from is not None and not attack.starts_from_decoder:
+        if init_from is not None and not (attack.starts_from_decoder
+                                          or attack.accepts_decoder):
             raise ConfigError(f"attack {label!r} ({name}) cannot start from another attack's "
                               "decoder; remove init_from")
         labels.add(label)
@@ -219,6 +223,8 @@ def run_attacks(
                 attack.init_decoder = copy.deepcopy(src)
             attack.name = qualify(label)
             result = attack.run(target, aux, heldout, progress=progress)
+            if init_from is not None:
+                result.extra["init_from"] = qualify(init_from)
             report.results[attack.name] = result
             dec = getattr(attack, "decoder", None)
             if isinstance(dec, ResDecoder):

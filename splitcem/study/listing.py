@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from splitcem.record import RunRecord
+from splitcem.runid import attack_split
 from splitcem.study.grid import Trial
 from splitcem.study.paper import defense_of
 from splitcem.study.trials import find_adoptable
@@ -63,6 +64,16 @@ def _kind(trial: Trial) -> tuple[str, bool]:
     return defense_of(trial.cfg)[0], lam > 0
 
 
+def _why_not_attacked(rec: RunRecord, trial: Trial) -> str:
+    """Why a run trained for ``trial`` is not its result: where its attacks differ."""
+    split = {k: v for k, v in (rec.split or {}).items() if k != "legacy"}
+    if split != {k: v for k, v in attack_split(trial.cfg).items() if k in split}:
+        return "attacked on another partition"
+    if rec.config is not None and rec.config.attack != trial.cfg.attack:
+        return "attacked with other attacks"
+    return "attacked otherwise (another numeric path)"
+
+
 def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
                 device: str | None = None) -> list[TrialState]:
     """Each trial's state (module docstring); nothing is written."""
@@ -89,8 +100,8 @@ def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
             note = "trained run to adopt, attacks left"
         elif rec.config is not None:
             note = rec.unfinished() or ""
-        elif any(r.trained_for(t.cfg, device=device) for r in records):
-            note = "trained under --adopt, attacked on another partition, no " \
+        elif trained := [r for r in records if r.trained_for(t.cfg, device=device)]:
+            note = f"trained under --adopt, {_why_not_attacked(trained[0], t)}, no " \
                    "checkpoint: runs again"
         else:
             note = ""
