@@ -171,6 +171,12 @@ def write(result: TuneResult, space: SearchSpace, *, mode: str) -> dict[str, Any
             [[best.family, _fmt_values(best.values), best.accuracy, best.mse,
               best.summary()["ssim"], best.summary()["psnr"],
               " ".join(map(str, best.seeds))]]), ""]
+        if len(best.seeds) == 1:
+            lines += [f"Its accuracy rests on one seed, {100 * (best.accuracy - result.budget):.2f}"
+                      " points above the budget, and it was chosen for clearing the budget: "
+                      "near the budget a one-seed recommendation is often truly below it "
+                      "(docs/tune.md, \"One seed at the budget's edge\"). `--confirm-seeds N` "
+                      "re-checks it on the mean of more seeds.", ""]
         if cmp is not None:
             iv = (f"[{100 * cmp.interval[0]:+.1f}%, {100 * cmp.interval[1]:+.1f}%]"
                   if cmp.interval else "none (one seed)")

@@ -69,12 +69,11 @@ class Searcher:
             old: dict[str, Any] = {} if self._set_constraint else {
                 "constraints_func": self._constraint}
             sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, **old)
-            self.search = OptunaSearch(dist, metric="mse", mode="max", sampler=sampler,
-                                       seed=seed)
+            self.search = OptunaSearch(dist, metric="mse", mode="max", sampler=sampler)
         else:
             sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
             self.search = OptunaSearch(dist, metric=["mse", "accuracy"], mode=["max", "max"],
-                                       sampler=sampler, seed=seed)
+                                       sampler=sampler)  # the seed is the sampler's
         self._asked = 0
         self._acc_key: dict[str, tuple[tuple[str, Any], ...]] = {}
 
