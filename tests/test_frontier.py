@@ -363,3 +363,51 @@ def test_groups_compare_the_numeric_path_that_ran_not_the_setting():
     assert sorted(r.name for r in groups["noise"]) == ["legacy", "other", "swept"]
     (odd,) = set(groups) - {"noise"}
     assert [r.name for r in groups[odd]] == ["fp32"] and "amp=false" in odd
+
+
+def test_a_setting_is_compared_only_with_baseline_runs_attacked_as_it_was():
+    """Worst-case MSEs of two attack suites are not one scale: CEM runs attacked by suite B
+    are compared with the noise runs attacked by B (their own group), never with suite A's
+    noise curve, and a setting no noise run was attacked like gets no comparison."""
+    from pathlib import Path
+
+    from splitcem.config import load_config
+    from splitcem.study.frontier_verdicts import compare_groups
+    from splitcem.study.groups import FrontierRun, group_runs
+
+    bf16 = {"device": "cpu", "amp": True, "channels_last": True}
+
+    def run(name, seed, sigma, lam, epochs, acc, mse):
+        cfg = load_config({"name": name, "seed": seed, "train": {"amp": True},
+                           "defenses": [{"name": "noise", "sigma": sigma}],
+                           "cem": {"lambda": lam},
+                           "attack": {"attacks": [{"name": "decoder", "epochs": epochs}]}})
+        rec = {"train": {"test_accuracy": acc},
+               "attacks": {"worst": {"mse": {"attack": "decoder", "value": mse}}}}
+        return FrontierRun(Path(name), cfg, rec, numerics=bf16)
+
+    runs = []
+    for seed, e in ((1, 1.0), (2, 1.02)):  # suite A (3 epochs): the most common context
+        runs += [run(f"a{s}_{seed}", seed, s, 0, 3, acc, mse * e) for s, acc, mse in
+                 ((0.1, 0.80, 0.010), (0.2, 0.76, 0.014), (0.3, 0.72, 0.020))]
+    for seed, e in ((1, 1.0), (2, 0.98)):  # suite B (9 epochs): a stronger attack
+        runs += [run(f"b{s}_{seed}", seed, s, 0, 9, acc, mse * e) for s, acc, mse in
+                 ((0.1, 0.80, 0.008), (0.3, 0.72, 0.016))]
+        runs.append(run(f"bcem_{seed}", seed, 0.1, 3, 9, 0.76, 0.013 * e))
+    runs.append(run("ccem_1", 1, 0.1, 3, 5, 0.76, 0.013))  # suite C: no noise run
+    groups = group_runs(runs)
+    # two suites other than the main one: each named, so they are not one group
+    noise_b = next(g for g, rs in groups.items() if rs[0].name.startswith("b0"))
+    assert noise_b.startswith("noise [other attacks ")
+    assert {r.name for r in groups[noise_b]} == {"b0.1_1", "b0.3_1", "b0.1_2", "b0.3_2"}
+    assert next(g for g, rs in groups.items() if rs[0].name == "ccem_1") != \
+        next(g for g, rs in groups.items() if rs[0].name == "bcem_1")
+    matched, _ = compare_groups(groups, "noise")
+    assert noise_b not in {m["group"] for m in matched}  # suite B's noise: a baseline
+    cem_b, = (m for m in matched if m["baseline_group"] == noise_b)
+    # against B's own curve (0.008 -> 0.016 at 0.80 -> 0.72: 0.012 at 0.76), not A's 0.014
+    assert cem_b["baseline_mse"] == pytest.approx(0.012, rel=0.02)
+    assert cem_b["gain"] > 0.05
+    cem_c = [m for m in matched if m["baseline_group"] is None]
+    assert len(cem_c) == 1 and cem_c[0]["verdict"] == "no comparison"
+    assert "attacked otherwise" in cem_c[0]["reason"]

@@ -134,7 +134,8 @@ def frontier(
         gain = "-" if m["gain"] is None else f"{100 * m['gain']:+.1f}%"
         ci = "" if m["low"] is None else f" [{100 * m['low']:+.1f}%, {100 * m['high']:+.1f}%]"
         typer.echo(f"{m['group']} @ {m['strength']}: accuracy {100 * m['accuracy']:.2f}%, "
-                   f"MSE {m['mse']:.4f} vs {rec['baseline']} {gain}{ci} on {m['n_seeds']} "
+                   f"MSE {m['mse']:.4f} vs {m.get('baseline_group') or rec['baseline']} "
+                   f"{gain}{ci} on {m['n_seeds']} "
                    f"seed(s), {m['design']}: {m['verdict']}"
                    + (f" (about {m['seeds_needed']} more seeds to decide)"
                       if m["verdict"] == "undecided" and m["seeds_needed"] else ""))

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from splitcem._io import write_text
 from splitcem.report import markdown_table
@@ -24,31 +27,81 @@ __all__ = ["compare_groups", "matched_markdown", "num", "split_seed", "splits",
            "write_runs_csv", "write_settings_csv"]
 
 
+def _without_attacks(r: FrontierRun) -> str:
+    ctx = json.loads(r.context)
+    ctx.pop("attack", None)
+    return json.dumps(ctx, sort_keys=True)
+
+
+def _attacks(r: FrontierRun) -> str:
+    return json.dumps(json.loads(r.context).get("attack"), sort_keys=True)
+
+
+def baselines_by_attacks(groups: dict[str, list[FrontierRun]], baseline: str
+                         ) -> dict[str, str]:
+    """The baseline group for each way of attacking: ``baseline`` for its own attacks, and
+    for other attacks the group of ``baseline``'s family that differs from it only in its
+    attacks (e.g. ``noise [other attacks]``). Worst-case MSEs of two attack suites are not
+    one scale, so a setting is compared only with baseline runs attacked as it was."""
+    ref = groups[baseline][0]
+    out = {_attacks(ref): baseline}
+    for g, rs in sorted(groups.items()):
+        r = rs[0]
+        if r.family == ref.family and _without_attacks(r) == _without_attacks(ref):
+            out.setdefault(_attacks(r), g)
+    return out
+
+
 def compare_groups(groups: dict[str, list[FrontierRun]], baseline: str
                    ) -> tuple[list[dict[str, Any]], list[str]]:
     """Every other group's settings against ``baseline`` at matched accuracy, cells keyed
     by seed so that settings sharing seeds with the baseline are paired; and the baseline's
-    runs left out of its cells, and why."""
-    base_cells, base_notes = seed_cells(groups[baseline])
+    runs left out of its cells, and why. A group attacked otherwise than ``baseline`` is
+    compared with the baseline family's runs attacked the same way
+    (:func:`baselines_by_attacks`), or not at all."""
+    bases = baselines_by_attacks(groups, baseline)
+    base_cells: dict[str, Any] = {}
+    base_notes: dict[Any, list[str]] = {}
+    for b in set(bases.values()):
+        base_cells[b], notes_b = seed_cells(groups[b])
+        if b == baseline:
+            base_notes = notes_b
     out = []
     for g, rs in sorted(groups.items()):
-        if g == baseline:
+        if g in bases.values():
             continue
+        against = bases.get(_attacks(rs[0]))
         cells, notes = seed_cells(rs)
         for k, cell in sorted(cells.items(), key=lambda kv: (kv[0] is None, kv[0])):
-            c = compare(base_cells, cell)
-            d = c.to_dict()
-            no_gain = [_no_gain(s, cell[s][0], base_cells) for s in sorted(cell)
+            row: dict[str, Any] = {"group": g, "strength_key": rs[0].strength_key,
+                                   "strength": k, "seeds_run": sorted(cell),
+                                   "baseline_group": against}
+            if against is None:
+                out.append({**row, **_no_baseline(cell, groups[baseline][0].family)})
+                continue
+            c = compare(base_cells[against], cell)
+            no_gain = [_no_gain(s, cell[s][0], base_cells[against]) for s in sorted(cell)
                        if s not in c.per_seed and not any(x.startswith(f"seed {s}:")
                                                           for x in c.dropped)]
             out.append({
-                "group": g, "strength_key": rs[0].strength_key, "strength": k,
-                "seeds_run": sorted(cell), **d,
+                **row, **c.to_dict(),
                 "design": f"{'paired' if c.paired else 'unpaired'}, "
                           f"{'per-seed t' if c.method == 'per_seed' else 'model'}",
                 "dropped": list(c.dropped) + no_gain + notes.get(k, []),
             })
     return out, [n for ns in base_notes.values() for n in ns]
+
+
+def _no_baseline(cell: dict[int, tuple[float, float]], family: str) -> dict[str, Any]:
+    """A row for a setting no baseline run was attacked like."""
+    pts = list(cell.values())
+    return {"gain": None, "interval": None, "low": None, "high": None, "verdict":
+            "no comparison", "n_seeds": 0, "seeds": 0, "paired": False, "seeds_needed": None,
+            "accuracy": float(np.mean([a for a, _ in pts])),
+            "mse": float(np.exp(np.mean([math.log(m) for _, m in pts]))),
+            "baseline_mse": None, "per_seed": {}, "per_seed_interval": None, "spread_p": None,
+            "design": "-", "dropped": [], "reason": f"attacked otherwise than every "
+            f"{family!r} run: no baseline attacked the same way"}
 
 
 def _no_gain(seed: int, acc: float, base: dict[Any, dict[int, Any]]) -> str:
@@ -145,6 +198,13 @@ def matched_markdown(record: dict[str, Any]) -> list[str]:
         "as observed. *seeds*: those the estimate rests on (of those run); accuracy and "
         "worst-case MSE: means over all seeds run.", "",
     ]
+    others = sorted({m["baseline_group"] for m in record["matched"]
+                     if m.get("baseline_group") not in (None, base)})
+    if others:
+        lines += [f"Worst-case MSEs of two attack suites are not one scale: a group attacked "
+                  f"otherwise than `{base}` is compared with the `{base}` runs attacked as it "
+                  f"was ({', '.join(f'`{o}`' for o in others)}: its frontier, its seeds), and "
+                  "a group no such run matches is not compared.", ""]
     if record.get("splits_per_seed") == "own":
         lines += ["The runs were not all attacked on one held-out split (see *attacked on "
                   "split* above), but every run of one seed was attacked on the same split: a "

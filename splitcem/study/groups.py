@@ -186,6 +186,15 @@ def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:
         contexts[r.context] = _flatten(ctx)
         counts[r.context] += 1
     main = contexts[max(counts, key=lambda c: (counts[c], c))] if counts else {}
+
+    def attacks(flat: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in flat.items() if k.startswith("attack.")},
+                          sort_keys=True)
+
+    # each way of attacking other than the main context's is named, numbered if several
+    other = sorted({attacks(f) for f in contexts.values()} - {attacks(main)})
+    suite = {a: "other attacks" + (f" {i}" if len(other) > 1 else "")
+             for i, a in enumerate(other, 1)}
     groups: dict[str, list[FrontierRun]] = defaultdict(list)
     for r in runs:
         flat = contexts[r.context]
@@ -193,8 +202,8 @@ def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:
         # settings, the others have none: that absence is not a difference)
         diff = sorted(k for k in flat if k in main and flat[k] != main[k])
         parts = [f"{k}={_short(flat[k])}" for k in diff if not k.startswith("attack.")]
-        if any(k.startswith("attack.") for k in diff):
-            parts.append("other attacks")
+        if attacks(flat) in suite:
+            parts.append(suite[attacks(flat)])
         r.group = r.family + (f" [{', '.join(parts)}]" if parts else "")
         groups[r.group].append(r)
     return dict(groups)
