@@ -121,3 +121,25 @@ def test_stop_rule_stops_hopeless_trials_and_only_learned_epochs():
     assert learn_rule(runs, budget=0.78, epochs=2).margins == {}
     assert not learn_rule([], budget=0.78, epochs=10).should_stop(1, 0.0)
     assert StopRule.from_dict(rule.to_dict()) == rule
+
+
+def test_the_cifar10_tune_base_makes_the_bundled_sweeps_frontier_runs():
+    """configs/tune/cifar10_cpu.yaml's default space reproduces every noise / noise + CEM
+    trial of the bundled CIFAR-10 CPU sweep exactly (training and attacks hashed alike), so
+    the sweep's finished runs enter a tune as warm-start observations (issue 20 item 5)."""
+    from splitcem.config import CONFIG_DIR
+    from splitcem.record import attack_hash, train_hash
+    from splitcem.study.grid import expand, load_sweep
+    from splitcem.study.reproduce import sweep_file
+
+    base = yaml.safe_load((CONFIG_DIR / "tune" / "cifar10_cpu.yaml").read_text())
+    space = default_space(base)
+    frontier = [t for t in expand(load_sweep(sweep_file("cifar10", "cpu")))
+                if t.name.startswith("noise")]
+    assert {t.name for t in frontier} >= {"noise0.1_s125", "noise0.1_cem3_s127"}
+    for t in frontier:
+        at = space.point_of(t.cfg)
+        assert at is not None, t.name
+        cfg = space.config(base, *at, name=t.name, seed=t.seed)
+        assert train_hash(cfg, device="cpu") == train_hash(t.cfg, device="cpu"), t.name
+        assert attack_hash(cfg, device="cpu") == attack_hash(t.cfg, device="cpu"), t.name
