@@ -60,10 +60,9 @@ def test_missing_and_invalid_files(tmp_path):
                          ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     """Every shipped config parses, and its defenses and attacks exist with those parameters."""
-    from splitcem.attacks import create_attack
+    from splitcem.attacks.suite import parse_specs
     from splitcem.experiment import build_defenses
 
     cfg = load_config(path)
     build_defenses(cfg)
-    for spec in cfg.attack.attacks:
-        create_attack(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    parse_specs(cfg.attack.attacks)  # the suite's own validation (labels, init_from, params)
