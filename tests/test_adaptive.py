@@ -106,6 +106,17 @@ def test_seeds_until_decided_then_resume(tmp_path, fake_trials):
     m = {c["strength"]: c for c in write_frontier([out], tmp_path / "front")["matched"]}
     assert m[3.0]["n_seeds"] == len(cells["cem3"]) and m[3.0]["verdict"] == "more private"
     assert m[1.0]["n_seeds"] == 6 and m[1.0]["verdict"] == "undecided"
+    # the planner judged each look at the level spread over the policy's 5 looks (2..6
+    # seeds), and the frontier reads the study that way with --looks 5: a wider interval
+    from splitcem.study.frontier_plan import sequential_level
+
+    level = sequential_level(5)
+    assert compare(base, cells["cem3"], level=level).verdict == "more private"
+    seq = write_frontier([out], tmp_path / "front5", looks=5)
+    m5 = {c["strength"]: c for c in seq["matched"]}
+    assert seq["level"] == pytest.approx(0.99) and m5[3.0]["verdict"] == "more private"
+    assert m5[3.0]["low"] < m[3.0]["low"] and m5[3.0]["high"] > m[3.0]["high"]
+    assert "99%" in (tmp_path / "front5" / "frontier.md").read_text()
     # the new seeds are paired: the noise points around 0.75 (sigma 0.1, 0.2) ran them too
     added = set(cells["cem1"]) | set(cells["cem3"])
     assert added <= set(cells["noise0.1"]) & set(cells["noise0.2"])

@@ -119,6 +119,10 @@ def frontier(
     = False,
     show: Annotated[list[str] | None, typer.Option(
         help="Run name whose reconstructions to show (repeatable; default: chosen)")] = None,
+    looks: Annotated[int, typer.Option(
+        min=1, help="Settings were seeded until decided, judged up to this many times each "
+        "(a sweep's seeds: {min, max}: max - min + 1): intervals at the level that keeps 5% "
+        "over all looks")] = 1,
     device: Device = None,
 ) -> None:
     """Accuracy vs worst-case attack MSE per defense family; MSE at matched accuracy."""
@@ -129,7 +133,7 @@ def frontier(
 
         for note in record_leakage(dirs, device=device):
             typer.echo(note)
-    rec = write_frontier(dirs, out, baseline=baseline, show=show or ())
+    rec = write_frontier(dirs, out, baseline=baseline, show=show or (), looks=looks)
     for m in rec["matched"]:
         gain = "-" if m["gain"] is None else f"{100 * m['gain']:+.1f}%"
         ci = "" if m["low"] is None else f" [{100 * m['low']:+.1f}%, {100 * m['high']:+.1f}%]"

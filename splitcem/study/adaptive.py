@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from splitcem.record import RunRecord
 from splitcem.report import attack_metric
-from splitcem.study.frontier_plan import SeedPolicy, next_seeds
+from splitcem.study.frontier_plan import SeedPolicy, next_seeds, sequential_level
 from splitcem.study.grid import Trial
 
 if TYPE_CHECKING:
@@ -106,22 +106,26 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
                ) -> tuple[list[Trial], list[str]]:
     """The trials the next round adds (seeds for undecided settings and their baseline
     neighbours), and the planner's notes; reads the finished runs in ``out`` (those of
-    earlier rounds too)."""
+    earlier rounds too). A setting counts as decided when its interval at
+    :func:`~splitcem.study.frontier_plan.sequential_level` (``level`` spread over the looks
+    its policy allows) excludes 0."""
     trials = [*trials, *resumed_trials(trials, out, device=device)]
     stems = _stems(trials)
     base, compared = _roles(stems, baseline)
     cells = finished_cells(trials, out, device=device)
-    by_max: dict[int, list[str]] = defaultdict(list)  # min is past: only max matters now
+    # min is past: what matters now is max, and the looks min..max (the level of each look)
+    by_policy: dict[tuple[int, int], list[str]] = defaultdict(list)
     for s in compared:
         pol = stems[s].policy
         if pol is not None and pol.until == "decided" and cells.get(s):
-            by_max[pol.max].append(s)
+            by_policy[(pol.max, pol.looks)].append(s)
     new: dict[str, Trial] = {}
     notes: list[str] = []
     base_cells = {b: cells[b] for b in base if cells.get(b)}
-    for most, settings in sorted(by_max.items()):
+    for (most, looks), settings in sorted(by_policy.items()):
         plan = next_seeds(base_cells, {s: cells[s] for s in settings},
-                          SeedPolicy(1, most, "decided"), level=level)
+                          SeedPolicy(1, most, "decided"),
+                          level=sequential_level(looks, level))
         notes += list(plan.notes)
         for stem, seeds in [*plan.baseline.items(), *plan.settings.items()]:
             for seed in seeds:

@@ -34,6 +34,7 @@ from splitcem.report import (
     markdown_table,
     plot_curves,
 )
+from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.frontier_verdicts import (
     compare_groups,
     matched_markdown,
@@ -156,6 +157,7 @@ def write_frontier(
     baseline: str | None = None,
     show: Sequence[str] = (),
     n_boot: int = 2000,
+    looks: int = 1,
 ) -> dict[str, Any]:
     """Read finished runs under ``dirs`` (never written to), write the frontier report into
     ``out``; returns the JSON record (also ``out/frontier.json``).
@@ -163,7 +165,11 @@ def write_frontier(
     Args:
         baseline: The group compared against (default ``noise`` if present).
         show: Run names whose reconstructions to show side by side (default: chosen).
+        looks: How many times a setting may have been judged while seeds were added until
+            decided (a sweep's ``seeds: {min, max}``: ``max - min + 1``; 1: a fixed design).
+            The intervals are then at :func:`~splitcem.study.frontier_plan.sequential_level`.
     """
+    level = sequential_level(looks)
     out = Path(out)
     runs, notes = find_runs(dirs)
     if not runs:
@@ -199,17 +205,18 @@ def write_frontier(
                 "leakage_heldout_bits": _mean_sd([r.leakage_bits for r in cr
                                                   if r.leakage_bits is not None])[0],
             })
-    comparisons, base_dropped = compare_groups(groups, baseline) if baseline is not None \
-        else ([], [])
+    comparisons, base_dropped = compare_groups(groups, baseline, level=level) \
+        if baseline is not None else ([], [])
     record = {
         "dirs": [str(d) for d in dirs], "baseline": baseline, "runs": len(runs),
         "groups": {g: sorted({r.strength_key for r in rs}) for g, rs in groups.items()},
         "cells": cells_out, "matched": comparisons, "notes": notes,
         "splits_per_seed": _splits_per_seed(runs), "baseline_dropped": base_dropped,
+        "level": level, "looks": looks,
         "method": "worst case per run = best score any attack reached (lowest MSE, highest "
                   "SSIM); matched accuracy: splitcem.study.frontier.compare (the baseline's "
                   "monotone envelope of seed means; paired per seed where seeds are shared, "
-                  "additive model or per-seed t interval, 95%)",
+                  f"additive model or per-seed t interval, {100 * level:.4g}%)",
     }
     write_json(out / "frontier.json", _finite(record))
     write_settings_csv(record, out / "frontier.csv")

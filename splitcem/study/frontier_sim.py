@@ -7,7 +7,9 @@ every run's accuracy and worst-case MSE around them: a per-seed effect shared by
 of that seed (log MSE sd 5%, accuracy sd 0.2 points), a per-run spread (accuracy sd 0.3
 points; log MSE sd drawn per setting from 2-8%), and CEM's MSE set to ``(1 + gain)`` times
 the piecewise-linear frontier through the noise settings' true points.
-``tests/test_frontier_coverage.py`` and ``benchmarks/frontier_coverage.py`` use it.
+``tests/test_frontier_coverage.py`` and ``benchmarks/frontier_coverage.py`` use it;
+:func:`until_decided` simulates the sweep's seeds-until-decided rounds on it
+(``benchmarks/until_decided.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import numpy as np
 
 from splitcem.study.frontier import LESS, MORE, Comparison, compare
 
-__all__ = ["BASE_TRUE", "CEM_ACC", "SHIPPED_SEEDS", "Design", "coverage", "simulate",
-           "unpaired"]
+__all__ = ["BASE_TRUE", "CEM_ACC", "SHIPPED_SEEDS", "SWEEP_ADAPTIVE", "SWEEP_START", "Design",
+           "coverage", "simulate", "unpaired", "until_decided"]
 
 #: true (accuracy, MSE) of the noise settings: the committed seed means
 BASE_TRUE = {0.1: (0.7928, 0.00947), 0.15: (0.78395, 0.01092), 0.2: (0.7717, 0.01262),
@@ -100,3 +102,56 @@ def coverage(gain: float, n: int = 2000, design: Design = SHIPPED_SEEDS, *,
     k = max(with_interval, 1)
     return {"coverage": covered / k, "false_verdicts": false / k, "verdicts": verdicts / k,
             "with_interval": with_interval}
+
+
+#: the bundled sweep's frontier after its first round: seeds per cell (noise sigma; CEM lambda)
+SWEEP_START = {"base": {0.1: 2, 0.15: 2, 0.2: 2, 0.3: 2}, "cem": {1.0: 2, 3.0: 3, 10.0: 2}}
+#: the settings it seeds until decided (max 8)
+SWEEP_ADAPTIVE = (3.0, 10.0)
+
+
+def until_decided(gain: float, n: int = 1000, *, level: float | None = None, looks: int = 7,
+                  max_seeds: int = 8, rng_seed: int = 20261205) -> dict[str, float]:
+    """Error rates of *seeds until decided* over ``n`` simulated studies of the bundled
+    sweep's frontier (:data:`SWEEP_START`, :data:`SWEEP_ADAPTIVE`).
+
+    Each study draws every cell's runs for seeds 125 to 125 + ``max_seeds`` - 1 up front and
+    reveals those the planner (:func:`~splitcem.study.frontier_plan.next_seeds`, as
+    :mod:`splitcem.study.adaptive` calls it) asks for, round by round, judging each setting
+    at ``level`` (default: :func:`~splitcem.study.frontier_plan.sequential_level` of
+    ``looks``), until every adaptive setting is decided or at ``max_seeds``; its final
+    comparison at the same level is scored. Rates are over the adaptive settings:
+    ``false`` (any verdict at ``gain == 0``, the wrong sign otherwise), ``verdicts``,
+    ``coverage`` (of the final interval, where there is one) and mean ``seeds``.
+    """
+    from splitcem.study.frontier_plan import SeedPolicy, next_seeds, sequential_level
+
+    lvl = sequential_level(looks) if level is None else level
+    seeds = list(range(125, 125 + max_seeds))
+    rng = np.random.default_rng(rng_seed)
+    false = verdicts = covered = intervals = total = n_seeds = 0
+    for _ in range(n):
+        full = simulate(rng, gain, {part: {k: seeds for k in cells}
+                                    for part, cells in SWEEP_START.items()})
+        shown = [{k: {s: full[i][k][s] for s in seeds[:m]} for k, m in cells.items()}
+                 for i, cells in enumerate(SWEEP_START.values())]
+        base, cem = shown
+        while True:
+            plan = next_seeds(base, {k: cem[k] for k in SWEEP_ADAPTIVE},
+                              SeedPolicy(1, max_seeds, "decided"), level=lvl)
+            if plan.done:
+                break
+            for i, part in ((0, plan.baseline), (1, plan.settings)):
+                for k, ss in part.items():
+                    shown[i][k].update({s: full[i][k][s] for s in ss})  # type: ignore[index]
+        for k in SWEEP_ADAPTIVE:
+            c = compare(base, cem[k], level=lvl)
+            total += 1
+            n_seeds += len(cem[k])
+            verdicts += c.decided
+            false += (c.verdict == (LESS if gain > 0 else MORE)) if gain else c.decided
+            if c.interval is not None:
+                intervals += 1
+                covered += c.interval[0] <= gain <= c.interval[1]
+    return {"false": false / total, "verdicts": verdicts / total,
+            "coverage": covered / max(intervals, 1), "seeds": n_seeds / total, "level": lvl}

@@ -52,8 +52,8 @@ def baselines_by_attacks(groups: dict[str, list[FrontierRun]], baseline: str
     return out
 
 
-def compare_groups(groups: dict[str, list[FrontierRun]], baseline: str
-                   ) -> tuple[list[dict[str, Any]], list[str]]:
+def compare_groups(groups: dict[str, list[FrontierRun]], baseline: str, *,
+                   level: float = 0.95) -> tuple[list[dict[str, Any]], list[str]]:
     """Every other group's settings against ``baseline`` at matched accuracy, cells keyed
     by seed so that settings sharing seeds with the baseline are paired; and the baseline's
     runs left out of its cells, and why. A group attacked otherwise than ``baseline`` is
@@ -79,7 +79,7 @@ def compare_groups(groups: dict[str, list[FrontierRun]], baseline: str
             if against is None:
                 out.append({**row, **_no_baseline(cell, groups[baseline][0].family)})
                 continue
-            c = compare(base_cells[against], cell)
+            c = compare(base_cells[against], cell, level=level)
             no_gain = [_no_gain(s, cell[s][0], base_cells[against]) for s in sorted(cell)
                        if s not in c.per_seed and not any(x.startswith(f"seed {s}:")
                                                           for x in c.dropped)]
@@ -183,12 +183,15 @@ def _verdict_md(m: dict[str, Any]) -> str:
 
 def matched_markdown(record: dict[str, Any]) -> list[str]:
     base = record["baseline"]
+    level = record.get("level", 0.95)
+    looks = record.get("looks", 1)
+    pct = f"{100 * level:.4g}%"
     lines = [
         f"## Attack MSE at matched accuracy, against `{base}`", "",
         f"For each setting: its worst-case MSE against the `{base}` frontier at the same "
         f"accuracy: the monotone (Pareto) envelope of `{base}`'s seed means, joined by straight "
         "lines, no extrapolation. Gain = MSE / envelope MSE - 1 (geometric mean over seeds), "
-        "with a 95% t interval (`splitcem.study.frontier.compare`). *paired*: the setting "
+        f"with a {pct} t interval (`splitcem.study.frontier.compare`). *paired*: the setting "
         f"shares at least 2 seeds with `{base}`, so each seed's effect on every run cancels "
         "(seed effects in the model); *model*: least squares over all runs, residual spread "
         "pooled; *per-seed t*: each seed's gain against its own baseline curve, a t interval "
@@ -198,6 +201,13 @@ def matched_markdown(record: dict[str, Any]) -> list[str]:
         "as observed. *seeds*: those the estimate rests on (of those run); accuracy and "
         "worst-case MSE: means over all seeds run.", "",
     ]
+    if looks > 1:
+        lines += [f"Read as a study whose settings were seeded until decided (`--looks {looks}`:"
+                  f" judged up to {looks} times each): every interval is {pct}, so that over all "
+                  "the looks a false verdict stays at most 5% (Bonferroni; "
+                  "`splitcem.study.frontier_plan.sequential_level`; a 95% interval looked at "
+                  "after every seed gives one about twice as often: "
+                  "`python benchmarks/until_decided.py`).", ""]
     others = sorted({m["baseline_group"] for m in record["matched"]
                      if m.get("baseline_group") not in (None, base)})
     if others:
@@ -222,7 +232,7 @@ def matched_markdown(record: dict[str, Any]) -> list[str]:
         rows.append(["(no other group with finished runs yet)"] + [""] * 9)
     lines.append(markdown_table(
         ["group", "strength", "seeds", "accuracy (%)", "worst-case MSE",
-         f"{base} MSE at that accuracy (envelope)", "MSE gain", "95% interval", "method",
+         f"{base} MSE at that accuracy (envelope)", "MSE gain", f"{pct} interval", "method",
          "verdict"], rows))
     lines += ["", "### Per seed", "",
               "Each seed's gain against that seed's own baseline curve, and the t interval "

@@ -82,6 +82,9 @@ class TuneResult:
     ran: list[str] = field(default_factory=list)
     rule: StopRule | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    #: how many times ``--confirm-seeds`` may judge the recommendation (1: no confirmation);
+    #: its verdict is at :func:`~splitcem.study.frontier_plan.sequential_level` of it
+    looks: int = 1
 
 
 def _observation(rec: RunRecord, family: str, values: dict[str, Any], source: str,

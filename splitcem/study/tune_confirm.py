@@ -10,6 +10,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from splitcem.record import RunRecord
+from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.grid import Trial
 from splitcem.study.space import NOISE, SearchSpace
 from splitcem.study.trials import Engine, run_trials
@@ -31,13 +32,16 @@ def confirm(result: TuneResult, space: SearchSpace, base: dict[str, Any], seeds:
     from splitcem.study.tune import Observation, _observation
 
     tdir = result.out / "trials"
+    # judged at 2, 3, ..., seeds seeds: each look at the level that keeps 5% over all
+    result.looks = max(seeds - 1, 1)
+    level = sequential_level(result.looks)
     for _ in range(seeds):
         sets = settings(result.observations, space)
         ranked = recommend(sets, result.budget)
         if not ranked:
             return
         best = ranked[0]
-        cmp = gain_over_noise(best, sets)
+        cmp = gain_over_noise(best, sets, level=level)
         if cmp is None or cmp.decided or len(best.seeds) >= seeds:
             return
         targets = [best] + [s for s in sets if s.family == NOISE and s.label in cmp.neighbours]

@@ -15,6 +15,7 @@ import numpy as np
 from splitcem._io import atomic_write, write_json, write_text
 from splitcem.report import markdown_table
 from splitcem.study.frontier import Comparison, baseline_curve, compare
+from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.space import NOISE, SearchSpace
 
 if TYPE_CHECKING:
@@ -76,13 +77,14 @@ def recommend(sets: Sequence[Setting], budget: float) -> list[Setting]:
     return sorted((s for s in sets if s.accuracy >= budget), key=lambda s: -s.mse)
 
 
-def gain_over_noise(best: Setting, sets: Sequence[Setting]) -> Comparison | None:
-    """``best``'s gain over the noise-alone frontier at its accuracy (``None``: no noise
-    settings, or ``best`` is one)."""
+def gain_over_noise(best: Setting, sets: Sequence[Setting], *, level: float = 0.95
+                    ) -> Comparison | None:
+    """``best``'s gain over the noise-alone frontier at its accuracy, with a ``level``
+    interval (``None``: no noise settings, or ``best`` is one)."""
     base = {s.label: s.cell() for s in sets if s.family == NOISE and s is not best}
     if best.family == NOISE or not base:
         return None
-    return compare(base, best.cell())
+    return compare(base, best.cell(), level=level)
 
 
 def _plot(result: TuneResult, sets: Sequence[Setting], best: Setting | None,
@@ -135,7 +137,8 @@ def write(result: TuneResult, space: SearchSpace, *, mode: str) -> dict[str, Any
     sets = settings(result.observations, space)
     ranked = recommend(sets, result.budget)
     best = ranked[0] if ranked else None
-    cmp = gain_over_noise(best, sets) if best is not None else None
+    level = sequential_level(result.looks)
+    cmp = gain_over_noise(best, sets, level=level) if best is not None else None
     runner: dict[str, Any] = {}
     for s in ranked[1:]:
         runner.setdefault(s.family, s.summary())
@@ -150,6 +153,7 @@ def write(result: TuneResult, space: SearchSpace, *, mode: str) -> dict[str, Any
         "warm_start": sum(o.source == "warm-start" for o in result.observations),
         "recommended": best.summary() if best is not None else None,
         "gain_over_noise": cmp.to_dict() if cmp is not None else None,
+        "level": level, "looks": result.looks,
         "runner_up": runner, "chosen_run": chosen, "chosen_ready": ready,
         "stop_rule": result.rule.to_dict() if result.rule is not None else None,
         "observations": [asdict(o) for o in result.observations],
@@ -181,7 +185,11 @@ def write(result: TuneResult, space: SearchSpace, *, mode: str) -> dict[str, Any
             iv = (f"[{100 * cmp.interval[0]:+.1f}%, {100 * cmp.interval[1]:+.1f}%]"
                   if cmp.interval else "none (one seed)")
             g = f"{100 * cmp.gain:+.1f}%" if cmp.gain is not None else "-"
-            lines += [f"Gain over noise alone at its accuracy: {g}, 95% interval {iv}, "
+            seq = (f", judged up to {result.looks} times while `--confirm-seeds` added seeds, "
+                   "so that a false verdict stays at most 5% over all of them"
+                   if result.looks > 1 else "")
+            lines += [f"Gain over noise alone at its accuracy: {g}, {100 * level:.4g}% "
+                      f"interval{seq} {iv}, "
                       f"verdict **{cmp.verdict}** ({cmp.n_seeds} seed(s)"
                       + (f"; about {cmp.seeds_needed} more would decide it"
                          if cmp.seeds_needed else "") + ").", ""]
