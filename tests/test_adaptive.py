@@ -111,6 +111,9 @@ def test_seeds_until_decided_then_resume(tmp_path, fake_trials):
     from splitcem.study.frontier_plan import sequential_level
 
     level = sequential_level(5)
+    from splitcem.study.adaptive import looks
+
+    assert looks(expand(load_sweep(spec))) == 5  # what sweep / reproduce read their study with
     assert compare(base, cells["cem3"], level=level).verdict == "more private"
     seq = write_frontier([out], tmp_path / "front5", looks=5)
     m5 = {c["strength"]: c for c in seq["matched"]}

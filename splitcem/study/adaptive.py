@@ -33,7 +33,8 @@ from splitcem.study.grid import Trial
 if TYPE_CHECKING:
     from splitcem.study.trials import GridResult
 
-__all__ = ["adaptive", "finished_cells", "plan_round", "resumed_trials", "run_until_decided"]
+__all__ = ["adaptive", "finished_cells", "looks", "plan_round", "resumed_trials",
+           "run_until_decided"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,13 @@ Point = tuple[float, float]
 def adaptive(trials: Sequence[Trial]) -> bool:
     """Whether any trial's setting asks for seeds until decided."""
     return any(t.policy is not None and t.policy.until == "decided" for t in trials)
+
+
+def looks(trials: Sequence[Trial]) -> int:
+    """The most times any setting of ``trials`` may be judged (its policy's
+    :attr:`~splitcem.study.frontier_plan.SeedPolicy.looks`; 1 for fixed seeds): what the
+    frontier of their runs is read with (``splitcem frontier --looks``)."""
+    return max((t.policy.looks for t in trials if t.policy is not None), default=1)
 
 
 def _stems(trials: Sequence[Trial]) -> dict[str, Trial]:

@@ -107,13 +107,16 @@ def _cell(rs: Sequence[FrontierRun]) -> dict[int, tuple[float, float]]:
     return {r.cfg.seed: (r.accuracy, r.metric("mse")) for r in rs}
 
 
-def _cmp(curve: dict[Any, list[FrontierRun]], rs: list[FrontierRun]) -> Comparison | None:
+def _cmp(curve: dict[Any, list[FrontierRun]], rs: list[FrontierRun], level: float
+         ) -> Comparison | None:
     cells = {k: _cell(v) for k, v in curve.items() if v}
-    return compare(cells, _cell(rs)) if cells else None
+    return compare(cells, _cell(rs), level=level) if cells else None
 
 
-def paper_rows(runs: Sequence[FrontierRun]) -> list[dict[str, Any]]:
-    """One row per (defense, strength, lambda > 0): see the module docstring."""
+def paper_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict[str, Any]]:
+    """One row per (defense, strength, lambda > 0): see the module docstring; the matched
+    comparisons' intervals at ``level`` (a study seeded until decided: its
+    :func:`~splitcem.study.frontier_plan.sequential_level`)."""
     own: dict[str, dict[Any, list[FrontierRun]]] = defaultdict(lambda: defaultdict(list))
     noise: dict[str, dict[Any, list[FrontierRun]]] = defaultdict(lambda: defaultdict(list))
     cem: dict[tuple[str, Any, float], list[FrontierRun]] = defaultdict(list)
@@ -150,8 +153,8 @@ def paper_rows(runs: Sequence[FrontierRun]) -> list[dict[str, Any]]:
             row[f"mse_sd_{tag}"] = _sd([r.metric("mse") for r in rs])
             row[f"accuracy_sd_{tag}"] = _sd([r.accuracy for r in rs])
         row["mse_gain"] = row["mse_with"] / row["mse_without"] - 1.0 if base else None
-        vs_own = _cmp(own.get(curve, {}), with_cem)
-        vs_noise = _cmp(noise.get(ctx, {}), with_cem) if name != "noise" else vs_own
+        vs_own = _cmp(own.get(curve, {}), with_cem, level)
+        vs_noise = _cmp(noise.get(ctx, {}), with_cem, level) if name != "noise" else vs_own
         row["vs_own"] = vs_own.to_dict() if vs_own is not None else None
         row["vs_noise"] = vs_noise.to_dict() if vs_noise is not None else None
         row["own_strengths"] = sorted(own.get(curve, {}), key=str)
@@ -191,9 +194,10 @@ def _with_sd(v: float, sd: float | None, fmt: str) -> str:
     return format(v, fmt) + ("" if sd is None else f" ± {format(sd, fmt)}")
 
 
-def paper_table(runs: Sequence[FrontierRun]) -> tuple[str, list[dict[str, Any]]]:
-    """The per-defense table (markdown) and its rows (:func:`paper_rows`)."""
-    rows = paper_rows(runs)
+def paper_table(runs: Sequence[FrontierRun], *, level: float = 0.95
+                ) -> tuple[str, list[dict[str, Any]]]:
+    """The per-defense table (markdown) and its rows (:func:`paper_rows`, at ``level``)."""
+    rows = paper_rows(runs, level=level)
     header = ["defense", "CEM lambda", "seeds (w/o, w/)", "accuracy % w/o", "w/", "MSE w/o",
               "w/", "SSIM w/o", "w/", "PSNR w/o", "w/", "same-strength gain",
               "matched vs own curve", "matched vs noise", "note"]

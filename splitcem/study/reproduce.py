@@ -18,6 +18,8 @@ from pathlib import Path
 
 from splitcem._io import write_json, write_text
 from splitcem.errors import ConfigError
+from splitcem.study.adaptive import looks
+from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.frontier_report import write_frontier
 from splitcem.study.grid import SweepSpec, add_overrides, expand, load_sweep
 from splitcem.study.groups import find_runs
@@ -78,7 +80,8 @@ def reproduce(
     spec = _spec(dataset, protocol, overrides)
     res = run_grid(spec, out=_out(spec, out), engine=engine)
     runs, notes = find_runs([res.out])
-    table, rows = paper_table(runs)
+    n_looks = looks(expand(spec))  # seeds until decided: every interval at its level
+    table, rows = paper_table(runs, level=sequential_level(n_looks))
     failed = res.failed
     text = [f"# {dataset}, {protocol} protocol: defenses without and with CEM", "",
             f"{len(runs)} finished runs in {res.out}; seed means (± one standard deviation "
@@ -86,7 +89,9 @@ def reproduce(
             "the defense-aware decoder. Same-strength gain (the paper's measure) = MSE with "
             "CEM / MSE without at the same defense strength - 1. Matched = MSE against the "
             "curve (the defense's own without CEM over its strength; noise alone over sigma) "
-            "interpolated at the CEM setting's accuracy - 1, with its 95% interval, verdict "
+            f"interpolated at the CEM setting's accuracy - 1, with its "
+            f"{100 * sequential_level(n_looks):.4g}% interval (95% spread over up to {n_looks} "
+            "looks: seeds until decided), verdict "
             "and seeds (splitcem.study.frontier.compare). Higher = CEM made inversion "
             "harder. A row with one CEM seed has no interval: exploratory.", "",
             table, ""]
@@ -97,5 +102,5 @@ def reproduce(
     write_text(res.out / "paper_table.md", "\n".join(text))
     write_json(res.out / "paper_table.json", rows)
     if runs:
-        write_frontier([res.out], res.out)
+        write_frontier([res.out], res.out, looks=n_looks)
     return res, table

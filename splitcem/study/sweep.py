@@ -17,7 +17,7 @@ from splitcem._io import write_json, write_text
 from splitcem.errors import SplitcemError
 from splitcem.record import RunRecord
 from splitcem.report import comparison_table, plot_frontier
-from splitcem.study.grid import add_overrides, config_trials, load_sweep
+from splitcem.study.grid import add_overrides, config_trials, expand, load_sweep
 from splitcem.study.trials import Engine, GridResult, run_grid, run_trials
 
 __all__ = ["run_sweep", "run_sweep_file", "write_comparison"]
@@ -81,9 +81,11 @@ def run_sweep_file(path: str | Path, *, overrides: Sequence[str] = (),
                    engine: Engine | None = None) -> GridResult:
     """The sweep-file front door: :func:`~splitcem.study.trials.run_grid` (``engine``: its
     options), then the frontier report into the sweep's folder when a trial finished."""
+    from splitcem.study.adaptive import looks
     from splitcem.study.frontier_report import write_frontier
 
-    res = run_grid(add_overrides(load_sweep(path), list(overrides)), out=out, engine=engine)
+    spec = add_overrides(load_sweep(path), list(overrides))
+    res = run_grid(spec, out=out, engine=engine)
     if len(res.statuses) > len(res.failed):
-        write_frontier([res.out], res.out, baseline=baseline)
+        write_frontier([res.out], res.out, baseline=baseline, looks=looks(expand(spec)))
     return res
