@@ -314,7 +314,7 @@ def compare(baseline: Mapping[Any, Cell], cell: Cell, *, level: float = 0.95,
     lo, hi = float(np.expm1(lg - half)), float(np.expm1(lg + half))
     v = verdict(float(np.expm1(lg)), lo, hi)
     need = 0 if v != UNDECIDED else seeds_needed(lg, se, n, df, level=level)
-    why = f"{round(100 * level)}% interval {'spans' if v == UNDECIDED else 'excludes'} 0"
+    why = f"{100 * level:.4g}% interval {'spans' if v == UNDECIDED else 'excludes'} 0"
     return Comparison(float(np.expm1(lg)), (lo, hi), v, n, use_paired, tuple(dropped), need,
                       per, log_gain=lg, se=se, df=df, reason=why, **common)
 
