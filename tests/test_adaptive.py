@@ -16,6 +16,7 @@ from splitcem.record import RunRecord
 from splitcem.study import trials as engine
 from splitcem.study.adaptive import plan_round
 from splitcem.study.frontier import compare
+from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.grid import expand, load_sweep
 
 #: the trials one after another in this process, no progress bars
@@ -26,13 +27,25 @@ _EFFECT = {s: 0.3 * math.sin(1.7 * s) for s in range(200)}
 _GAIN = {1.0: 0.0, 3.0: 0.25}
 
 
+#: top-k's curve over ratio (its own, 20% above noise alone's at the same accuracy) and the
+#: true gain of top-k 0.4 + CEM lambda L over it
+_TOPK_GAIN = {1.0: 0.0, 3.0: 0.3}
+
+
 def _metrics(cfg) -> tuple[float, float]:
     """(accuracy, worst-case MSE): noise on a line from (0.80, 0.010) to (0.60, 0.030); CEM
-    lambda L at accuracy 0.75 with gain _GAIN[L]; per-run noise 8% on MSE."""
-    sigma = cfg.defenses[0]["sigma"]
+    lambda L at accuracy 0.75 with gain _GAIN[L]; top-k over ratio 0.5 / 0.4 / 0.3 at
+    accuracy 0.80 / 0.75 / 0.70 with 1.2x noise's MSE there, and top-k 0.4 + CEM lambda L at
+    0.75 with gain _TOPK_GAIN[L] over top-k's curve; per-run noise 8% on MSE."""
+    sigma = cfg.defenses[-1]["sigma"]
     lam = cfg.cem.lam if cfg.cem is not None else 0.0
-    rng = np.random.default_rng([cfg.seed, round(100 * sigma), round(10 * lam)])
-    if lam:
+    ratio = cfg.defenses[0].get("ratio", 0.0)
+    rng = np.random.default_rng([cfg.seed, round(100 * sigma), round(10 * lam),
+                                 round(100 * ratio)])
+    if ratio:
+        acc = 0.55 + 0.5 * ratio
+        acc, mse = acc, 1.2 * (0.09 - 0.1 * acc) * (1 + (_TOPK_GAIN[lam] if lam else 0.0))
+    elif lam:
         acc, mse = 0.75, 0.015 * (1 + _GAIN[lam])
     else:
         acc, mse = 0.9 - sigma, 0.1 * sigma
@@ -234,3 +247,40 @@ def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, monkeypatch):
     again = len(fake_trials)
     tune_confirm.confirm(result, space, base, 8, engine=LOOP)  # decided already: runs nothing
     assert len(fake_trials) == again
+
+
+def test_a_zoo_setting_with_cem_is_decided_against_its_own_curve(tmp_path, fake_trials):
+    """Issue 19: top-k + CEM gets seeds until decided against top-k without CEM (its own
+    curve, whose points around its accuracy get the same seeds), not against noise alone:
+    one seed everywhere first, the true +30% decided, the null lambda stopped at max."""
+    spec = _sweep(tmp_path)
+    spec["variants"][1]["seeds"] = 2
+    (tmp_path / "topk.yaml").write_text(
+        "name: tiny\nseed: 10\ndevice: cpu\ntrain: {epochs: 1}\n"
+        "defenses: [{name: topk, ratio: 0.3}, {name: noise, sigma: 0.1}]\n"
+        "attack: {attacks: [{name: decoder, epochs: 1}]}\n")
+    topk = str(tmp_path / "topk.yaml")
+    policy = {"min": 1, "max": 5, "until": "decided"}
+    spec["variants"] += [
+        {"name": "topk{ratio}", "base": topk, "grid": {"defenses.0.ratio": [0.5, 0.4, 0.3]},
+         "seeds": 1},
+        {"name": "topk{ratio}_cem{lambda}", "base": topk, "set": {"cem": {"lambda": 1.0}},
+         "grid": {"defenses.0.ratio": [0.4], "cem.lambda": [1.0, 3.0]}, "seeds": policy}]
+    out = tmp_path / "out"
+    engine.run_grid(spec, out=out, engine=LOOP)
+    cells = _cells(out)
+    curve = {k: v for k, v in cells.items() if k in ("topk0.5", "topk0.4", "topk0.3")}
+    level = sequential_level(5)
+    strong = compare(curve, cells["topk0.4_cem3"], level=level)
+    assert strong.verdict == "more private" and 2 <= len(cells["topk0.4_cem3"]) <= 5, strong
+    null = compare(curve, cells["topk0.4_cem1"], level=level)
+    assert null.verdict != "more private" or len(cells["topk0.4_cem1"]) == 5
+    # the new seeds paired with top-k's points around 0.75, never with noise alone's curve
+    added = (set(cells["topk0.4_cem1"]) | set(cells["topk0.4_cem3"])) - {10}
+    assert added and added <= set(cells["topk0.4"])
+    assert added <= set(cells["topk0.5"]) | set(cells["topk0.3"])
+    assert set(cells["noise0.1"]) == {10, 11}  # noise alone: its 2 fixed seeds only
+    # against noise alone the same top-k + CEM runs would be judged otherwise (top-k's curve
+    # is 20% above noise's): the planner used the own curve
+    noise = {k: v for k, v in cells.items() if k.startswith("noise")}
+    assert compare(noise, cells["topk0.4_cem3"], level=level).gain > strong.gain + 0.1

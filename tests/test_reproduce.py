@@ -223,9 +223,10 @@ def test_the_bottleneck_is_a_defense_over_its_channels(bundled):
 def test_reproduce_on_finished_runs_of_the_bundled_sweep_tables_every_zoo_defense(
         tmp_path, bundled, monkeypatch):
     """The one command on a sweep folder whose every trial finished (synthetic runs): it
-    trains nothing of the zoo (its settings have fixed seeds), only the seeds that the
-    frontier's seeds-until-decided rounds add (here a fake trial function writes their
-    records), and the table has each zoo defense's CEM rows against its own curve."""
+    trains nothing of the first round, only the seeds that the seeds-until-decided rounds
+    add (here a fake trial function writes their records): the frontier's against noise
+    alone, each zoo CEM setting's against its own defense's curve (never the cut baseline);
+    and the table has each zoo defense's CEM rows against its own curve."""
     from splitcem.study import trials as engine
     from splitcem.study.reproduce import reproduce
 
@@ -252,7 +253,17 @@ def test_reproduce_on_finished_runs_of_the_bundled_sweep_tables_every_zoo_defens
                            engine=engine.Engine(use_ray=False, progress=False, device="cpu"))
     assert sorted(res.skipped) == sorted(t.name for t in bundled)
     assert sorted(res.ran) == sorted(added)
-    assert all(n.startswith("noise") for n in added), added  # the frontier section only
+    stems = {t.name.rsplit("_s", 1)[0]: t for t in bundled}
+
+    def lam(t) -> float:
+        return t.cfg.cem.lam if t.cfg.cem is not None else 0.0
+
+    grown = [stems[g] for g in sorted({n.rsplit("_s", 1)[0] for n in added})]
+    grown_cem = {defense_of(t.cfg)[0] for t in grown if lam(t) > 0}
+    for t in grown:  # a CEM setting, or a point of a grown CEM setting's own curve
+        assert lam(t) > 0 or defense_of(t.cfg)[0] in grown_cem, t.name
+    assert "cut" not in {defense_of(t.cfg)[0] for t in grown}
+    assert grown_cem - {"noise"}, added  # zoo settings got seeds too
     rows = json.loads((tmp_path / "paper_table.json").read_text())
     assert table in (tmp_path / "paper_table.md").read_text()
     assert len(table.splitlines()) == len(rows) + 4  # header, rule, rows, blank, average
@@ -264,4 +275,4 @@ def test_reproduce_on_finished_runs_of_the_bundled_sweep_tables_every_zoo_defens
         for r in mine:
             assert sorted(r["own_strengths"]) == sorted(strengths), name
             assert r["vs_own"] is not None and r["vs_noise"] is not None, name
-            assert r["exploratory"]  # one seed each in the bundled zoo section
+            assert r["exploratory"] == (r["seeds_with"] == 1), name

@@ -4,9 +4,11 @@ A sweep file's ``seeds: {min: 2, max: 8, until: decided}`` (per variant or at th
 level) makes each of its settings start with ``min`` seeds (:mod:`splitcem.study.grid`).
 :func:`run_until_decided` runs those, then in rounds: reads the finished runs' records (only
 through :class:`splitcem.record.RunRecord`), asks :func:`splitcem.study.frontier_plan.next_seeds`
-which seeds the settings still undecided against the baseline need (closest to a decision
-first; the baseline cells around each setting's accuracy get the same seed, so the new runs
-pair), runs them, and asks again, until every such setting is decided or at ``max``.
+which seeds the settings still undecided against their baseline need (a CEM setting's own
+curve: the same defense without CEM over its strength, so noise alone for noise + CEM and
+top-k for top-k + CEM; any other setting: noise alone), closest to a decision first; the
+baseline cells around each setting's accuracy get the same seed, so the new runs pair; runs
+them, and asks again, until every such setting is decided or at ``max``.
 
 Nothing is kept between invocations but the run directories: re-running a sweep finds the
 seeds earlier rounds added (``OUT/{stem}_s{seed}`` finished for that setting's config at that
@@ -109,28 +111,47 @@ def _roles(stems: dict[str, Trial], baseline: str | None) -> tuple[list[str], li
             [str(r.path) for g, rs in groups.items() if g != base for r in rs])
 
 
+def _own_curves(stems: dict[str, Trial]) -> dict[str, list[str]]:
+    """Each CEM setting's own curve: the stems of the same defense without CEM over its
+    strength (:func:`splitcem.study.paper.curve_key`); settings without one are absent."""
+    from splitcem.study.paper import cem_lambda, curve_key
+
+    keys = {s: curve_key(t.cfg) for s, t in stems.items()}
+    out: dict[str, list[str]] = {}
+    for s, t in stems.items():
+        curve = sorted(b for b, k in keys.items()
+                       if k == keys[s] and cem_lambda(stems[b].cfg) == 0)
+        if cem_lambda(t.cfg) > 0 and curve:
+            out[s] = curve
+    return out
+
+
 def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
                baseline: str | None = None, level: float = 0.95
                ) -> tuple[list[Trial], list[str]]:
     """The trials the next round adds (seeds for undecided settings and their baseline
     neighbours), and the planner's notes; reads the finished runs in ``out`` (those of
-    earlier rounds too). A setting counts as decided when its interval at
+    earlier rounds too). A setting with CEM is judged against its own curve (the same defense
+    without CEM over its strength: for noise + CEM, noise alone), any other against
+    ``baseline`` (default: noise alone). It counts as decided when its interval at
     :func:`~splitcem.study.frontier_plan.sequential_level` (``level`` spread over the looks
     its policy allows) excludes 0."""
     trials = [*trials, *resumed_trials(trials, out, device=device)]
     stems = _stems(trials)
     base, compared = _roles(stems, baseline)
+    own = _own_curves(stems) if baseline is None else {}
     cells = finished_cells(trials, out, device=device)
-    # min is past: what matters now is max, and the looks min..max (the level of each look)
-    by_policy: dict[tuple[int, int], list[str]] = defaultdict(list)
+    # min is past: what matters now is the baseline (a CEM setting's own curve, else noise
+    # alone), max, and the looks min..max (the level of each look)
+    by_policy: dict[tuple[tuple[str, ...], int, int], list[str]] = defaultdict(list)
     for s in compared:
         pol = stems[s].policy
         if pol is not None and pol.until == "decided" and cells.get(s):
-            by_policy[(pol.max, pol.looks)].append(s)
+            by_policy[(tuple(own.get(s) or base), pol.max, pol.looks)].append(s)
     new: dict[str, Trial] = {}
     notes: list[str] = []
-    base_cells = {b: cells[b] for b in base if cells.get(b)}
-    for (most, looks), settings in sorted(by_policy.items()):
+    for (curve, most, looks), settings in sorted(by_policy.items()):
+        base_cells = {b: cells[b] for b in curve if cells.get(b)}
         plan = next_seeds(base_cells, {s: cells[s] for s in settings},
                           SeedPolicy(1, most, "decided"),
                           level=sequential_level(looks, level))

@@ -35,7 +35,8 @@ from splitcem.study.frontier import Comparison, compare
 from splitcem.study.grid import format_value
 from splitcem.study.groups import FrontierRun, family
 
-__all__ = ["PAPER_GAINS", "average_gain", "defense_of", "paper_rows", "paper_table"]
+__all__ = ["PAPER_GAINS", "average_gain", "cem_lambda", "curve_key", "defense_of", "paper_rows",
+           "paper_table"]
 
 #: the paper's average same-strength gains over defenses (CVPR 2025 CEM paper, abstract)
 PAPER_GAINS = (0.129, 0.482)
@@ -88,6 +89,18 @@ def _key(cfg: RunConfig, drop: Sequence[str]) -> str:
 
 def _lam(cfg: RunConfig) -> float:
     return float(cfg.cem.lam) if cfg.cem is not None else 0.0
+
+
+def cem_lambda(cfg: RunConfig) -> float:
+    """The run's CEM lambda (0 without CEM)."""
+    return _lam(cfg)
+
+
+def curve_key(cfg: RunConfig) -> str:
+    """The key of the defense curve a run belongs to: its config up to seed, CEM and its
+    defense's strength (:func:`defense_of`). A setting with CEM and the runs of the same
+    defense without CEM over its strength share it (its *own curve*)."""
+    return _key(cfg, [defense_of(cfg)[1]])
 
 
 def _mean(xs: Sequence[float]) -> float:
