@@ -22,7 +22,7 @@ Seeds are reused before new ones are drawn: the seeds most cells already ran fir
 pair), then fresh seeds after the largest seen.
 
 **Looking more than once.** A 95% interval read after every added seed, stopping at the first
-verdict, gives a verdict at a true gain of 0 far more often than 5% (optional stopping: 11%
+verdict, gives a verdict at a true gain of 0 far more often than 5% (optional stopping: 11.9%
 on the bundled sweep's frontier, ``python benchmarks/until_decided.py``). So a setting seeded
 until decided is decided, by the planner and in the report, at
 :func:`sequential_level`: the level that keeps the chance of any false verdict over all its
