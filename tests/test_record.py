@@ -187,7 +187,10 @@ def test_committed_runs_adopt_into_reproduce(tmp_path):
     trials = expand(load_sweep(sweep_file("cifar10", "cpu")))
     protocol = trials[0].cfg.attack.attacks
     res, jobs = plan_trials(trials, tmp_path / "out", adopt=[COMMITTED], device="cpu")
-    committed = sorted(p.name for p in COMMITTED.iterdir() if p.is_dir())
+    # the sweep's first-round trials (runs of later seeds-until-decided rounds are adopted
+    # when a round asks for them)
+    names = {t.name for t in trials}
+    committed = sorted(p.name for p in COMMITTED.iterdir() if p.is_dir() and p.name in names)
     # attacked on the fixed split (125) by the protocol's attacks (as the sweep file sets
     # them now): seed 125's legacy runs once, the sweep's own runs since
     s125 = [n for n in committed if (RunRecord.load(COMMITTED / n).split or {}).get("seed")
