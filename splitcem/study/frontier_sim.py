@@ -77,6 +77,11 @@ def simulate(rng: np.random.Generator, gain: float, design: Design = SHIPPED_SEE
     return out["base"], out["cem"]
 
 
+def _false(c: Comparison, gain: float) -> bool:
+    """A false verdict: any verdict at ``gain == 0``, the wrong sign otherwise."""
+    return (c.verdict == (LESS if gain > 0 else MORE)) if gain else c.decided
+
+
 def coverage(gain: float, n: int = 2000, design: Design = SHIPPED_SEEDS, *,
              rng_seed: int = 20261201,
              method: Callable[[Any, Any], Comparison] | None = None,
@@ -98,7 +103,7 @@ def coverage(gain: float, n: int = 2000, design: Design = SHIPPED_SEEDS, *,
             with_interval += 1
             covered += c.interval[0] <= gain <= c.interval[1]
             verdicts += c.decided
-            false += (c.verdict == (LESS if gain > 0 else MORE)) if gain else c.decided
+            false += _false(c, gain)
     k = max(with_interval, 1)
     return {"coverage": covered / k, "false_verdicts": false / k, "verdicts": verdicts / k,
             "with_interval": with_interval}
@@ -149,7 +154,7 @@ def until_decided(gain: float, n: int = 1000, *, level: float | None = None, loo
             total += 1
             n_seeds += len(cem[k])
             verdicts += c.decided
-            false += (c.verdict == (LESS if gain > 0 else MORE)) if gain else c.decided
+            false += _false(c, gain)
             if c.interval is not None:
                 intervals += 1
                 covered += c.interval[0] <= gain <= c.interval[1]

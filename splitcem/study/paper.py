@@ -87,13 +87,9 @@ def _key(cfg: RunConfig, drop: Sequence[str]) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-def _lam(cfg: RunConfig) -> float:
-    return float(cfg.cem.lam) if cfg.cem is not None else 0.0
-
-
 def cem_lambda(cfg: RunConfig) -> float:
     """The run's CEM lambda (0 without CEM)."""
-    return _lam(cfg)
+    return float(cfg.cem.lam) if cfg.cem is not None else 0.0
 
 
 def curve_key(cfg: RunConfig) -> str:
@@ -138,7 +134,7 @@ def paper_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict
         name, skey, val = defense_of(r.cfg)
         curve = _key(r.cfg, [skey])
         labels.setdefault(curve, (name, skey))
-        lam = _lam(r.cfg)
+        lam = cem_lambda(r.cfg)
         if lam > 0:
             cem[(curve, val, lam)].append(r)
             continue

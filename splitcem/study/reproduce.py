@@ -81,7 +81,8 @@ def reproduce(
     res = run_grid(spec, out=_out(spec, out), engine=engine)
     runs, notes = find_runs([res.out])
     n_looks = looks(expand(spec))  # seeds until decided: every interval at its level
-    table, rows = paper_table(runs, level=sequential_level(n_looks))
+    level = sequential_level(n_looks)
+    table, rows = paper_table(runs, level=level)
     failed = res.failed
     text = [f"# {dataset}, {protocol} protocol: defenses without and with CEM", "",
             f"{len(runs)} finished runs in {res.out}; seed means (± one standard deviation "
@@ -90,7 +91,7 @@ def reproduce(
             "CEM / MSE without at the same defense strength - 1. Matched = MSE against the "
             "curve (the defense's own without CEM over its strength; noise alone over sigma) "
             f"interpolated at the CEM setting's accuracy - 1, with its "
-            f"{100 * sequential_level(n_looks):.4g}% interval (95% spread over up to {n_looks} "
+            f"{100 * level:.4g}% interval (95% spread over up to {n_looks} "
             "looks: seeds until decided), verdict "
             "and seeds (splitcem.study.frontier.compare). Higher = CEM made inversion "
             "harder. A row with one CEM seed has no interval: exploratory.", "",
