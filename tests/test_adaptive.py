@@ -202,10 +202,13 @@ def test_dry_run_lists_finished_adoptable_and_pending(tmp_path, fake_trials):
     assert "10 trials" in res.output and "3 adoptable, 7 pending" in res.output
 
 
-def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, monkeypatch):
+@pytest.mark.parametrize("sigmas", [(0.1, 0.2, 0.3), (0.2, 0.3)])
+def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, sigmas):
     """``splitcem tune --confirm-seeds N``: the recommendation (CEM lambda 3, true gain +25%)
     and the noise settings around its accuracy get one more seed at a time until the gain is
-    decided or N seeds ran; a second call pays for nothing."""
+    decided or N seeds ran; a second call pays for nothing. Without a noise point more
+    accurate than it (sigmas 0.2 and 0.3 only), noise at its own sigma runs first, on its
+    seed, so that it can be compared at all."""
     import yaml
 
     from splitcem.study import tune_confirm
@@ -222,7 +225,7 @@ def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, monkeypatch):
         "noise": {"set": {"defenses.0.sigma": sigma, "cem.lambda": 0.0}},
         "cem": {"set": {"defenses.0.sigma": 0.1, "cem.lambda": {"low": 1.0, "high": 3.0}}}}}))
     space = load_space(tmp_path / "space.yaml", base)
-    points = [("noise", {"defenses.0.sigma": s}) for s in (0.1, 0.2, 0.3)]
+    points = [("noise", {"defenses.0.sigma": s}) for s in sigmas]
     points.append(("cem", {"cem.lambda": 3.0}))
     trials = [Trial(f"{space.label(f, v)}_s10", space.config(base, f, v,
                     name=f"{space.label(f, v)}_s10", seed=10), 10, v, f) for f, v in points]
@@ -243,6 +246,8 @@ def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, monkeypatch):
     added = fake_trials[tuned:]  # the recommendation and its noise neighbours, never others
     assert len(added) >= 2 * (n - 1) and all(a.startswith(("cem_", "noise_")) for a in added)
     assert not any(a.startswith("noise_sigma=0.3") for a in added)  # far from 0.75 accuracy
+    if 0.1 not in sigmas:  # out of noise's range: the bracketing point first, then seeds
+        assert added[0] == "noise_sigma=0.1_s10", added
 
     again = len(fake_trials)
     tune_confirm.confirm(result, space, base, 8, engine=LOOP)  # decided already: runs nothing
