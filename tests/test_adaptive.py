@@ -208,7 +208,8 @@ def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, sigmas):
     and the noise settings around its accuracy get one more seed at a time until the gain is
     decided or N seeds ran; a second call pays for nothing. Without a noise point more
     accurate than it (sigmas 0.2 and 0.3 only), noise at its own sigma runs first, on its
-    seed, so that it can be compared at all."""
+    seed, so that it can be compared at all. A neighbour's run of the seed the recommendation
+    gets next is reused."""
     import yaml
 
     from splitcem.study import tune_confirm
@@ -227,8 +228,9 @@ def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, sigmas):
     space = load_space(tmp_path / "space.yaml", base)
     points = [("noise", {"defenses.0.sigma": s}) for s in sigmas]
     points.append(("cem", {"cem.lambda": 3.0}))
-    trials = [Trial(f"{space.label(f, v)}_s10", space.config(base, f, v,
-                    name=f"{space.label(f, v)}_s10", seed=10), 10, v, f) for f, v in points]
+    runs = [(f, v, 10) for f, v in points] + [("noise", {"defenses.0.sigma": 0.2}, 11)]
+    trials = [Trial(f"{space.label(f, v)}_s{k}", space.config(base, f, v,
+                    name=f"{space.label(f, v)}_s{k}", seed=k), k, v, f) for f, v, k in runs]
     engine.run_trials(trials, tmp_path / "trials", engine=LOOP)
     result = TuneResult(tmp_path, budget=0.72, reference_accuracy=0.8, observations=[
         _observation(RunRecord.load(tmp_path / "trials" / t.name), t.variant, t.values, "tune")
@@ -248,6 +250,8 @@ def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, sigmas):
     assert not any(a.startswith("noise_sigma=0.3") for a in added)  # far from 0.75 accuracy
     if 0.1 not in sigmas:  # out of noise's range: the bracketing point first, then seeds
         assert added[0] == "noise_sigma=0.1_s10", added
+    # seed 11 of noise 0.2 (a neighbour) ran already: reused, not paid again
+    assert "cem_lambda=3_s11" in added and "noise_sigma=0.2_s11" not in added
 
     again = len(fake_trials)
     tune_confirm.confirm(result, space, base, 8, engine=LOOP)  # decided already: runs nothing

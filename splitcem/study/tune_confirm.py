@@ -8,6 +8,7 @@ kill loses at most the runs in flight and a second call pays for nothing already
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -88,8 +89,11 @@ def confirm(result: TuneResult, space: SearchSpace, base: dict[str, Any], seeds:
             continue
         if cmp is None or cmp.decided or len(best.seeds) >= seeds:
             return
+        # the recommendation's next seed (the lowest it lacks), on it and on the noise
+        # settings around its accuracy that lack it: warm-start runs' seeds are reused
         targets = [best] + [s for s in sets if s.family == NOISE and s.label in cmp.neighbours]
-        seed = max(o.seed for s in targets for o in s.runs) + 1
+        seed = next(k for k in itertools.count(min(best.seeds)) if k not in best.seeds)
+        targets = [s for s in targets if seed not in s.seeds]
         log.info("confirm: seed %d for %s (verdict so far: %s)", seed,
                  ", ".join(s.label for s in targets), cmp.verdict)
         _run(result, space, base, [(s.family, s.values, s.label, seed) for s in targets],
