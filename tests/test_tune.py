@@ -95,6 +95,24 @@ def test_stop_rule_never_stopped_a_trial_within_budget(tuned):
             assert o.accuracy + res.rule.margins[1] + res.rule.slack < res.budget
 
 
+def test_the_confirmation_runs_as_the_tune_was_told(tuned, base, tmp_path, monkeypatch):
+    """``--max-concurrent`` and ``--threads-per-trial`` hold for the ``--confirm-seeds``
+    runs too (they share the cores with whatever else the machine runs)."""
+    import shutil
+
+    from splitcem.study import tune_confirm
+
+    seen: dict = {}
+    monkeypatch.setattr(tune_confirm, "confirm",
+                        lambda result, space, raw, n, *, engine: seen.update(n=n, engine=engine))
+    shutil.copytree(base / "first", tmp_path / "first")
+    res = run_tune(base / "base.yaml", max_drop=3.0, space=base / "space.yaml", trials=4,
+                   max_concurrent=1, threads_per_trial=2, out=tmp_path / "first", resume=True,
+                   confirm_seeds=3)
+    assert not res.ran and seen["n"] == 3  # nothing new searched; confirmation asked for
+    assert seen["engine"].max_concurrent == 1 and seen["engine"].threads_per_trial == 2
+
+
 def test_warm_start_skips_finished_configs(tuned, base):
     first = tuned
     before = {o.name: RunRecord.load(o.run_dir).metrics["times"]

@@ -104,8 +104,8 @@ def _observation(rec: RunRecord, family: str, values: dict[str, Any], source: st
 
 
 def _reference(base: RunConfig, reference: Sequence[str | Path], out: Path, *,
-               warm: Sequence[str | Path], address: str | None, device: str | None
-               ) -> tuple[float, list[dict[str, Any]]]:
+               warm: Sequence[str | Path], address: str | None, device: str | None,
+               threads: int = 1) -> tuple[float, list[dict[str, Any]]]:
     """The reference accuracy and the reference runs' records (they teach the stop rule)."""
     if reference:
         recs = [r for r in RunRecord.find(reference) if r.finished()]
@@ -117,8 +117,8 @@ def _reference(base: RunConfig, reference: Sequence[str | Path], out: Path, *,
     cfg = load_config(raw)
     trial = Trial(cfg.name, cfg, cfg.seed, {}, "reference")
     res = run_trials([trial], out / "reference", name="reference",
-                     engine=Engine(address=address, adopt=tuple(map(Path, warm)), device=device,
-                                   progress=False))
+                     engine=Engine(address=address, threads_per_trial=threads,
+                                   adopt=tuple(map(Path, warm)), device=device, progress=False))
     rec = RunRecord.load(out / "reference" / cfg.name)
     if not rec.finished(cfg, device=device):
         raise ConfigError(f"the undefended reference run failed: "
@@ -214,7 +214,7 @@ def run_tune(
     ray, started = _ray(address, None, None)
     try:
         ref, ref_runs = _reference(base_cfg, reference, out_dir, warm=warm_start, address=address,
-                         device=device)
+                                   device=device, threads=threads_per_trial)
         budget = ref - max_drop / 100
         if old and "budget" in old and abs(float(old["budget"]) - budget) > 1e-9:
             raise ConfigError(f"{out_dir} was tuned against a reference accuracy of "
@@ -310,8 +310,10 @@ def run_tune(
             from splitcem.study.tune_confirm import confirm
 
             confirm(result, sp, base_raw, confirm_seeds,
-                    engine=Engine(address=address, adopt=tuple(map(Path, warm_start)),
-                                  device=device, progress=False))
+                    engine=Engine(address=address, max_concurrent=max_concurrent,
+                                  threads_per_trial=threads_per_trial,
+                                  adopt=tuple(map(Path, warm_start)), device=device,
+                                  progress=False))
     finally:
         if started:
             ray.shutdown()
