@@ -44,7 +44,7 @@ def _metrics(cfg) -> tuple[float, float]:
                                  round(100 * ratio)])
     if ratio:
         acc = 0.55 + 0.5 * ratio
-        acc, mse = acc, 1.2 * (0.09 - 0.1 * acc) * (1 + (_TOPK_GAIN[lam] if lam else 0.0))
+        mse = 1.2 * (0.09 - 0.1 * acc) * (1 + (_TOPK_GAIN[lam] if lam else 0.0))
     elif lam:
         acc, mse = 0.75, 0.015 * (1 + _GAIN[lam])
     else:

@@ -18,7 +18,7 @@ from splitcem.study.frontier import compare
 from splitcem.study.grid import Trial, expand, load_sweep
 from splitcem.study.groups import find_runs
 from splitcem.study.listing import list_trials, run_cost
-from splitcem.study.paper import PAPER_GAINS, defense_of, paper_table
+from splitcem.study.paper import PAPER_GAINS, cem_lambda, defense_of, paper_table
 from splitcem.study.reproduce import sweep_file
 
 ZOO = ("topk", "dropout", "nopeek", "adversarial", "patrol", "ldp", "bottleneck")
@@ -254,14 +254,10 @@ def test_reproduce_on_finished_runs_of_the_bundled_sweep_tables_every_zoo_defens
     assert sorted(res.skipped) == sorted(t.name for t in bundled)
     assert sorted(res.ran) == sorted(added)
     stems = {t.name.rsplit("_s", 1)[0]: t for t in bundled}
-
-    def lam(t) -> float:
-        return t.cfg.cem.lam if t.cfg.cem is not None else 0.0
-
     grown = [stems[g] for g in sorted({n.rsplit("_s", 1)[0] for n in added})]
-    grown_cem = {defense_of(t.cfg)[0] for t in grown if lam(t) > 0}
+    grown_cem = {defense_of(t.cfg)[0] for t in grown if cem_lambda(t.cfg) > 0}
     for t in grown:  # a CEM setting, or a point of a grown CEM setting's own curve
-        assert lam(t) > 0 or defense_of(t.cfg)[0] in grown_cem, t.name
+        assert cem_lambda(t.cfg) > 0 or defense_of(t.cfg)[0] in grown_cem, t.name
     assert "cut" not in {defense_of(t.cfg)[0] for t in grown}
     assert grown_cem - {"noise"}, added  # zoo settings got seeds too
     rows = json.loads((tmp_path / "paper_table.json").read_text())

@@ -117,13 +117,11 @@ def _own_curves(stems: dict[str, Trial]) -> dict[str, list[str]]:
     from splitcem.study.paper import cem_lambda, curve_key
 
     keys = {s: curve_key(t.cfg) for s, t in stems.items()}
-    out: dict[str, list[str]] = {}
-    for s, t in stems.items():
-        curve = sorted(b for b, k in keys.items()
-                       if k == keys[s] and cem_lambda(stems[b].cfg) == 0)
-        if cem_lambda(t.cfg) > 0 and curve:
-            out[s] = curve
-    return out
+    with_cem = {s for s, t in stems.items() if cem_lambda(t.cfg) > 0}
+    plain: dict[str, list[str]] = defaultdict(list)
+    for s in sorted(set(stems) - with_cem):
+        plain[keys[s]].append(s)
+    return {s: plain[keys[s]] for s in with_cem if plain.get(keys[s])}
 
 
 def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,

@@ -132,7 +132,7 @@ def paper_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict
     labels: dict[str, tuple[str, str]] = {}
     for r in runs:
         name, skey, val = defense_of(r.cfg)
-        curve = _key(r.cfg, [skey])
+        curve = curve_key(r.cfg)
         labels.setdefault(curve, (name, skey))
         lam = cem_lambda(r.cfg)
         if lam > 0:
