@@ -11,6 +11,12 @@ training's ``pretrain_epochs``). It reports each defense's accuracy per strength
 a short run's accuracies are lower than a full run's, so the comparison that carries over is
 the position against the noise curve, not the figure itself.
 
+With ``--cem 1 3 10`` it also trains each defense at the strength its CEM trials use, with CEM
+at each of those lambdas, and says where each lands against that defense's own curve (its
+three strengths without CEM, trained the same way): the matched comparison of the sweep
+needs its CEM points inside that range, so these are the lambdas to choose from (no attack
+runs, so this chooses by accuracy only; the gain is what the sweep measures).
+
 The trials run through the one engine (:func:`splitcem.study.trials.run_trials`, in this
 process, one after another) into ``--out``, so a killed probe continues where it stopped.
 
@@ -19,10 +25,11 @@ Usage::
     python benchmarks/zoo_probe.py                      # 3 epochs on 10,000 images
     python benchmarks/zoo_probe.py --only topk --only ldp
     python benchmarks/zoo_probe.py --quick              # tiny: proves it works
+    python benchmarks/zoo_probe.py --no-noise --cem 1 3 10   # CEM lambdas per defense
 
 The last stdout line is one JSON object: ``{"epochs": E, "limit_train": N, "accuracy_pct":
 {defense: {strength: accuracy %}}, "noise_accuracy_pct": {sigma: accuracy %},
-"seconds": wall seconds}``.
+"cem_accuracy_pct": {defense: {lambda: accuracy %}}, "seconds": wall seconds}``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,24 +73,48 @@ def shorten(trial: Trial, epochs: int) -> Trial:
 
 
 def probe_trials(epochs: int, limit_train: int, limit_test: int | None, *,
-                 only: list[str], with_noise: bool) -> list[Trial]:
+                 only: list[str], with_noise: bool,
+                 cem: Sequence[float] = ()) -> list[Trial]:
     """The bundled CPU sweep's trials without CEM (zoo; noise too with ``with_noise``),
-    seed 125 only, shortened."""
+    seed 125 only, shortened; with ``cem``, each defense's CEM setting (its strength from the
+    sweep) at each of those lambdas too, named ``{defense}{strength}_probe_cem{lambda}``."""
     spec = load_sweep(sweep_file("cifar10", "cpu"))
     ov = [f"data.limit_train={limit_train}", "attack.attacks=[]", "attack.leakage=false"]
     if limit_test is not None:
         ov.append(f"data.limit_test={limit_test}")
     add_overrides(spec, ov)
-    out = []
+    out: list[Trial] = []
+    templates: dict[str, Trial] = {}
     for t in expand(spec):
         name = defense_of(t.cfg)[0]
         lam = t.cfg.cem.lam if t.cfg.cem is not None else 0.0
-        if lam > 0 or t.seed != 125 or name == "cut" or (name == "noise" and not with_noise):
+        if t.seed != 125 or name == "cut" or (name == "noise" and not with_noise):
             continue
         if only and name not in only and name != "noise":
             continue
+        if lam > 0:
+            if name != "noise":
+                templates.setdefault(name, t)
+            continue
         out.append(shorten(t, epochs))
+    for name, t in templates.items():
+        for lam in cem:
+            d = t.cfg.to_dict()
+            set_path(d, "cem.lambda", float(lam))
+            tag = f"{name}{format_value(defense_of(t.cfg)[2])}_probe_cem{format_value(lam)}"
+            set_path(d, "name", tag)
+            out.append(shorten(Trial(tag, load_config(d), t.seed, {**t.values,
+                                                                   "cem.lambda": lam}), epochs))
     return out
+
+
+def _where(a: float, curve: dict[str, float], whose: str) -> str:
+    """Where accuracy ``a`` falls against a curve's range, as a bracketed remark."""
+    if not curve:
+        return ""
+    lo, hi = min(curve.values()), max(curve.values())
+    where = "inside" if lo <= a <= hi else "below" if a < lo else "above"
+    return f"  ({where} {whose} {lo:.2f}-{hi:.2f}%)"
 
 
 def main() -> None:
@@ -92,6 +124,8 @@ def main() -> None:
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--only", action="append", default=[], help="a defense (repeatable)")
     ap.add_argument("--no-noise", action="store_true", help="leave out noise alone")
+    ap.add_argument("--cem", type=float, nargs="*", default=[], metavar="LAMBDA",
+                    help="also each defense's CEM setting at these lambdas")
     ap.add_argument("--out", type=Path, default=Path("runs/zoo_probe"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per trial")
     ap.add_argument("--quick", action="store_true",
@@ -101,7 +135,7 @@ def main() -> None:
         args.epochs, args.limit_train, args.limit_test = 2, 256, 200
         args.only = args.only or ["topk", "ldp"]
     trials = probe_trials(args.epochs, args.limit_train, args.limit_test, only=args.only,
-                          with_noise=not args.no_noise)
+                          with_noise=not args.no_noise, cem=args.cem)
     print(f"probe: {len(trials)} trials, {args.epochs} epoch(s) on {args.limit_train} images "
           f"-> {args.out}", flush=True)
     t0 = time.perf_counter()
@@ -109,26 +143,31 @@ def main() -> None:
                      engine=Engine(use_ray=False, threads_per_trial=args.threads))
     seconds = time.perf_counter() - t0
     acc: dict[str, dict[str, float]] = defaultdict(dict)
+    cem_acc: dict[str, dict[str, float]] = defaultdict(dict)
     for t in trials:
         rec = RunRecord.load(args.out / t.name)
         name, _, val = defense_of(t.cfg)
         a = rec.accuracy if rec.status in ("trained", "attacked") else math.nan
-        acc[name][format_value(val)] = round(100 * a, 2)
+        lam = t.cfg.cem.lam if t.cfg.cem is not None else 0.0
+        if lam > 0:
+            cem_acc[name][format_value(lam)] = round(100 * a, 2)
+        else:
+            acc[name][format_value(val)] = round(100 * a, 2)
     noise = acc.pop("noise", {})
-    lo, hi = (min(noise.values()), max(noise.values())) if noise else (math.nan, math.nan)
     for name, per in acc.items():
         for s, a in per.items():
-            where = "" if not noise else ("inside" if lo <= a <= hi else
-                                          "below" if a < lo else "above")
-            print(f"{name:>12} {s:>8}: {a:6.2f}%" + (f"  ({where} noise's {lo:.2f}-{hi:.2f}%)"
-                                                     if where else ""))
+            print(f"{name:>12} {s:>8}: {a:6.2f}%" + _where(a, noise, "noise's"))
     for s, a in noise.items():
         print(f"{'noise':>12} {s:>8}: {a:6.2f}%")
+    for name, per in cem_acc.items():
+        for s, a in per.items():
+            print(f"{name:>12} cem {s:>4}: {a:6.2f}%" + _where(a, acc.get(name, {}), "its own"))
     if res.failed:
         print("failed: " + ", ".join(res.failed))
     figures: dict[str, Any] = {"epochs": args.epochs, "limit_train": args.limit_train,
                                "accuracy_pct": acc, "noise_accuracy_pct": noise,
-                               "failed": res.failed, "seconds": round(seconds, 1)}
+                               "cem_accuracy_pct": cem_acc, "failed": res.failed,
+                               "seconds": round(seconds, 1)}
     print(json.dumps(figures))
 
 

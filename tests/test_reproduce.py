@@ -272,3 +272,31 @@ def test_reproduce_on_finished_runs_of_the_bundled_sweep_tables_every_zoo_defens
             assert sorted(r["own_strengths"]) == sorted(strengths), name
             assert r["vs_own"] is not None and r["vs_noise"] is not None, name
             assert r["exploratory"] == (r["seeds_with"] == 1), name
+
+
+def test_zoo_probe_trains_each_defense_cem_setting_at_the_probed_lambdas():
+    """benchmarks/zoo_probe.py --cem: each zoo defense's curve without CEM plus its CEM
+    setting (the sweep's strength) at each probed lambda, all shortened alike."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_probe.py"
+    spec = importlib.util.spec_from_file_location("zoo_probe", path)
+    assert spec is not None and spec.loader is not None
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    trials = probe.probe_trials(3, 1000, None, only=[], with_noise=False, cem=[1, 10])
+    sweep = [t for t in expand(load_sweep(sweep_file("cifar10", "cpu"))) if t.seed == 125]
+    for name in ZOO:
+        mine = [t for t in trials if defense_of(t.cfg)[0] == name]
+        curve = sorted(defense_of(t.cfg)[2] for t in mine if cem_lambda(t.cfg) == 0)
+        want = sorted(defense_of(t.cfg)[2] for t in sweep
+                      if defense_of(t.cfg)[0] == name and cem_lambda(t.cfg) == 0)
+        assert curve == want and len(curve) == 3, name
+        cem = [t for t in mine if cem_lambda(t.cfg) > 0]
+        assert sorted(cem_lambda(t.cfg) for t in cem) == [1.0, 10.0], name
+        at = {defense_of(t.cfg)[2] for t in sweep
+              if defense_of(t.cfg)[0] == name and cem_lambda(t.cfg) > 0}
+        assert {defense_of(t.cfg)[2] for t in cem} == at, name
+        assert len({t.name for t in cem}) == 2, name
+    assert all(t.cfg.train.epochs == 3 and t.cfg.data.limit_train == 1000 for t in trials)
+    assert not any(defense_of(t.cfg)[0] in ("noise", "cut") for t in trials)
