@@ -14,6 +14,11 @@ true gain of 0 and of ``--gain``:
 * ``coverage``: the final interval (at that level) covers the truth;
 * ``seeds``: the mean number of seeds a setting ended with.
 
+Each level runs twice: with the planner's reach rule (the shipped planner: a setting whose
+decision is out of reach of max at the spread seen is left undecided) and without it
+(``reach=False``, figures named ``level{L}_noreach_...``: every undecided setting seeded up
+to max), to show what the rule costs in power and saves in seeds.
+
 Usage::
 
     python benchmarks/until_decided.py [--studies 1000] [--levels 0.95 0.99]
@@ -41,12 +46,14 @@ def main() -> None:
     a = ap.parse_args()
     out: dict[str, float] = {}
     t0 = time.perf_counter()
-    for level in a.levels:
+    for level, reach in [(lv, r) for lv in a.levels for r in (True, False)]:
+        tag = "" if reach else "_noreach"
         for gain in (0.0, a.gain):
-            r = until_decided(gain, a.studies, level=level)
-            print(f"each look at {level:.5f}, true gain {gain:+.0%}: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in r.items() if k != "level"), flush=True)
-            out |= {f"level{level}_gain{gain}_{k}": round(v, 4) for k, v in r.items()
+            r = until_decided(gain, a.studies, level=level, reach=reach)
+            print(f"each look at {level:.5f}{', no reach rule' if tag else ''}, true gain "
+                  f"{gain:+.0%}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()
+                                              if k != "level"), flush=True)
+            out |= {f"level{level}{tag}_gain{gain}_{k}": round(v, 4) for k, v in r.items()
                     if k != "level"}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out))

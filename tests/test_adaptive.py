@@ -15,7 +15,7 @@ from splitcem.errors import ConfigError
 from splitcem.record import RunRecord
 from splitcem.study import trials as engine
 from splitcem.study.adaptive import plan_round
-from splitcem.study.frontier import compare
+from splitcem.study.frontier import compare, within_reach
 from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.grid import expand, load_sweep
 
@@ -105,24 +105,23 @@ def test_seeds_until_decided_then_resume(tmp_path, fake_trials):
     cells = _cells(out)
     base = {k: v for k, v in cells.items() if k.startswith("noise")}
     for lam in ("cem1", "cem3"):
-        c = compare(base, cells[lam])
-        # every adaptive setting ends decided or at max; none passes max
-        assert c.decided or len(cells[lam]) == 6, (lam, c)
+        c = compare(base, cells[lam], level=sequential_level(5))  # the planner's level
+        # every adaptive setting ends decided, at max, or with a decision out of reach of
+        # max at the spread seen; none passes max
+        assert c.decided or len(cells[lam]) == 6 or not within_reach(c, 6), (lam, c)
         assert 2 <= len(cells[lam]) <= 6
     # the true +25% is decided (more private) after more seeds than min; the null one is
-    # never decided and stops at max
+    # never decided and stops before max, once no 6 seeds would decide it
     assert compare(base, cells["cem3"]).verdict == "more private" and len(cells["cem3"]) > 2
-    assert compare(base, cells["cem1"]).verdict == "undecided" and len(cells["cem1"]) == 6
+    assert compare(base, cells["cem1"]).verdict == "undecided" and len(cells["cem1"]) < 6
     # the frontier says how many seeds each verdict rests on
     from splitcem.study.frontier_report import write_frontier
 
     m = {c["strength"]: c for c in write_frontier([out], tmp_path / "front")["matched"]}
     assert m[3.0]["n_seeds"] == len(cells["cem3"]) and m[3.0]["verdict"] == "more private"
-    assert m[1.0]["n_seeds"] == 6 and m[1.0]["verdict"] == "undecided"
+    assert m[1.0]["n_seeds"] == len(cells["cem1"]) and m[1.0]["verdict"] == "undecided"
     # the planner judged each look at the level spread over the policy's 5 looks (2..6
     # seeds), and the frontier reads the study that way with --looks 5: a wider interval
-    from splitcem.study.frontier_plan import sequential_level
-
     level = sequential_level(5)
     from splitcem.study.adaptive import looks
 
@@ -256,6 +255,52 @@ def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, sigmas):
     again = len(fake_trials)
     tune_confirm.confirm(result, space, base, 8, engine=LOOP)  # decided already: runs nothing
     assert len(fake_trials) == again
+
+
+def test_tune_confirm_stops_when_a_decision_is_out_of_reach(tmp_path, fake_trials, caplog):
+    """A recommendation with no true gain (CEM lambda 1) is not seeded to ``--confirm-seeds``:
+    from 3 seeds on, once the spread seen says that no 2 x 8 seeds would decide it, the
+    confirmation stops with it undecided (and says so)."""
+    import logging
+
+    import yaml
+
+    from splitcem.study import tune_confirm
+    from splitcem.study.frontier import within_reach
+    from splitcem.study.grid import Trial
+    from splitcem.study.space import load_space
+    from splitcem.study.tune import TuneResult, _observation
+    from splitcem.study.tune_report import gain_over_noise, recommend, settings
+
+    base = load_config({"name": "tiny", "seed": 10, "device": "cpu", "train": {"epochs": 1},
+                        "defenses": [{"name": "noise", "sigma": 0.1}],
+                        "attack": {"attacks": [{"name": "decoder", "epochs": 1}]}}).to_dict()
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"families": {
+        "noise": {"set": {"defenses.0.sigma": {"low": 0.05, "high": 0.5}, "cem.lambda": 0.0}},
+        "cem": {"set": {"defenses.0.sigma": 0.1, "cem.lambda": {"low": 1.0, "high": 3.0}}}}}))
+    space = load_space(tmp_path / "space.yaml", base)
+    points = [("noise", {"defenses.0.sigma": s}) for s in (0.1, 0.2, 0.3)]
+    points.append(("cem", {"cem.lambda": 1.0}))
+    trials = [Trial(f"{space.label(f, v)}_s10", space.config(base, f, v,
+                    name=f"{space.label(f, v)}_s10", seed=10), 10, v, f) for f, v in points]
+    engine.run_trials(trials, tmp_path / "trials", engine=LOOP)
+    result = TuneResult(tmp_path, budget=0.72, reference_accuracy=0.8, observations=[
+        _observation(RunRecord.load(tmp_path / "trials" / t.name), t.variant, t.values, "tune")
+        for t in trials])
+
+    with caplog.at_level(logging.INFO, logger="splitcem.study.tune_confirm"):
+        tune_confirm.confirm(result, space, base, 8, engine=LOOP)
+    sets = settings(result.observations, space)
+    best = recommend(sets, result.budget)[0]
+    cmp = gain_over_noise(best, sets, level=sequential_level(7))
+    assert best.family == "cem" and cmp is not None and cmp.verdict == "undecided"
+    assert 3 <= len(best.seeds) < 8 and not within_reach(cmp, 8), cmp.to_dict()
+    assert "out of reach of 8 seeds" in caplog.text
+    from splitcem.study import tune_report
+
+    result.looks = 7  # as the tune sets it for --confirm-seeds 8
+    tune_report.write(result, space, mode="constrained")
+    assert "a decision is out of reach of `--confirm-seeds 8`" in (tmp_path / "tune.md").read_text()
 
 
 def test_a_zoo_setting_with_cem_is_decided_against_its_own_curve(tmp_path, fake_trials):

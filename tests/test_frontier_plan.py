@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from splitcem.errors import ConfigError
-from splitcem.study.frontier import compare
+from splitcem.study.frontier import compare, within_reach
 from splitcem.study.frontier_plan import SeedPolicy, next_seeds
 
 NOISE = {0.1: (0.793, 0.0095), 0.15: (0.784, 0.0109), 0.2: (0.772, 0.0126), 0.3: (0.750, 0.016)}
@@ -55,7 +55,7 @@ def test_seeds_until_decided_stops_decided_or_at_max():
     for k, cell in cem.items():
         c = compare(base, cell)
         assert 2 <= len(cell) <= 8
-        assert c.decided or len(cell) == 8 or c.gain is None, (k, c)
+        assert c.decided or len(cell) == 8 or c.gain is None or not within_reach(c, 8), (k, c)
         assert c.paired  # new seeds went to the baseline too
         if len(cell) > 2:  # grown: the baseline around it grew with it
             assert all(set(cell) <= set(base[n]) | {s for s in cell if len(base[n]) == 8}
@@ -118,3 +118,19 @@ def test_a_seed_the_setting_ran_alone_is_paired_first():
     assert plan.settings == {}  # no new lambda 3 run: its seed 127 gets paired
     assert plan.baseline == {n: (127,) for n in c.neighbours}
     assert "pairs a seed it ran" in plan.notes[0]
+
+
+def test_a_setting_out_of_reach_is_left_undecided_and_seeded_on_without_the_rule():
+    """Lambda 1's true gain is 0: from 3 seeds on its spread says that no 8 seeds would decide
+    it, so the planner stops seeding it (and its noise neighbours); with ``reach=False`` it
+    runs to max. The rule never makes a verdict: lambda 1 stays undecided either way."""
+    policy = SeedPolicy(min=3, max=8, until="decided")
+    base = {k: {s: trial("noise", k, s) for s in (125, 126, 127)} for k in NOISE}
+    cem = {1.0: {s: trial("cem", 1.0, s) for s in (125, 126, 127)}}
+    c = compare(base, cem[1.0])
+    assert c.verdict == "undecided" and c.n_seeds == 3 and not within_reach(c, 8), c
+    plan = next_seeds(base, cem, policy)
+    assert plan.done and plan.settings == {} and plan.baseline == {}
+    assert "out of reach" in plan.notes[0], plan.notes
+    more = next_seeds(base, cem, policy, reach=False)
+    assert more.settings == {1.0: (128,)}

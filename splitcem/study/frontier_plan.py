@@ -15,8 +15,11 @@ Rules, in order:
    (:attr:`~splitcem.study.frontier.Comparison.neighbours`) get the same seed where they lack it
    and are below ``max``, so the new run is paired; a seed the setting ran and its
    neighbours did not is paired first (neighbours only, no new run of the setting).
-3. Settings outside the baseline's accuracy range, decided, or at ``max`` are left alone
-   (the plan's ``notes`` say which).
+3. Settings outside the baseline's accuracy range, decided, at ``max``, or whose decision
+   is out of reach of ``max`` (:func:`~splitcem.study.frontier.within_reach`: at the spread
+   seen, :func:`~splitcem.study.frontier.seeds_needed` says more seeds than ``max`` allows)
+   are left alone (the plan's ``notes`` say which). Leaving an out-of-reach setting
+   undecided never makes a verdict: it saves runs and costs only power.
 
 Seeds are reused before new ones are drawn: the seeds most cells already ran first (so runs
 pair), then fresh seeds after the largest seen.
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splitcem.errors import ConfigError
-from splitcem.study.frontier import Point, compare
+from splitcem.study.frontier import Point, compare, within_reach
 
 __all__ = ["SeedPlan", "SeedPolicy", "next_seeds", "sequential_level"]
 
@@ -147,8 +150,8 @@ def _check(cells: Cells, what: str) -> None:
 
 
 def next_seeds(baseline: Cells, settings: Cells, policy: SeedPolicy, *,
-               per_round: int | None = None, level: float = 0.95, first_seed: int = 0
-               ) -> SeedPlan:
+               per_round: int | None = None, level: float = 0.95, first_seed: int = 0,
+               reach: bool = True) -> SeedPlan:
     """The seeds to run next under ``policy`` (module docstring).
 
     Args:
@@ -160,6 +163,9 @@ def next_seeds(baseline: Cells, settings: Cells, policy: SeedPolicy, *,
             decision first); ``None``: all of them.
         level: The intervals' coverage (as in :func:`~splitcem.study.frontier.compare`).
         first_seed: The first seed when there are no runs at all.
+        reach: Leave settings whose decision is out of reach of ``max`` (rule 3);
+            ``False`` seeds every undecided setting up to ``max`` (measured against each
+            other by ``benchmarks/until_decided.py``).
 
     Example:
         >>> base = {0.1: {1: (0.80, 0.010), 2: (0.79, 0.0115)},
@@ -222,6 +228,11 @@ def next_seeds(baseline: Cells, settings: Cells, policy: SeedPolicy, *,
                          "do not place it; extend the baseline instead")
         elif len(cell) >= policy.max:
             notes.append(f"{k!r}: undecided ({desc}) at max ({policy.max} seeds)")
+        elif reach and not within_reach(c, policy.max):
+            more = "not within a thousand" if c.seeds_needed is None else \
+                f"about {c.seeds_needed} more"
+            notes.append(f"{k!r}: undecided ({desc}): out of reach ({more} seeds at this "
+                         f"spread; max {policy.max})")
         else:
             need = math.inf if c.seeds_needed is None else c.seeds_needed
             cands.append((need, len(cell), str(k), k, c))

@@ -116,7 +116,8 @@ SWEEP_ADAPTIVE = (3.0, 10.0)
 
 
 def until_decided(gain: float, n: int = 1000, *, level: float | None = None, looks: int = 7,
-                  max_seeds: int = 8, rng_seed: int = 20261205) -> dict[str, float]:
+                  max_seeds: int = 8, rng_seed: int = 20261205, reach: bool = True
+                  ) -> dict[str, float]:
     """Error rates of *seeds until decided* over ``n`` simulated studies of the bundled
     sweep's frontier (:data:`SWEEP_START`, :data:`SWEEP_ADAPTIVE`).
 
@@ -125,7 +126,9 @@ def until_decided(gain: float, n: int = 1000, *, level: float | None = None, loo
     :mod:`splitcem.study.adaptive` calls it) asks for, round by round, judging each setting
     at ``level`` (default: :func:`~splitcem.study.frontier_plan.sequential_level` of
     ``looks``), until every adaptive setting is decided or at ``max_seeds``; its final
-    comparison at the same level is scored. Rates are over the adaptive settings:
+    comparison at the same level is scored (``reach=False``: settings whose decision is out
+    of reach of ``max_seeds`` are seeded on anyway, the planner's ``reach``). Rates are over
+    the adaptive settings:
     ``false`` (any verdict at ``gain == 0``, the wrong sign otherwise), ``verdicts``,
     ``coverage`` (of the final interval, where there is one) and mean ``seeds``.
     """
@@ -143,7 +146,7 @@ def until_decided(gain: float, n: int = 1000, *, level: float | None = None, loo
         base, cem = shown
         while True:
             plan = next_seeds(base, {k: cem[k] for k in SWEEP_ADAPTIVE},
-                              SeedPolicy(1, max_seeds, "decided"), level=lvl)
+                              SeedPolicy(1, max_seeds, "decided"), level=lvl, reach=reach)
             if plan.done:
                 break
             for i, part in ((0, plan.baseline), (1, plan.settings)):

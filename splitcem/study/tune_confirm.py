@@ -1,10 +1,12 @@
 """``--confirm-seeds N``: re-run the recommendation and the noise-only settings around its
 accuracy with more seeds, one seed at a time, until the gain's verdict is decided
-(:func:`splitcem.study.frontier.compare`) or N seeds ran. A recommendation outside noise
-alone's accuracy range (no comparison: the curve is never extrapolated) first gets the noise
-setting that brackets it (:func:`bracket`), on its own seeds. Every run goes through the sweep
-engine (:func:`splitcem.study.trials.run_trials`) into the tune's ``trials`` folder, so a
-kill loses at most the runs in flight and a second call pays for nothing already done."""
+(:func:`splitcem.study.frontier.compare`), N seeds ran, or a decision is out of reach of N
+seeds at the spread seen (:func:`splitcem.study.frontier.within_reach`). A recommendation
+outside noise alone's accuracy range (no comparison: the curve is never extrapolated) first
+gets the noise setting that brackets it (:func:`bracket`), on its own seeds. Every run goes
+through the sweep engine (:func:`splitcem.study.trials.run_trials`) into the tune's
+``trials`` folder, so a kill loses at most the runs in flight and a second call pays for
+nothing already done."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from splitcem.record import RunRecord
-from splitcem.study.frontier import NO_COMPARISON
+from splitcem.study.frontier import NO_COMPARISON, within_reach
 from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.grid import Trial
 from splitcem.study.space import NOISE, SearchSpace
@@ -88,6 +90,12 @@ def confirm(result: TuneResult, space: SearchSpace, base: dict[str, Any], seeds:
             brackets += 1
             continue
         if cmp is None or cmp.decided or len(best.seeds) >= seeds:
+            return
+        if not within_reach(cmp, seeds):
+            more = "not within a thousand" if cmp.seeds_needed is None else \
+                f"about {cmp.seeds_needed} more"
+            log.info("confirm: %s stays undecided: out of reach of %d seeds (%s seeds at "
+                     "this spread)", best.label, seeds, more)
             return
         # the recommendation's next seed (the lowest it lacks), on it and on the noise
         # settings around its accuracy that lack it: warm-start runs' seeds are reused

@@ -14,7 +14,7 @@ import numpy as np
 
 from splitcem._io import atomic_write, write_json, write_text
 from splitcem.report import markdown_table
-from splitcem.study.frontier import Comparison, baseline_curve, compare
+from splitcem.study.frontier import UNDECIDED, Comparison, baseline_curve, compare, within_reach
 from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.space import NOISE, SearchSpace
 
@@ -188,11 +188,19 @@ def write(result: TuneResult, space: SearchSpace, *, mode: str) -> dict[str, Any
             seq = (f", judged up to {result.looks} times while `--confirm-seeds` added seeds, "
                    "so that a false verdict stays at most 5% over all of them"
                    if result.looks > 1 else "")
+            most = result.looks + 1
+            stop = ""
+            if result.looks > 1 and cmp.verdict == UNDECIDED:
+                stop = (f"; the confirmation stopped at the {most} seeds `--confirm-seeds` "
+                        "allowed" if cmp.n_seeds >= most else
+                        "; the confirmation stopped: a decision is out of reach of "
+                        f"`--confirm-seeds {most}` at this spread" if not within_reach(
+                            cmp, most) else "")
             lines += [f"Gain over noise alone at its accuracy: {g}, {100 * level:.4g}% "
                       f"interval{seq} {iv}, "
                       f"verdict **{cmp.verdict}** ({cmp.n_seeds} seed(s)"
                       + (f"; about {cmp.seeds_needed} more would decide it"
-                         if cmp.seeds_needed else "") + ").", ""]
+                         if cmp.seeds_needed else "") + stop + ").", ""]
         else:
             lines += ["Gain over noise alone: no comparison (the recommendation is noise "
                       "alone, or no noise setting ran).", ""]
