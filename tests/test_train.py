@@ -155,7 +155,10 @@ def test_sigkill_mid_run_then_resume(tiny_config, tmp_path):
                       defenses=[{"name": "noise", "sigma": 0.1}])
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # threads pinned: the default follows the load on the machine, and a different thread
+    # count is a different numeric path (a resume on it would not be bitwise the same)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPLITCEM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
     base = ["train", str(cfg_path), "-q", "--set", "device=cpu"]
 
     full_dir, kill_dir = tmp_path / "full", tmp_path / "killed"
