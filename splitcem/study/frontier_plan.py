@@ -16,10 +16,10 @@ Rules, in order:
    and are below ``max``, so the new run is paired; a seed the setting ran and its
    neighbours did not is paired first (neighbours only, no new run of the setting).
 3. Settings outside the baseline's accuracy range, decided, at ``max``, or whose decision
-   is out of reach of ``max`` (:func:`~splitcem.study.frontier.within_reach`: at the spread
-   seen, :func:`~splitcem.study.frontier.seeds_needed` says more seeds than ``max`` allows)
-   are left alone (the plan's ``notes`` say which). Leaving an out-of-reach setting
-   undecided never makes a verdict: it saves runs and costs only power.
+   is out of reach of ``max`` (:func:`~splitcem.study.frontier.within_reach`: from 3 seeds
+   on, :func:`~splitcem.study.frontier.seeds_needed` at the spread seen says more than twice
+   ``max`` seeds in all) are left alone (the plan's ``notes`` say which). Leaving an
+   out-of-reach setting undecided never makes a verdict: it saves runs, costs only power.
 
 Seeds are reused before new ones are drawn: the seeds most cells already ran first (so runs
 pair), then fresh seeds after the largest seen.
