@@ -46,7 +46,7 @@ from typing import Any
 from splitcem.config import load_config, set_path
 from splitcem.record import RunRecord
 from splitcem.study.grid import Trial, add_overrides, expand, format_value, load_sweep
-from splitcem.study.paper import defense_of
+from splitcem.study.paper import cem_lambda, defense_of
 from splitcem.study.reproduce import sweep_file
 from splitcem.study.trials import Engine, run_trials
 
@@ -87,7 +87,7 @@ def probe_trials(epochs: int, limit_train: int, limit_test: int | None, *,
     templates: dict[str, Trial] = {}
     for t in expand(spec):
         name = defense_of(t.cfg)[0]
-        lam = t.cfg.cem.lam if t.cfg.cem is not None else 0.0
+        lam = cem_lambda(t.cfg)
         if t.seed != 125 or name == "cut" or (name == "noise" and not with_noise):
             continue
         if only and name not in only and name != "noise":
@@ -148,7 +148,7 @@ def main() -> None:
         rec = RunRecord.load(args.out / t.name)
         name, _, val = defense_of(t.cfg)
         a = rec.accuracy if rec.status in ("trained", "attacked") else math.nan
-        lam = t.cfg.cem.lam if t.cfg.cem is not None else 0.0
+        lam = cem_lambda(t.cfg)
         if lam > 0:
             cem_acc[name][format_value(lam)] = round(100 * a, 2)
         else:

@@ -266,7 +266,6 @@ def test_tune_confirm_stops_when_a_decision_is_out_of_reach(tmp_path, fake_trial
     import yaml
 
     from splitcem.study import tune_confirm
-    from splitcem.study.frontier import within_reach
     from splitcem.study.grid import Trial
     from splitcem.study.space import load_space
     from splitcem.study.tune import TuneResult, _observation
