@@ -300,3 +300,46 @@ def test_zoo_probe_trains_each_defense_cem_setting_at_the_probed_lambdas():
         assert len({t.name for t in cem}) == 2, name
     assert all(t.cfg.train.epochs == 3 and t.cfg.data.limit_train == 1000 for t in trials)
     assert not any(defense_of(t.cfg)[0] in ("noise", "cut") for t in trials)
+
+
+def test_frontier_paper_writes_the_table_reproduce_writes_for_the_same_runs(tmp_path):
+    """``splitcem frontier DIRS --paper``: the paper table of finished runs anywhere (a
+    results folder), the same table and rows as :func:`paper_table` at the looks' level."""
+    from splitcem.cli import app
+    from splitcem.study.frontier_plan import sequential_level
+
+    runs_dir, out = tmp_path / "runs", tmp_path / "report"
+    _curve_fixture(runs_dir)
+    res = CliRunner().invoke(app, ["frontier", str(runs_dir), "--looks", "3", "--paper",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    table, rows = paper_table(find_runs([runs_dir])[0], level=sequential_level(3))
+    assert table in (out / "paper_table.md").read_text()
+    written = json.loads((out / "paper_table.json").read_text())
+    assert [r["defense"] for r in written] == [r["defense"] for r in rows]
+    wide = [r["vs_own"]["interval"] for r in written]
+    assert wide == [None if r["vs_own"]["interval"] is None else list(r["vs_own"]["interval"])
+                    for r in rows]
+    narrow = [r["vs_own"]["interval"] for r in paper_table(find_runs([runs_dir])[0])[1]]
+    assert wide != narrow  # read at the looks' level, not 95% once
+    assert f"{len(rows)} CEM setting(s)" in res.output and (out / "frontier.md").is_file()
+
+
+def test_list_shows_the_seeds_earlier_rounds_added(tmp_path, bundled):
+    """A seed that an earlier seeds-until-decided round ran (its folder beside the first
+    round's) is a trial of the sweep: ``--list`` (and ``sweep --dry-run``) show it finished,
+    as ``reproduce`` counts it."""
+    from splitcem.cli import app
+    from splitcem.study.reproduce import list_reproduce
+
+    t = next(t for t in bundled if t.policy is not None and cem_lambda(t.cfg) > 0)
+    extra = t.with_seed(999)
+    write_run(tmp_path / extra.name, extra.cfg, 0.78, 0.01)
+    states, text = list_reproduce("cifar10", "cpu", out=tmp_path)
+    assert len(states) == len(bundled) + 1
+    assert {s.name: s.state for s in states}[extra.name] == "finished"
+    assert f"1 finished, 0 adopted, {len(bundled)} pending" in text
+    res = CliRunner().invoke(app, ["sweep", str(sweep_file("cifar10", "cpu")), "--dry-run",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert f"{extra.name}: finished" in res.output

@@ -75,12 +75,15 @@ def sweep(
     from splitcem.study.sweep import run_sweep, run_sweep_file
 
     if dry_run:
+        from splitcem.study.adaptive import resumed_trials
         from splitcem.study.grid import add_overrides, expand, load_sweep
         from splitcem.study.trials import dry_run as listing
 
         spec = add_overrides(load_sweep(configs[0]), set_ or [])
         where = out or Path(spec.out or Path("runs") / "sweeps" / spec.name)
-        rows = listing(expand(spec), where, adopt=adopt or (), device=device)
+        trials = expand(spec)
+        trials += resumed_trials(trials, where, device=device)  # seeds earlier rounds added
+        rows = listing(trials, where, adopt=adopt or (), device=device)
         for r in rows:
             typer.echo(f"{r['name']}: {r['state']}" + (f" from {r['from']}" if r["from"] else "")
                        + (f" ({r['policy']})" if r["policy"] else ""))
@@ -123,6 +126,9 @@ def frontier(
         min=1, help="Settings were seeded until decided, judged up to this many times each "
         "(a sweep's seeds: {min, max}: max - min + 1): intervals at the level that keeps 5% "
         "over all looks")] = 1,
+    paper: Annotated[bool, typer.Option(
+        help="Also write paper_table.md / .json (per defense: CEM against its own curve and "
+        "against noise alone; what `reproduce` writes)")] = False,
     device: Device = None,
 ) -> None:
     """Accuracy vs worst-case attack MSE per defense family; MSE at matched accuracy."""
@@ -144,6 +150,11 @@ def frontier(
                    + (f" (about {m['seeds_needed']} more seeds to decide)"
                       if m["verdict"] == "undecided" and m["seeds_needed"] else ""))
     typer.echo(f"{rec['runs']} runs, {len(rec['notes'])} left out -> {out / 'frontier.md'}")
+    if paper:
+        from splitcem.study.paper import write_paper
+
+        prec = write_paper(dirs, out, looks=looks)
+        typer.echo(f"{len(prec['rows'])} CEM setting(s) -> {out / 'paper_table.md'}")
 
 
 @app.command()

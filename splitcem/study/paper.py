@@ -26,17 +26,20 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from splitcem._io import write_json, write_text
 from splitcem.config import ModelConfig, RunConfig
 from splitcem.report import markdown_table
 from splitcem.runid import comparable
 from splitcem.study.frontier import Comparison, compare
+from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.grid import format_value
-from splitcem.study.groups import FrontierRun, family
+from splitcem.study.groups import FrontierRun, family, find_runs
 
 __all__ = ["PAPER_GAINS", "average_gain", "cem_lambda", "curve_key", "defense_of", "paper_rows",
-           "paper_table"]
+           "paper_table", "write_paper"]
 
 #: the paper's average same-strength gains over defenses (CVPR 2025 CEM paper, abstract)
 PAPER_GAINS = (0.129, 0.482)
@@ -231,3 +234,38 @@ def paper_table(runs: Sequence[FrontierRun], *, level: float = 0.95
              f"{_pct(avg)}; the paper reports {_pct(PAPER_GAINS[0])} to "
              f"{_pct(PAPER_GAINS[1])}."]
     return "\n".join(lines), rows
+
+
+def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
+                title: str = "Defenses without and with CEM", failed: Sequence[str] = ()
+                ) -> dict[str, Any]:
+    """Write ``paper_table.md`` / ``.json`` for the finished runs under ``dirs`` into ``out``;
+    intervals at the level that keeps 95% over ``looks`` looks (a study seeded until decided:
+    its :func:`~splitcem.study.adaptive.looks`). ``failed``: trial names to list as failed.
+    Returns ``{"runs": number of finished runs, "table": the markdown table, "rows": its
+    rows}``."""
+    runs, notes = find_runs(dirs)
+    level = sequential_level(looks)
+    table, rows = paper_table(runs, level=level)
+    where = ", ".join(str(d) for d in dirs)
+    text = [f"# {title}", "",
+            f"{len(runs)} finished runs in {where}; seed means (± one standard deviation "
+            "over seeds); MSE / SSIM / PSNR are each run's worst case over the decoder and "
+            "the defense-aware decoder. Same-strength gain (the paper's measure) = MSE with "
+            "CEM / MSE without at the same defense strength - 1. Matched = MSE against the "
+            "curve (the defense's own without CEM over its strength; noise alone over sigma) "
+            f"interpolated at the CEM setting's accuracy - 1, with its "
+            f"{100 * level:.4g}% interval (95% spread over up to {looks} "
+            "looks: seeds until decided), verdict "
+            "and seeds (splitcem.study.frontier.compare). Higher = CEM made inversion "
+            "harder. A row with one CEM seed has no interval: exploratory.", "",
+            table, ""]
+    if failed:
+        text += ["Failed trials (see their trial.json): " + ", ".join(failed), ""]
+    if notes:
+        text += ["Not finished yet: " + "; ".join(notes), ""]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "paper_table.md", "\n".join(text))
+    write_json(out / "paper_table.json", rows)
+    return {"runs": len(runs), "table": table, "rows": rows}

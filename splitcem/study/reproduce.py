@@ -16,15 +16,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from splitcem._io import write_json, write_text
 from splitcem.errors import ConfigError
-from splitcem.study.adaptive import looks
-from splitcem.study.frontier_plan import sequential_level
+from splitcem.study.adaptive import looks, resumed_trials
 from splitcem.study.frontier_report import write_frontier
 from splitcem.study.grid import SweepSpec, add_overrides, expand, load_sweep
-from splitcem.study.groups import find_runs
 from splitcem.study.listing import TrialState, format_listing, list_trials
-from splitcem.study.paper import paper_table
+from splitcem.study.paper import paper_table, write_paper
 from splitcem.study.trials import Engine, GridResult, run_grid
 
 __all__ = ["list_reproduce", "paper_table", "reproduce", "sweep_file"]
@@ -62,7 +59,9 @@ def list_reproduce(
     """What ``reproduce`` would do (:mod:`splitcem.study.listing`): each trial's state and
     the core-hours left; nothing is run or written. Returns (states, text)."""
     spec = _spec(dataset, protocol, overrides)
-    states = list_trials(expand(spec), _out(spec, out), adopt=adopt, device=device)
+    trials, where = expand(spec), _out(spec, out)
+    trials += resumed_trials(trials, where, device=device)  # seeds earlier rounds added
+    states = list_trials(trials, where, adopt=adopt, device=device)
     return states, format_listing(states)
 
 
@@ -79,29 +78,9 @@ def reproduce(
     ``overrides`` (``key.sub=value``) apply to every trial, last (``--set``)."""
     spec = _spec(dataset, protocol, overrides)
     res = run_grid(spec, out=_out(spec, out), engine=engine)
-    runs, notes = find_runs([res.out])
     n_looks = looks(expand(spec))  # seeds until decided: every interval at its level
-    level = sequential_level(n_looks)
-    table, rows = paper_table(runs, level=level)
-    failed = res.failed
-    text = [f"# {dataset}, {protocol} protocol: defenses without and with CEM", "",
-            f"{len(runs)} finished runs in {res.out}; seed means (± one standard deviation "
-            "over seeds); MSE / SSIM / PSNR are each run's worst case over the decoder and "
-            "the defense-aware decoder. Same-strength gain (the paper's measure) = MSE with "
-            "CEM / MSE without at the same defense strength - 1. Matched = MSE against the "
-            "curve (the defense's own without CEM over its strength; noise alone over sigma) "
-            f"interpolated at the CEM setting's accuracy - 1, with its "
-            f"{100 * level:.4g}% interval (95% spread over up to {n_looks} "
-            "looks: seeds until decided), verdict "
-            "and seeds (splitcem.study.frontier.compare). Higher = CEM made inversion "
-            "harder. A row with one CEM seed has no interval: exploratory.", "",
-            table, ""]
-    if failed:
-        text += ["Failed trials (see their trial.json): " + ", ".join(failed), ""]
-    if notes:
-        text += ["Not finished yet: " + "; ".join(notes), ""]
-    write_text(res.out / "paper_table.md", "\n".join(text))
-    write_json(res.out / "paper_table.json", rows)
-    if runs:
+    rec = write_paper([res.out], res.out, looks=n_looks, failed=res.failed,
+                      title=f"{dataset}, {protocol} protocol: defenses without and with CEM")
+    if rec["runs"]:
         write_frontier([res.out], res.out, looks=n_looks)
-    return res, table
+    return res, rec["table"]
