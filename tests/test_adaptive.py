@@ -337,3 +337,48 @@ def test_a_zoo_setting_with_cem_is_decided_against_its_own_curve(tmp_path, fake_
     # is 20% above noise's): the planner used the own curve
     noise = {k: v for k, v in cells.items() if k.startswith("noise")}
     assert compare(noise, cells["topk0.4_cem3"], level=level).gain > strong.gain + 0.1
+
+
+def test_a_round_runs_the_cheapest_decision_first(tmp_path, fake_trials):
+    """Issue 19 ("cheapest decisions first"): after one seed everywhere (no spread yet), the
+    next round starts with the defense whose CEM setting is furthest from its own curve (at a
+    common spread the fewest seeds to decide), not in file or name order."""
+    for tag, sigma in (("a", 0.1), ("b", 0.12)):
+        (tmp_path / f"{tag}.yaml").write_text(
+            "name: tiny\nseed: 10\ndevice: cpu\ntrain: {epochs: 1}\n"
+            f"defenses: [{{name: topk, ratio: 0.3}}, {{name: noise, sigma: {sigma}}}]\n"
+            "attack: {attacks: [{name: decoder, epochs: 1}]}\n")
+    (tmp_path / "noise.yaml").write_text(
+        "name: tiny\nseed: 10\ndevice: cpu\ntrain: {epochs: 1}\n"
+        "defenses: [{name: noise, sigma: 0.1}]\n"
+        "attack: {attacks: [{name: decoder, epochs: 1}]}\n")
+    policy = {"min": 1, "max": 3, "until": "decided"}
+    # "a": CEM with no true gain over its curve (first by name and in the file); "b": +30%
+    variants: list[dict] = [{"name": "noise{sigma}", "base": str(tmp_path / "noise.yaml"),
+                             "grid": {"defenses.0.sigma": [0.1, 0.2, 0.3]}, "seeds": 1}]
+    for tag, lam in (("a", 1.0), ("b", 3.0)):
+        base = str(tmp_path / f"{tag}.yaml")
+        variants += [
+            {"name": f"{tag}_topk{{ratio}}", "base": base,
+             "grid": {"defenses.0.ratio": [0.5, 0.4, 0.3]}, "seeds": 1},
+            {"name": f"{tag}_topk{{ratio}}_cem{{lambda}}", "base": base,
+             "set": {"cem": {"lambda": lam}},
+             "grid": {"defenses.0.ratio": [0.4], "cem.lambda": [lam]}, "seeds": policy}]
+    spec = {"name": "tiny", "base": str(tmp_path / "a.yaml"), "variants": variants}
+    out = tmp_path / "out"
+    first = [t.name for t in expand(load_sweep(spec))]
+    trials = expand(load_sweep(spec))
+    engine.run_trials(trials, out, engine=LOOP)  # one seed everywhere, no rounds
+    cells = _cells(out)
+    gains = {tag: compare({k: v for k, v in cells.items() if k.startswith(f"{tag}_topk0.")
+                           and "cem" not in k}, cells[f"{tag}_topk0.4_cem{lam:g}"]).gain
+             for tag, lam in (("a", 1.0), ("b", 3.0))}
+    ahead = max(gains, key=lambda t: abs(math.log1p(gains[t])))
+    assert ahead == "b", gains  # the fixture's effects: the true +30% reads furthest
+    new, _ = plan_round(trials, out)
+    assert new and {t.name[0] for t in new} == {"a", "b"}, [t.name for t in new]
+    assert new[0].name.startswith("b_"), [t.name for t in new]
+    order = [t.name[0] for t in new]
+    assert order == sorted(order, key=lambda c: c != "b")  # all of b's before any of a's
+    zoo = [n[0] for n in first if n[0] in "ab"]
+    assert zoo[0] == "a"  # the file (and names) would put "a" first

@@ -134,3 +134,15 @@ def test_a_setting_out_of_reach_is_left_undecided_and_seeded_on_without_the_rule
     assert "out of reach" in plan.notes[0], plan.notes
     more = next_seeds(base, cem, policy, reach=False)
     assert more.settings == {1.0: (128,)}
+
+
+def test_with_no_spread_yet_the_largest_gain_either_way_goes_first():
+    """One seed each: seeds needed is unknown for all, so the setting furthest from its
+    baseline (either way) is the cheapest decision and is planned first; ``ranks`` say so."""
+    base = {0.1: {1: (0.80, 0.010)}, 0.2: {1: (0.70, 0.020)}}
+    settings = {"small": {1: (0.75, 0.0155)}, "less": {1: (0.75, 0.010)},
+                "big": {1: (0.75, 0.022)}}
+    plan = next_seeds(base, settings, SeedPolicy(1, 5))
+    assert list(plan.settings) == ["less", "big", "small"]  # |log 0.667| > |log 1.467| > ...
+    assert [plan.ranks[k] for k in plan.settings] == sorted(plan.ranks.values())
+    assert all(r[0] == float("inf") for r in plan.ranks.values())

@@ -8,7 +8,8 @@ which seeds the settings still undecided against their baseline need (a CEM sett
 curve: the same defense without CEM over its strength, so noise alone for noise + CEM and
 top-k for top-k + CEM; any other setting: noise alone), closest to a decision first; the
 baseline cells around each setting's accuracy get the same seed, so the new runs pair; runs
-them, and asks again, until every such setting is decided or at ``max``.
+them (the baseline whose setting is closest to a decision first), and asks again, until every
+such setting is decided or at ``max``.
 
 Nothing is kept between invocations but the run directories: re-running a sweep finds the
 seeds earlier rounds added (``OUT/{stem}_s{seed}`` finished for that setting's config at that
@@ -21,6 +22,7 @@ seed) and resumes from there. A planned trial that was already tried in this inv
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -146,7 +148,7 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
         pol = stems[s].policy
         if pol is not None and pol.until == "decided" and cells.get(s):
             by_policy[(tuple(own.get(s) or base), pol.max, pol.looks)].append(s)
-    new: dict[str, Trial] = {}
+    plans = []
     notes: list[str] = []
     for (curve, most, looks), settings in sorted(by_policy.items()):
         base_cells = {b: cells[b] for b in curve if cells.get(b)}
@@ -154,6 +156,12 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
                           SeedPolicy(1, most, "decided"),
                           level=sequential_level(looks, level))
         notes += list(plan.notes)
+        plans.append(plan)
+    # cheapest decisions first: the plan whose best setting is closest to a decision runs
+    # first (a round of the zoo is many core-hours; what ends mid-round has decided most)
+    plans.sort(key=lambda p: min(p.ranks.values(), default=(math.inf, 0.0)))
+    new: dict[str, Trial] = {}
+    for plan in plans:
         for stem, seeds in [*plan.baseline.items(), *plan.settings.items()]:
             for seed in seeds:
                 t = stems[str(stem)].with_seed(seed)

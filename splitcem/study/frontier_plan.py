@@ -11,9 +11,11 @@ Rules, in order:
    else is planned in that round (verdicts on fewer seeds are not used to steer).
 2. With ``until: decided``, each undecided setting below ``max`` seeds is a candidate,
    closest to a decision first (fewest :func:`~splitcem.study.frontier.seeds_needed`, unknown
-   last); each chosen setting gets one more seed, and the baseline cells around its accuracy
-   (:attr:`~splitcem.study.frontier.Comparison.neighbours`) get the same seed where they lack it
-   and are below ``max``, so the new run is paired; a seed the setting ran and its
+   last; among equals, and where one seed gives no spread to count with, the largest gain
+   either way first: at a common spread, seeds needed fall with the gain squared); each
+   chosen setting gets one more seed, and the baseline cells around its accuracy
+   (:attr:`~splitcem.study.frontier.Comparison.neighbours`) get the same seed where they lack
+   it and are below ``max``, so the new run is paired; a seed the setting ran and its
    neighbours did not is paired first (neighbours only, no new run of the setting).
 3. Settings outside the baseline's accuracy range, decided, at ``max``, or whose decision
    is out of reach of ``max`` (:func:`~splitcem.study.frontier.within_reach`: from 3 seeds
@@ -126,11 +128,16 @@ class SeedPlan:
         baseline: New seeds per baseline cell (only cells with any).
         settings: New seeds per compared setting (only settings with any).
         notes: One line per setting (or cell) on why it does or does not get seeds.
+        ranks: Per setting that gets a seed under rule 2, the order it was chosen in,
+            smaller first: (seeds needed to decide, ``inf`` when unknown; minus its absolute
+            log gain). ``settings`` is in that order; a caller running several plans runs
+            the one with the smallest rank first.
     """
 
     baseline: dict[Hashable, tuple[int, ...]] = field(default_factory=dict)
     settings: dict[Hashable, tuple[int, ...]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    ranks: dict[Hashable, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -217,7 +224,7 @@ def next_seeds(baseline: Cells, settings: Cells, policy: SeedPolicy, *,
         return _plan(plan_b, plan_s, notes)
     if policy.until is None:
         return _plan({}, {}, ["fixed seeds: nothing more to run"])
-    cands: list[tuple[float, int, str, Hashable, Any]] = []
+    cands: list[tuple[float, float, int, str, Hashable, Any]] = []
     for k, cell in settings.items():
         c = compare(baseline, cell, level=level)
         desc = _describe(c)
@@ -235,9 +242,11 @@ def next_seeds(baseline: Cells, settings: Cells, policy: SeedPolicy, *,
                          f"spread; max {policy.max})")
         else:
             need = math.inf if c.seeds_needed is None else c.seeds_needed
-            cands.append((need, len(cell), str(k), k, c))
-    cands.sort(key=lambda t: t[:3])
-    for need, _, _, k, c in cands[:per_round]:
+            cands.append((need, -abs(math.log1p(c.gain)), len(cell), str(k), k, c))
+    cands.sort(key=lambda t: t[:4])
+    ranks: dict[Hashable, tuple[float, float]] = {}
+    for need, big, _, _, k, c in cands[:per_round]:
+        ranks[k] = (need, big)
         nbs = [n for n in c.neighbours if n in baseline]
 
         def room(n: Hashable) -> bool:
@@ -259,9 +268,9 @@ def next_seeds(baseline: Cells, settings: Cells, policy: SeedPolicy, *,
         where = " (on the baseline around it: pairs a seed it ran)" if lone else ""
         notes.append(f"{k!r}: undecided ({_describe(c)}): seed {s}{where}, {more} more to "
                      "decide")
-    for k, _c in [(t[3], t[4]) for t in cands[per_round:]] if per_round is not None else []:
+    for k in [t[4] for t in cands[per_round:]] if per_round is not None else []:
         notes.append(f"{k!r}: undecided, waits for a later round (per_round={per_round})")
-    return _plan({k: v for k, v in plan_b.items() if v}, plan_s, notes)
+    return _plan({k: v for k, v in plan_b.items() if v}, plan_s, notes, ranks)
 
 
 def _describe(c: Any) -> str:
@@ -273,7 +282,7 @@ def _describe(c: Any) -> str:
         if c.gain is not None else "no gain"
 
 
-def _plan(b: dict[Hashable, list[int]], s: dict[Hashable, list[int]], notes: list[str]
-          ) -> SeedPlan:
+def _plan(b: dict[Hashable, list[int]], s: dict[Hashable, list[int]], notes: list[str],
+          ranks: dict[Hashable, tuple[float, float]] | None = None) -> SeedPlan:
     return SeedPlan({k: tuple(v) for k, v in b.items()}, {k: tuple(v) for k, v in s.items()},
-                    tuple(notes))
+                    tuple(notes), dict(ranks or {}))
