@@ -366,8 +366,8 @@ def test_a_round_runs_the_cheapest_decision_first(tmp_path, fake_trials):
              "grid": {"defenses.0.ratio": [0.4], "cem.lambda": [lam]}, "seeds": policy}]
     spec = {"name": "tiny", "base": str(tmp_path / "a.yaml"), "variants": variants}
     out = tmp_path / "out"
-    first = [t.name for t in expand(load_sweep(spec))]
     trials = expand(load_sweep(spec))
+    first = [t.name for t in trials]
     engine.run_trials(trials, out, engine=LOOP)  # one seed everywhere, no rounds
     cells = _cells(out)
     gains = {tag: compare({k: v for k, v in cells.items() if k.startswith(f"{tag}_topk0.")

@@ -189,11 +189,12 @@ def write(result: TuneResult, space: SearchSpace, *, mode: str) -> dict[str, Any
                    "so that a false verdict stays at most 5% over all of them"
                    if result.looks > 1 else "")
             most, stop = result.looks + 1, ""  # --confirm-seeds
-            if result.looks > 1 and cmp.verdict == UNDECIDED and cmp.n_seeds >= most:
-                stop = f"; the confirmation stopped at the {most} seeds it was allowed"
-            elif result.looks > 1 and cmp.verdict == UNDECIDED and not within_reach(cmp, most):
-                stop = ("; the confirmation stopped: a decision is out of reach of "
-                        f"`--confirm-seeds {most}` at this spread")
+            if result.looks > 1 and cmp.verdict == UNDECIDED:
+                if cmp.n_seeds >= most:
+                    stop = f"; the confirmation stopped at the {most} seeds it was allowed"
+                elif not within_reach(cmp, most):
+                    stop = ("; the confirmation stopped: a decision is out of reach of "
+                            f"`--confirm-seeds {most}` at this spread")
             lines += [f"Gain over noise alone at its accuracy: {g}, {100 * level:.4g}% "
                       f"interval{seq} {iv}, "
                       f"verdict **{cmp.verdict}** ({cmp.n_seeds} seed(s)"
