@@ -339,10 +339,10 @@ def test_a_zoo_setting_with_cem_is_decided_against_its_own_curve(tmp_path, fake_
     assert compare(noise, cells["topk0.4_cem3"], level=level).gain > strong.gain + 0.1
 
 
-def test_a_round_runs_the_cheapest_decision_first(tmp_path, fake_trials):
-    """Issue 19 ("cheapest decisions first"): after one seed everywhere (no spread yet), the
-    next round starts with the defense whose CEM setting is furthest from its own curve (at a
-    common spread the fewest seeds to decide), not in file or name order."""
+def _two_zoo_defenses(tmp_path) -> dict:
+    """Noise alone, and two top-k curves ("a", "b") each with a CEM setting seeded until
+    decided (min 1, max 3): "a" with no true gain over its curve (first by name and in the
+    file), "b" with +30%."""
     for tag, sigma in (("a", 0.1), ("b", 0.12)):
         (tmp_path / f"{tag}.yaml").write_text(
             "name: tiny\nseed: 10\ndevice: cpu\ntrain: {epochs: 1}\n"
@@ -353,7 +353,6 @@ def test_a_round_runs_the_cheapest_decision_first(tmp_path, fake_trials):
         "defenses: [{name: noise, sigma: 0.1}]\n"
         "attack: {attacks: [{name: decoder, epochs: 1}]}\n")
     policy = {"min": 1, "max": 3, "until": "decided"}
-    # "a": CEM with no true gain over its curve (first by name and in the file); "b": +30%
     variants: list[dict] = [{"name": "noise{sigma}", "base": str(tmp_path / "noise.yaml"),
                              "grid": {"defenses.0.sigma": [0.1, 0.2, 0.3]}, "seeds": 1}]
     for tag, lam in (("a", 1.0), ("b", 3.0)):
@@ -364,9 +363,15 @@ def test_a_round_runs_the_cheapest_decision_first(tmp_path, fake_trials):
             {"name": f"{tag}_topk{{ratio}}_cem{{lambda}}", "base": base,
              "set": {"cem": {"lambda": lam}},
              "grid": {"defenses.0.ratio": [0.4], "cem.lambda": [lam]}, "seeds": policy}]
-    spec = {"name": "tiny", "base": str(tmp_path / "a.yaml"), "variants": variants}
+    return {"name": "tiny", "base": str(tmp_path / "a.yaml"), "variants": variants}
+
+
+def test_a_round_runs_the_cheapest_decision_first(tmp_path, fake_trials):
+    """Issue 19 ("cheapest decisions first"): after one seed everywhere (no spread yet), the
+    next round starts with the defense whose CEM setting is furthest from its own curve (at a
+    common spread the fewest seeds to decide), not in file or name order."""
     out = tmp_path / "out"
-    trials = expand(load_sweep(spec))
+    trials = expand(load_sweep(_two_zoo_defenses(tmp_path)))
     first = [t.name for t in trials]
     engine.run_trials(trials, out, engine=LOOP)  # one seed everywhere, no rounds
     cells = _cells(out)
@@ -382,3 +387,33 @@ def test_a_round_runs_the_cheapest_decision_first(tmp_path, fake_trials):
     assert order == sorted(order, key=lambda c: c != "b")  # all of b's before any of a's
     zoo = [n[0] for n in first if n[0] in "ab"]
     assert zoo[0] == "a"  # the file (and names) would put "a" first
+
+
+def test_per_round_caps_a_round_and_changes_the_order_not_the_outcome(tmp_path, fake_trials):
+    """A sweep file's ``per_round: 1``: a round grows only the setting closest to a
+    decision across both baselines (the other waits, and the notes say so; uncapped, the
+    same round grows both: the test above); in the end the runs are the same as without
+    the cap, in another order (the two defenses' plans share no runs)."""
+    spec = _two_zoo_defenses(tmp_path)
+    trials = expand(load_sweep(spec))
+    engine.run_trials(trials, tmp_path / "one", engine=LOOP)
+    new, notes = plan_round(trials, tmp_path / "one", per_round=1)
+    assert new and {t.name[0] for t in new} == {"b"}, [t.name for t in new]
+    assert any(n.startswith("'a_topk0.4_cem1'") and "waits for a later round" in n
+               for n in notes), notes
+    first = len(trials)
+    ran = {}
+    for cap in (None, 1):
+        fake_trials.clear()
+        engine.run_grid({**spec, **({"per_round": cap} if cap else {})},
+                        out=tmp_path / f"cap{cap}", engine=LOOP)
+        ran[cap] = list(fake_trials[first:])  # the rounds after one seed everywhere
+    assert sorted(ran[1]) == sorted(ran[None]) and len({n[0] for n in ran[1]}) == 2, ran
+    tags = [n[0] for n in ran[1]]
+    assert tags == sorted(tags, key=lambda c: c != "b"), tags  # b to its end, then a
+
+
+@pytest.mark.parametrize("value", [0, -1, "4", True, 1.5])
+def test_a_bad_per_round_fails_before_running(tmp_path, value):
+    with pytest.raises(ConfigError, match="per_round must be an integer >= 1"):
+        load_sweep({**_sweep(tmp_path), "per_round": value})

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from splitcem.record import RunRecord
 from splitcem.report import attack_metric
-from splitcem.study.frontier_plan import SeedPolicy, next_seeds, sequential_level
+from splitcem.study.frontier_plan import SeedPlan, SeedPolicy, next_seeds, sequential_level
 from splitcem.study.grid import Trial
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def _own_curves(stems: dict[str, Trial]) -> dict[str, list[str]]:
 
 
 def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
-               baseline: str | None = None, level: float = 0.95
+               baseline: str | None = None, level: float = 0.95, per_round: int | None = None
                ) -> tuple[list[Trial], list[str]]:
     """The trials the next round adds (seeds for undecided settings and their baseline
     neighbours), and the planner's notes; reads the finished runs in ``out`` (those of
@@ -135,7 +135,9 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
     without CEM over its strength: for noise + CEM, noise alone), any other against
     ``baseline`` (default: noise alone). It counts as decided when its interval at
     :func:`~splitcem.study.frontier_plan.sequential_level` (``level`` spread over the looks
-    its policy allows) excludes 0."""
+    its policy allows) excludes 0. ``per_round``: at most this many undecided settings get a
+    seed this round, across all baselines, closest to a decision first (the sweep file's
+    ``per_round``); ``None``: every one."""
     trials = [*trials, *resumed_trials(trials, out, device=device)]
     stems = _stems(trials)
     base, compared = _roles(stems, baseline)
@@ -148,21 +150,26 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
         pol = stems[s].policy
         if pol is not None and pol.until == "decided" and cells.get(s):
             by_policy[(tuple(own.get(s) or base), pol.max, pol.looks)].append(s)
-    plans = []
-    notes: list[str] = []
-    for (curve, most, looks), settings in sorted(by_policy.items()):
-        base_cells = {b: cells[b] for b in curve if cells.get(b)}
-        plan = next_seeds(base_cells, {s: cells[s] for s in settings},
-                          SeedPolicy(1, most, "decided"),
-                          level=sequential_level(looks, level))
-        notes += list(plan.notes)
-        plans.append(plan)
+
+    def plan(key: tuple[tuple[str, ...], int, int], cap: int | None = None) -> SeedPlan:
+        curve, most, looks = key
+        return next_seeds({b: cells[b] for b in curve if cells.get(b)},
+                          {s: cells[s] for s in by_policy[key]}, SeedPolicy(1, most, "decided"),
+                          per_round=cap, level=sequential_level(looks, level))
+
+    plans = {key: plan(key) for key in sorted(by_policy)}
+    if per_round is not None:  # the round's cap across baselines: the smallest ranks stay
+        kept = sorted(r for p in plans.values() for r in p.ranks.values())[:per_round]
+        plans = {key: plan(key, sum(r in kept for r in p.ranks.values()))
+                 for key, p in plans.items()}
+    notes = [n for p in plans.values() for n in p.notes]
     # cheapest decisions first: the plan whose best setting is closest to a decision runs
     # first (a round of the zoo is many core-hours; what ends mid-round has decided most)
-    plans.sort(key=lambda p: min(p.ranks.values(), default=(math.inf, 0.0)))
+    order = sorted(plans.values(), key=lambda p: min(p.ranks.values(),
+                                                     default=(math.inf, 0.0, 0, "")))
     new: dict[str, Trial] = {}
-    for plan in plans:
-        for stem, seeds in [*plan.baseline.items(), *plan.settings.items()]:
+    for p in order:
+        for stem, seeds in [*p.baseline.items(), *p.settings.items()]:
             for seed in seeds:
                 t = stems[str(stem)].with_seed(seed)
                 new.setdefault(t.name, t)
@@ -171,10 +178,12 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
 
 def run_until_decided(trials: Sequence[Trial], out: Path,
                       run: Callable[[list[Trial]], GridResult], *,
-                      device: str | None = None, baseline: str | None = None) -> GridResult:
+                      device: str | None = None, baseline: str | None = None,
+                      per_round: int | None = None) -> GridResult:
     """Run ``trials`` (``run``: the engine, e.g. :func:`splitcem.study.trials.run_trials`
     bound to its options; returns a :class:`~splitcem.study.trials.GridResult`), then add
-    seeds in rounds until every adaptive setting is decided or at its ``max``."""
+    seeds in rounds until every adaptive setting is decided or at its ``max``; ``per_round``
+    caps the settings each round grows (:func:`plan_round`)."""
     todo = list(trials) + resumed_trials(trials, out, device=device)
     tried = {t.name for t in todo}
     res = run(todo)
@@ -182,7 +191,8 @@ def run_until_decided(trials: Sequence[Trial], out: Path,
     bound = sum(t.policy.max for t in _stems(todo).values() if t.policy is not None) + \
         len(_stems(todo))  # each round adds at least one run; no cell passes max
     for i in range(bound):
-        new, notes = plan_round(todo, out, device=device, baseline=baseline)
+        new, notes = plan_round(todo, out, device=device, baseline=baseline,
+                                per_round=per_round)
         for n in notes:
             log.info("seeds until decided: %s", n)
         fresh = [t for t in new if t.name not in tried]

@@ -49,6 +49,8 @@ from splitcem.study.frontier import Point, compare, within_reach
 __all__ = ["SeedPlan", "SeedPolicy", "next_seeds", "sequential_level"]
 
 Cells = Mapping[Any, Mapping[int, Point]]
+#: A setting's place in the queue for a seed, smaller first (:attr:`SeedPlan.ranks`).
+Rank = tuple[float, float, int, str]
 
 
 def sequential_level(looks: int, level: float = 0.95) -> float:
@@ -130,14 +132,16 @@ class SeedPlan:
         notes: One line per setting (or cell) on why it does or does not get seeds.
         ranks: Per setting that gets a seed under rule 2, the order it was chosen in,
             smaller first: (seeds needed to decide, ``inf`` when unknown; minus its absolute
-            log gain). ``settings`` is in that order; a caller running several plans runs
-            the one with the smallest rank first.
+            log gain; its seeds so far; its name). ``settings`` is in that order; a caller
+            running several plans runs the one with the smallest rank first, and a caller
+            capping a round across plans (:func:`splitcem.study.adaptive.plan_round`) keeps
+            the smallest ranks.
     """
 
     baseline: dict[Hashable, tuple[int, ...]] = field(default_factory=dict)
     settings: dict[Hashable, tuple[int, ...]] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
-    ranks: dict[Hashable, tuple[float, float]] = field(default_factory=dict)
+    ranks: dict[Hashable, Rank] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -244,9 +248,9 @@ def next_seeds(baseline: Cells, settings: Cells, policy: SeedPolicy, *,
             need = math.inf if c.seeds_needed is None else c.seeds_needed
             cands.append((need, -abs(math.log1p(c.gain)), len(cell), str(k), k, c))
     cands.sort(key=lambda t: t[:4])
-    ranks: dict[Hashable, tuple[float, float]] = {}
-    for need, big, _, _, k, c in cands[:per_round]:
-        ranks[k] = (need, big)
+    ranks: dict[Hashable, Rank] = {}
+    for need, big, n, name, k, c in cands[:per_round]:
+        ranks[k] = (need, big, n, name)
         nbs = [n for n in c.neighbours if n in baseline]
 
         def room(n: Hashable) -> bool:
@@ -268,8 +272,9 @@ def next_seeds(baseline: Cells, settings: Cells, policy: SeedPolicy, *,
         where = " (on the baseline around it: pairs a seed it ran)" if lone else ""
         notes.append(f"{k!r}: undecided ({_describe(c)}): seed {s}{where}, {more} more to "
                      "decide")
-    for k in [t[4] for t in cands[per_round:]] if per_round is not None else []:
-        notes.append(f"{k!r}: undecided, waits for a later round (per_round={per_round})")
+    for k, c in [t[4:] for t in cands[per_round:]] if per_round is not None else []:
+        notes.append(f"{k!r}: undecided ({_describe(c)}): waits for a later round (closer "
+                     "decisions first)")
     return _plan({k: v for k, v in plan_b.items() if v}, plan_s, notes, ranks)
 
 
@@ -283,6 +288,6 @@ def _describe(c: Any) -> str:
 
 
 def _plan(b: dict[Hashable, list[int]], s: dict[Hashable, list[int]], notes: list[str],
-          ranks: dict[Hashable, tuple[float, float]] | None = None) -> SeedPlan:
+          ranks: dict[Hashable, Rank] | None = None) -> SeedPlan:
     return SeedPlan({k: tuple(v) for k, v in b.items()}, {k: tuple(v) for k, v in s.items()},
                     tuple(notes), dict(ranks or {}))

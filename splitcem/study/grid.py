@@ -8,6 +8,8 @@ A sweep file is YAML (paths are relative to the file)::
       attack.attacks: [{name: decoder, epochs: 25}]
     seeds: 1                           # N: seeds base, base+1, ...; or a list [125, 126];
                                        # or {min: 2, max: 8, until: decided}
+    per_round: 4                       # seeds until decided: at most 4 settings grow per
+                                       # round, closest to a decision first (default: all)
     grid:                              # cartesian product over dotted keys (optional)
       defenses.0.sigma: [0.1, 0.2]
     variants:                          # optional: named variants, each crossed with its grid
@@ -23,10 +25,12 @@ Each variant's grid extends the top-level one; its ``set`` and ``seeds`` overrid
 top-level ones. ``seeds: {min, max, until: decided}`` (a
 :class:`~splitcem.study.frontier_plan.SeedPolicy`) starts with ``min`` seeds (base, base+1,
 ...); after them the engine adds seeds to the settings still undecided against the baseline,
-up to ``max`` (:mod:`splitcem.study.adaptive`). Every trial is one run directory named
-``NAME_s{seed}``, where NAME is the variant's name with ``{key}`` placeholders filled from the
-grid (the last part of the dotted key); a name without placeholders gets ``_{key}{value}``
-appended per grid key. Everything is validated here, before any trial runs.
+up to ``max`` (:mod:`splitcem.study.adaptive`), at most ``per_round`` settings per round
+(closest to a decision first; then the rounds re-plan with what those runs showed). Every
+trial is one run directory named ``NAME_s{seed}``, where NAME is the variant's name with
+``{key}`` placeholders filled from the grid (the last part of the dotted key); a name
+without placeholders gets ``_{key}{value}`` appended per grid key. Everything is validated
+here, before any trial runs.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["SweepSpec", "Trial", "config_trials", "expand", "format_value", "is_sweep_file",
            "load_sweep"]
 
-_TOP_KEYS = {"name", "base", "set", "seeds", "grid", "variants", "out"}
+_TOP_KEYS = {"name", "base", "set", "seeds", "per_round", "grid", "variants", "out"}
 _VARIANT_KEYS = {"name", "base", "set", "seeds", "grid"}
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
@@ -89,6 +93,8 @@ class SweepSpec:
     variants: list[dict[str, Any]]
     out: str | None = None
     source: str = "(dict)"
+    #: seeds until decided: at most this many settings grow per round (``None``: all)
+    per_round: int | None = None
     #: command-line ``--set`` overrides: applied to every trial, last
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -171,7 +177,17 @@ def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
         variants=variants,
         out=raw.get("out"),
         source=where,
+        per_round=_per_round(raw.get("per_round"), where),
     )
+
+
+def _per_round(v: Any, where: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"sweep file {where}: per_round must be an integer >= 1 (the most "
+                          f"settings one round of seeds until decided grows), got {v!r}")
+    return v
 
 
 def is_sweep_file(path: str | Path) -> bool:

@@ -335,7 +335,8 @@ def run_grid(
 ) -> GridResult:
     """Run every trial of a sweep file that is not finished yet; returns their statuses.
     Settings with ``seeds: {min, max, until: decided}`` then get more seeds in rounds
-    (:mod:`splitcem.study.adaptive`) until decided against the baseline or at ``max``.
+    (:mod:`splitcem.study.adaptive`; at most the file's ``per_round`` settings each) until
+    decided against the baseline or at ``max``.
 
     Args:
         sweep: A sweep file (see :mod:`splitcem.study.grid`), its dict, or a parsed spec.
@@ -353,7 +354,8 @@ def run_grid(
         return run_trials(ts, out_dir, name=spec.name, source=spec.source, engine=eng)
 
     if adaptive(trials):  # seeds: {min, max, until: decided}: rounds of more seeds
-        return run_until_decided(trials, out_dir, run, device=eng.device)
+        return run_until_decided(trials, out_dir, run, device=eng.device,
+                                 per_round=spec.per_round)
     return run(trials)
 
 
