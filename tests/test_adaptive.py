@@ -174,31 +174,36 @@ def test_bad_seed_policies_fail_before_running(tmp_path, seeds, match):
         expand(load_sweep(spec))
 
 
-def test_dry_run_lists_finished_adoptable_and_pending(tmp_path, fake_trials):
+def test_dry_run_lists_finished_adopted_and_pending(tmp_path, fake_trials):
     import yaml
     from typer.testing import CliRunner
 
     from splitcem.cli import app
+    from splitcem.study.listing import list_sweep
 
     spec = _sweep(tmp_path)
     spec["variants"][1]["seeds"] = 2
     done = tmp_path / "done"
     engine.run_trials(expand(load_sweep(spec))[:3], done, engine=LOOP)
-    trials = expand(load_sweep(spec))
     n = len(fake_trials)
-    rows = {r["name"]: r for r in engine.dry_run(trials, done)}
-    assert [r["state"] for r in rows.values()].count("finished") == 3
-    rows = {r["name"]: r for r in engine.dry_run(trials, tmp_path / "new", adopt=[done])}
-    assert rows["noise0.1_s10"]["state"] == "adoptable"
-    assert rows["noise0.1_s10"]["from"] == str(done / "noise0.1_s10")
-    assert rows["cem1_s11"]["state"] == "pending"
+    states, _ = list_sweep(load_sweep(spec), done)
+    assert [s.state for s in states].count("finished") == 3
+    rows = {s.name: s for s in list_sweep(load_sweep(spec), tmp_path / "new", adopt=[done])[0]}
+    assert rows["noise0.1_s10"].state == "adopted"
+    assert rows["noise0.1_s10"].note == f"from {done / 'noise0.1_s10'}"
+    assert rows["cem1_s11"].state == "pending"
     assert len(fake_trials) == n and not (tmp_path / "new").exists()  # nothing ran or written
 
+    spec["variants"][1]["seeds"] = {"min": 2, "max": 4, "until": "decided"}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     res = CliRunner().invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--dry-run", "--out",
                                    str(tmp_path / "new"), "--adopt", str(done)])
     assert res.exit_code == 0, res.output
-    assert "10 trials" in res.output and "3 adoptable, 7 pending" in res.output
+    assert "0 finished, 3 adopted, 7 pending, 0 failed of 10 trials" in res.output, res.output
+    assert "core-hours left: about" in res.output  # from the adopted runs' recorded times
+    lines = {ln.split()[0]: ln for ln in res.output.splitlines() if ln.strip()}
+    assert lines["cem1_s11"].endswith("[seeds 2..4 until decided]")
+    assert "[" not in lines["noise0.1_s10"]
 
 
 @pytest.mark.parametrize("sigmas", [(0.1, 0.2, 0.3), (0.2, 0.3)])

@@ -342,4 +342,5 @@ def test_list_shows_the_seeds_earlier_rounds_added(tmp_path, bundled):
     res = CliRunner().invoke(app, ["sweep", str(sweep_file("cifar10", "cpu")), "--dry-run",
                                    "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    assert f"{extra.name}: finished" in res.output
+    assert res.output.startswith(text + "\n"), res.output  # the same listing
+    assert any(ln.split()[:2] == [extra.name, "finished"] for ln in text.splitlines())

@@ -66,7 +66,8 @@ def sweep(
     quiet: Quiet = False,
     threads: Threads = None,
     dry_run: Annotated[bool, typer.Option(
-        help="Sweep file: list each trial as finished / adoptable / pending; run nothing")]
+        help="Sweep file: list each trial as finished / adopted / failed / pending, and the "
+             "core-hours left; run nothing")]
     = False,
 ) -> None:
     """Run a sweep file on Ray (resumable, failures recorded), or several run configs."""
@@ -75,22 +76,13 @@ def sweep(
     from splitcem.study.sweep import run_sweep, run_sweep_file
 
     if dry_run:
-        from splitcem.study.adaptive import resumed_trials
-        from splitcem.study.grid import add_overrides, expand, load_sweep
-        from splitcem.study.trials import dry_run as listing
+        from splitcem.study.grid import add_overrides, load_sweep
+        from splitcem.study.listing import list_sweep
 
         spec = add_overrides(load_sweep(configs[0]), set_ or [])
         where = out or Path(spec.out or Path("runs") / "sweeps" / spec.name)
-        trials = expand(spec)
-        trials += resumed_trials(trials, where, device=device)  # seeds earlier rounds added
-        rows = listing(trials, where, adopt=adopt or (), device=device)
-        for r in rows:
-            typer.echo(f"{r['name']}: {r['state']}" + (f" from {r['from']}" if r["from"] else "")
-                       + (f" ({r['policy']})" if r["policy"] else ""))
-        counts = {k: sum(r["state"] == k for r in rows) for k in dict.fromkeys(
-            r["state"] for r in rows)}
-        typer.echo(f"{len(rows)} trials in {where}: " + ", ".join(f"{v} {k}"
-                                                                   for k, v in counts.items()))
+        typer.echo(list_sweep(spec, where, adopt=adopt or (), device=device)[1])
+        typer.echo(f"-> would run into {where}")
         return
 
     engine = _engine(address, max_concurrent, threads_per_trial, gpus_per_trial, no_ray,

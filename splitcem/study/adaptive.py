@@ -37,8 +37,8 @@ from splitcem.study.grid import Trial
 if TYPE_CHECKING:
     from splitcem.study.trials import GridResult
 
-__all__ = ["adaptive", "finished_cells", "looks", "plan_round", "resumed_trials",
-           "run_until_decided"]
+__all__ = ["adaptive", "finished_cells", "looks", "plan_round", "run_until_decided",
+           "with_earlier_rounds"]
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,14 @@ def _stems(trials: Sequence[Trial]) -> dict[str, Trial]:
     return out
 
 
-def resumed_trials(trials: Sequence[Trial], out: Path, *,
-                   device: str | None = None) -> list[Trial]:
-    """Trials of earlier rounds: ``OUT/{stem}_s{seed}`` finished for a setting's config at
-    that seed (an adaptive setting's, or a baseline cell's that paired with one), not among
-    ``trials``."""
+def with_earlier_rounds(trials: Sequence[Trial], out: Path, *,
+                        device: str | None = None) -> list[Trial]:
+    """``trials`` and, after them, the trials earlier rounds added: ``OUT/{stem}_s{seed}``
+    finished for a setting's config at that seed (an adaptive setting's, or a baseline
+    cell's that paired with one), not among ``trials``. What a sweep runs, lists and plans
+    from."""
     have = {t.name for t in trials}
-    found: list[Trial] = []
+    found: list[Trial] = list(trials)
     if not adaptive(trials) or not out.is_dir():
         return found
     for stem, t in _stems(trials).items():
@@ -138,7 +139,7 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
     its policy allows) excludes 0. ``per_round``: at most this many undecided settings get a
     seed this round, across all baselines, closest to a decision first (the sweep file's
     ``per_round``); ``None``: every one."""
-    trials = [*trials, *resumed_trials(trials, out, device=device)]
+    trials = with_earlier_rounds(trials, out, device=device)
     stems = _stems(trials)
     base, compared = _roles(stems, baseline)
     own = _own_curves(stems) if baseline is None else {}
@@ -184,7 +185,7 @@ def run_until_decided(trials: Sequence[Trial], out: Path,
     bound to its options; returns a :class:`~splitcem.study.trials.GridResult`), then add
     seeds in rounds until every adaptive setting is decided or at its ``max``; ``per_round``
     caps the settings each round grows (:func:`plan_round`)."""
-    todo = list(trials) + resumed_trials(trials, out, device=device)
+    todo = with_earlier_rounds(trials, out, device=device)
     tried = {t.name for t in todo}
     res = run(todo)
     ran, adopted = list(res.ran), list(res.adopted)

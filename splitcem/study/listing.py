@@ -1,6 +1,8 @@
 """What a sweep will do, without doing it: every trial's state and the core-hours left.
 
-:func:`list_trials` reads (never writes) the sweep's folder and the ``--adopt`` folders
+``splitcem sweep FILE --dry-run`` and ``splitcem reproduce ... --list`` both print
+:func:`list_sweep`: the sweep's trials and the seeds earlier rounds of seeds until decided
+added. :func:`list_trials` reads (never writes) the sweep's folder and the ``--adopt`` folders
 through the run record and gives each trial one state:
 
 * ``finished``: its run in the sweep folder finished exactly its config;
@@ -28,11 +30,13 @@ from typing import Any
 
 from splitcem.record import RunRecord
 from splitcem.runid import attack_split
-from splitcem.study.grid import Trial
+from splitcem.study.adaptive import with_earlier_rounds
+from splitcem.study.grid import SweepSpec, Trial, expand
 from splitcem.study.paper import defense_of
 from splitcem.study.trials import find_adoptable
 
-__all__ = ["TrialState", "core_hours_left", "format_listing", "list_trials", "run_cost"]
+__all__ = ["TrialState", "core_hours_left", "format_listing", "list_sweep", "list_trials",
+           "run_cost"]
 
 
 @dataclass
@@ -48,6 +52,8 @@ class TrialState:
     #: pending: only the attacks are left (a trained run to adopt)
     attacks_only: bool = False
     estimate: float | None = None  # core-seconds left (filled by core_hours_left)
+    #: its setting's seeds until decided, e.g. ``seeds 1..5 until decided`` (else empty)
+    policy: str = ""
 
 
 def run_cost(rec: RunRecord) -> tuple[float, float]:
@@ -74,39 +80,52 @@ def _why_not_attacked(rec: RunRecord, trial: Trial) -> str:
     return "attacked otherwise (another numeric path)"
 
 
+def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
+               device: str | None = None) -> tuple[list[TrialState], str]:
+    """What running ``spec`` into ``out`` would do: the state of each of its trials and of
+    the seeds earlier rounds added (:func:`~splitcem.study.adaptive.with_earlier_rounds`),
+    and the listing's text; nothing is run or written."""
+    trials = with_earlier_rounds(expand(spec), out, device=device)
+    states = list_trials(trials, out, adopt=adopt, device=device)
+    return states, format_listing(states)
+
+
 def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
                 device: str | None = None) -> list[TrialState]:
     """Each trial's state (module docstring); nothing is written."""
     records = [r for d in adopt if Path(d).is_dir() for r in RunRecord.find([d])]
     states: list[TrialState] = []
     for t in trials:
-        rec = RunRecord.load(Path(out) / t.name)
-        kind = _kind(t)
-        if rec.finished(t.cfg, device=device):
-            states.append(TrialState(t.name, "finished", kind, cost=run_cost(rec)))
-            continue
-        src = find_adoptable(t, [], device=device, records=records) if records else None
-        if src is not None:
-            found = RunRecord.load(src)
-            if found.finished(t.cfg, device=device):
-                states.append(TrialState(t.name, "adopted", kind, f"from {src}",
-                                         cost=run_cost(found)))
-                continue
-        if rec.trial.get("status") == "failed" or rec.metrics.get("status") == "failed":
-            err = rec.trial.get("error") or rec.metrics.get("error") or "see trial.json"
-            states.append(TrialState(t.name, "failed", kind, str(err).splitlines()[0]))
-            continue
-        if src is not None:
-            note = "trained run to adopt, attacks left"
-        elif rec.config is not None:
-            note = rec.unfinished() or ""
-        elif trained := [r for r in records if r.trained_for(t.cfg, device=device)]:
-            note = f"trained under --adopt, {_why_not_attacked(trained[0], t)}, no " \
-                   "checkpoint: runs again"
-        else:
-            note = ""
-        states.append(TrialState(t.name, "pending", kind, note, attacks_only=src is not None))
+        states.append(_state(t, out, records, device))
+        if t.policy is not None and t.policy.until is not None:
+            states[-1].policy = f"seeds {t.policy.min}..{t.policy.max} until {t.policy.until}"
     return states
+
+
+def _state(t: Trial, out: Path, records: list[RunRecord], device: str | None) -> TrialState:
+    """One trial's state (module docstring)."""
+    rec = RunRecord.load(Path(out) / t.name)
+    kind = _kind(t)
+    if rec.finished(t.cfg, device=device):
+        return TrialState(t.name, "finished", kind, cost=run_cost(rec))
+    src = find_adoptable(t, [], device=device, records=records) if records else None
+    if src is not None:
+        found = RunRecord.load(src)
+        if found.finished(t.cfg, device=device):
+            return TrialState(t.name, "adopted", kind, f"from {src}", cost=run_cost(found))
+    if rec.trial.get("status") == "failed" or rec.metrics.get("status") == "failed":
+        err = rec.trial.get("error") or rec.metrics.get("error") or "see trial.json"
+        return TrialState(t.name, "failed", kind, str(err).splitlines()[0])
+    if src is not None:
+        note = "trained run to adopt, attacks left"
+    elif rec.config is not None:
+        note = rec.unfinished() or ""
+    elif trained := [r for r in records if r.trained_for(t.cfg, device=device)]:
+        note = f"trained under --adopt, {_why_not_attacked(trained[0], t)}, no " \
+               "checkpoint: runs again"
+    else:
+        note = ""
+    return TrialState(t.name, "pending", kind, note, attacks_only=src is not None)
 
 
 def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
@@ -144,7 +163,8 @@ def format_listing(states: Sequence[TrialState]) -> str:
     for s in states:
         est = f" ~{s.estimate / 3600:.2f} core-h" if s.estimate is not None else ""
         note = f" ({s.note})" if s.note else ""
-        lines.append(f"{s.name:<{width}}  {s.state:<8}{est}{note}")
+        policy = f" [{s.policy}]" if s.policy else ""
+        lines.append(f"{s.name:<{width}}  {s.state:<8}{est}{note}{policy}")
     counts: dict[str, Any] = defaultdict(int)
     for s in states:
         counts[s.state] += 1

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from splitcem.errors import ConfigError
-from splitcem.study.adaptive import looks, resumed_trials
+from splitcem.study.adaptive import looks
 from splitcem.study.frontier_report import write_frontier
 from splitcem.study.grid import SweepSpec, add_overrides, expand, load_sweep
-from splitcem.study.listing import TrialState, format_listing, list_trials
+from splitcem.study.listing import TrialState, list_sweep
 from splitcem.study.paper import paper_table, write_paper
 from splitcem.study.trials import Engine, GridResult, run_grid
 
@@ -59,10 +59,7 @@ def list_reproduce(
     """What ``reproduce`` would do (:mod:`splitcem.study.listing`): each trial's state and
     the core-hours left; nothing is run or written. Returns (states, text)."""
     spec = _spec(dataset, protocol, overrides)
-    trials, where = expand(spec), _out(spec, out)
-    trials += resumed_trials(trials, where, device=device)  # seeds earlier rounds added
-    states = list_trials(trials, where, adopt=adopt, device=device)
-    return states, format_listing(states)
+    return list_sweep(spec, _out(spec, out), adopt=adopt, device=device)
 
 
 def reproduce(

@@ -47,7 +47,6 @@ __all__ = [
     "Engine",
     "GridResult",
     "comparable",
-    "dry_run",
     "find_adoptable",
     "plan_trials",
     "run_grid",
@@ -252,28 +251,6 @@ def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
                 continue
         jobs.append((t, path, meta))
     return result, jobs
-
-
-def dry_run(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
-            device: str | None = None) -> list[dict[str, Any]]:
-    """What :func:`plan_trials` would do, without doing it (nothing is written): per trial
-    ``finished`` (in ``out``), ``adoptable`` (finished in ``adopt``: copied, not run),
-    ``attack only`` (trained in ``adopt``, checkpoint there: attacks run again) or
-    ``pending``; with the source run and, for seeds until decided, the policy."""
-    rows = []
-    for t in trials:
-        row: dict[str, Any] = {"name": t.name, "state": "pending", "from": None,
-                               "policy": None if t.policy is None else
-                               f"seeds {t.policy.min}..{t.policy.max} until {t.policy.until}"}
-        if RunRecord.load(out / t.name).finished(t.cfg, device=device):
-            row["state"] = "finished"
-        elif adopt:
-            src = find_adoptable(t, [Path(a) for a in adopt], device=device)
-            if src is not None:
-                done = RunRecord.load(src).finished(t.cfg, device=device)
-                row.update(state="adoptable" if done else "attack only", **{"from": str(src)})
-        rows.append(row)
-    return rows
 
 
 def run_trials(
