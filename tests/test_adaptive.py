@@ -406,6 +406,12 @@ def test_per_round_caps_a_round_and_changes_the_order_not_the_outcome(tmp_path, 
     assert new and {t.name[0] for t in new} == {"b"}, [t.name for t in new]
     assert any(n.startswith("'a_topk0.4_cem1'") and "waits for a later round" in n
                for n in notes), notes
+    from splitcem.study.listing import list_sweep  # --list / --dry-run show that plan
+
+    text = list_sweep(load_sweep({**spec, "per_round": 1}), tmp_path / "one")[1]
+    assert f"at most 1 setting(s) per round; the next round, planned from the runs finished " \
+        f"so far, adds {len(new)} trial(s): {', '.join(t.name for t in new)}\n" in text, text
+    assert text.endswith("\n".join(f"  {n}" for n in notes))
     first = len(trials)
     ran = {}
     for cap in (None, 1):

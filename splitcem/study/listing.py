@@ -30,7 +30,7 @@ from typing import Any
 
 from splitcem.record import RunRecord
 from splitcem.runid import attack_split
-from splitcem.study.adaptive import with_earlier_rounds
+from splitcem.study.adaptive import adaptive, plan_round, with_earlier_rounds
 from splitcem.study.grid import SweepSpec, Trial, expand
 from splitcem.study.paper import defense_of
 from splitcem.study.trials import find_adoptable
@@ -84,10 +84,22 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
                device: str | None = None) -> tuple[list[TrialState], str]:
     """What running ``spec`` into ``out`` would do: the state of each of its trials and of
     the seeds earlier rounds added (:func:`~splitcem.study.adaptive.with_earlier_rounds`),
-    and the listing's text; nothing is run or written."""
-    trials = with_earlier_rounds(expand(spec), out, device=device)
+    and the listing's text; nothing is run or written. With seeds until decided, the text
+    ends with what the next round would add, planned from the runs finished so far
+    (:func:`~splitcem.study.adaptive.plan_round`: its notes, one per setting)."""
+    first = expand(spec)
+    trials = with_earlier_rounds(first, out, device=device)
     states = list_trials(trials, out, adopt=adopt, device=device)
-    return states, format_listing(states)
+    text = format_listing(states)
+    if adaptive(first):
+        new, notes = plan_round(first, out, device=device, per_round=spec.per_round)
+        cap = "every undecided setting" if spec.per_round is None else \
+            f"at most {spec.per_round} setting(s)"
+        text += (f"\nthen seeds until decided, {cap} per round; the next round, planned from "
+                 f"the runs finished so far, adds {len(new)} trial(s)"
+                 + (f": {', '.join(t.name for t in new)}" if new else "")
+                 + "".join(f"\n  {n}" for n in notes))
+    return states, text
 
 
 def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
