@@ -85,13 +85,15 @@ def test_list_says_finished_adopted_failed_pending_and_the_core_hours_left(tmp_p
     topk = [{"name": "topk", "ratio": 0.3}, {"name": "noise", "sigma": 0.1}]
     trials = [Trial(n, _cfg(n, s, d, lam), s) for n, s, d, lam in (
         ("done", 125, noise, 0.0), ("adopt", 126, noise, 0.0), ("broke", 127, noise, 0.0),
-        ("todo", 128, noise, 0.0), ("todo_topk", 125, topk, 0.0))]
-    costs = {"done": (100.0, 40.0, 2), "adopt": (300.0, 20.0, 1)}  # train s, attack s, threads
-    for name in ("done", "adopt"):
+        ("todo", 128, noise, 0.0), ("todo_topk", 125, topk, 0.0), ("topk_done", 126, topk, 0.0),
+        ("todo_topk_cem", 125, topk, 1.0))]
+    # train s, attack s, threads
+    costs = {"done": (100.0, 40.0, 2), "adopt": (300.0, 20.0, 1), "topk_done": (900.0, 50.0, 1)}
+    for name in costs:
         t = next(t for t in trials if t.name == name)
         train_s, attack_s, threads = costs[name]
-        where = out / name if name == "done" else adopt / "an_old_name"
-        cfg = t.cfg if name == "done" else t.cfg.model_copy(update={"name": "an_old_name"})
+        where = adopt / "an_old_name" if name == "adopt" else out / name
+        cfg = t.cfg.model_copy(update={"name": "an_old_name"}) if name == "adopt" else t.cfg
         write_run(where, cfg, 0.8, 0.01, train_s=train_s, attack_s=attack_s, threads=threads)
     broke = next(t for t in trials if t.name == "broke")
     RunRecord.begin_training(out / "broke", broke.cfg, resume=False,
@@ -101,7 +103,7 @@ def test_list_says_finished_adopted_failed_pending_and_the_core_hours_left(tmp_p
     states = {s.name: s for s in list_trials(trials, out, adopt=[adopt], device="cpu")}
     assert {n: s.state for n, s in states.items()} == {
         "done": "finished", "adopt": "adopted", "broke": "failed", "todo": "pending",
-        "todo_topk": "pending"}
+        "todo_topk": "pending", "topk_done": "finished", "todo_topk_cem": "pending"}
     assert "boom" in states["broke"].note
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # read only
 
@@ -113,13 +115,16 @@ def test_list_says_finished_adopted_failed_pending_and_the_core_hours_left(tmp_p
 
     listed = list(states.values())
     hours, n = core_hours_left(listed)
-    mean = sum(a + b for a, b in recorded.values()) / len(recorded)
-    # noise trials: the mean of the noise runs; topk has no finished run: the mean of all
+    noise_mean = sum(sum(recorded[k]) for k in ("done", "adopt")) / 2
+    topk = sum(recorded["topk_done"])
+    # noise trials: the mean of the noise runs; top-k without CEM: its run; top-k with CEM
+    # has no finished run of its own kind: top-k's (the mean of all runs is lower here)
     assert n == len(recorded)
-    assert states["todo"].estimate == pytest.approx(mean)
-    assert states["broke"].estimate == pytest.approx(mean)
-    assert states["todo_topk"].estimate == pytest.approx(mean)
-    assert hours == pytest.approx(3 * mean / 3600)
+    assert states["todo"].estimate == pytest.approx(noise_mean)
+    assert states["broke"].estimate == pytest.approx(noise_mean)
+    assert states["todo_topk"].estimate == pytest.approx(topk)
+    assert states["todo_topk_cem"].estimate == pytest.approx(topk)
+    assert hours == pytest.approx((2 * noise_mean + 2 * topk) / 3600)
 
 
 def test_list_says_why_a_trained_run_under_adopt_is_not_the_trials_result(tmp_path):

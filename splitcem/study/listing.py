@@ -16,8 +16,9 @@ The cost of a finished run is what it recorded: ``metrics.json``'s training seco
 attacks' seconds, times the threads it ran with (``numerics.threads``, else ``trial.json``'s
 ``threads``, else 1: runs before either was recorded ran one thread). A trial left to do is
 estimated at the mean cost of the finished runs of its own defense with CEM on or off as it
-has it, else of all finished runs; the train and attack parts are averaged separately, so a
-trial adoptable as trained costs its attacks only.
+has it, else of its defense either way (adversarial learning trains about 3x longer than
+dropout: an all-runs mean would understate it), else of all finished runs; the train and
+attack parts are averaged separately, so a trial adoptable as trained costs its attacks only.
 """
 
 from __future__ import annotations
@@ -147,8 +148,10 @@ def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
     if not done:
         return None, 0
     by_kind: dict[tuple[str, bool], list[tuple[float, float]]] = defaultdict(list)
+    by_defense: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for s in done:
         by_kind[s.kind].append(s.cost)  # type: ignore[arg-type]
+        by_defense[s.kind[0]].append(s.cost)  # type: ignore[arg-type]
 
     def mean(costs: list[tuple[float, float]], i: int) -> float:
         xs = [c[i] for c in costs if c[i] > 0]  # a resumed run may record 0 train seconds
@@ -159,7 +162,7 @@ def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
     for s in states:
         if s.state in ("finished", "adopted"):
             continue
-        costs = by_kind.get(s.kind) or everything
+        costs = by_kind.get(s.kind) or by_defense.get(s.kind[0]) or everything
         train = mean(costs, 0) or mean(everything, 0)
         attack = mean(costs, 1) or mean(everything, 1)
         s.estimate = attack if s.attacks_only else train + attack
@@ -187,5 +190,5 @@ def format_listing(states: Sequence[TrialState]) -> str:
     else:
         lines.append(f"core-hours left: about {hours:.1f} (from the recorded times of {n} "
                      "finished run(s), train + attack seconds x threads, per defense with / "
-                     "without CEM where it has finished runs)")
+                     "without CEM where it has finished runs, else per defense)")
     return "\n".join(lines)
