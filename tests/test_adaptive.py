@@ -155,6 +155,33 @@ def test_seeds_until_decided_then_resume(tmp_path, fake_trials):
         assert again.ran == [f"cem1_s{lost[-1]}"]
 
 
+def test_every_setting_is_planned_at_the_level_the_report_reads(tmp_path, fake_trials):
+    """Settings with fewer looks than the sweep's most (here 3 against 5) are judged by the
+    planner at the report's level (``looks`` of the sweep), not their own: at their own,
+    the planner could stop seeding a setting that the report still reads undecided."""
+    spec = _sweep(tmp_path)
+    spec["variants"][1]["grid"] = {"cem.lambda": [1.0]}
+    spec["variants"].append({"name": "wide{lambda}", "set": {"cem": {"lambda": 3.0}},
+                             "grid": {"cem.lambda": [3.0]},
+                             "seeds": {"min": 2, "max": 4, "until": "decided"}})
+    trials = expand(load_sweep(spec))
+    from splitcem.study.adaptive import looks
+
+    assert looks(trials) == 5 and {t.policy.looks for t in trials if t.policy} == {5, 3}
+    engine.run_trials(trials, tmp_path / "out", engine=LOOP)  # min seeds, no rounds
+    cells = _cells(tmp_path / "out")
+    base = {k: v for k, v in cells.items() if k.startswith("noise")}
+
+    def shown(n_looks: int) -> str:
+        c = compare(base, cells["wide3"], level=sequential_level(n_looks))
+        return f"[{100 * c.low:+.1f}%, {100 * c.high:+.1f}%]"
+
+    assert shown(5) != shown(3)  # the two levels read differently here
+    _, notes = plan_round(trials, tmp_path / "out")
+    (note,) = [n for n in notes if n.startswith("'wide3'")]
+    assert shown(5) in note and shown(3) not in note, note
+
+
 def test_fixed_seeds_add_nothing(tmp_path, fake_trials):
     spec = _sweep(tmp_path)
     spec["variants"][1]["seeds"] = 2

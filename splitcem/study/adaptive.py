@@ -135,28 +135,34 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
     earlier rounds too). A setting with CEM is judged against its own curve (the same defense
     without CEM over its strength: for noise + CEM, noise alone), any other against
     ``baseline`` (default: noise alone). It counts as decided when its interval at
-    :func:`~splitcem.study.frontier_plan.sequential_level` (``level`` spread over the looks
-    its policy allows) excludes 0. ``per_round``: at most this many undecided settings get a
+    :func:`~splitcem.study.frontier_plan.sequential_level` (``level`` spread over
+    :func:`looks`: the most looks any setting's policy allows, the level the sweep's report
+    reads every setting at) excludes 0. ``per_round``: at most this many undecided settings get a
     seed this round, across all baselines, closest to a decision first (the sweep file's
     ``per_round``); ``None``: every one."""
     trials = with_earlier_rounds(trials, out, device=device)
+    # one level for every setting: the one the sweep's report reads its study at (the most
+    # looks any setting may have), so the planner stops seeding a setting exactly when the
+    # report reads it decided (a level per setting's own looks could stop one that the
+    # report, at the stricter level, still shows undecided)
+    n_looks = looks(trials)
     stems = _stems(trials)
     base, compared = _roles(stems, baseline)
     own = _own_curves(stems) if baseline is None else {}
     cells = finished_cells(trials, out, device=device)
     # min is past: what matters now is the baseline (a CEM setting's own curve, else noise
-    # alone), max, and the looks min..max (the level of each look)
-    by_policy: dict[tuple[tuple[str, ...], int, int], list[str]] = defaultdict(list)
+    # alone) and max
+    by_policy: dict[tuple[tuple[str, ...], int], list[str]] = defaultdict(list)
     for s in compared:
         pol = stems[s].policy
         if pol is not None and pol.until == "decided" and cells.get(s):
-            by_policy[(tuple(own.get(s) or base), pol.max, pol.looks)].append(s)
+            by_policy[(tuple(own.get(s) or base), pol.max)].append(s)
 
-    def plan(key: tuple[tuple[str, ...], int, int], cap: int | None = None) -> SeedPlan:
-        curve, most, looks = key
+    def plan(key: tuple[tuple[str, ...], int], cap: int | None = None) -> SeedPlan:
+        curve, most = key
         return next_seeds({b: cells[b] for b in curve if cells.get(b)},
                           {s: cells[s] for s in by_policy[key]}, SeedPolicy(1, most, "decided"),
-                          per_round=cap, level=sequential_level(looks, level))
+                          per_round=cap, level=sequential_level(n_looks, level))
 
     plans = {key: plan(key) for key in sorted(by_policy)}
     if per_round is not None:  # the round's cap across baselines: the smallest ranks stay
