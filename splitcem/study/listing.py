@@ -93,7 +93,8 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
     states = list_trials(trials, out, adopt=adopt, device=device)
     text = format_listing(states)
     if adaptive(first):
-        new, notes = plan_round(first, out, device=device, per_round=spec.per_round)
+        # ``trials`` already holds the earlier rounds' seeds: plan_round finds none to load
+        new, notes = plan_round(trials, out, device=device, per_round=spec.per_round)
         cap = "every undecided setting" if spec.per_round is None else \
             f"at most {spec.per_round} setting(s)"
         text += (f"\nthen seeds until decided, {cap} per round; the next round, planned from "
