@@ -1,6 +1,6 @@
 """The committed report says what the committed runs say: ``results/frontier/cifar10_cpu/
 paper_table.md`` is :func:`~splitcem.study.paper.write_paper` of ``results/cifar10_cpu`` read
-at the bundled sweep's looks, and the README's per-defense table is that table (no data, no
+at the bundled sweep's looks, and the README's per-defense tables are its tables (no data, no
 training: the run records only)."""
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ def test_the_committed_paper_table_and_the_readme_are_what_the_committed_runs_sa
     assert (tmp_path / "paper_table.md").read_text() == REPORT.read_text(), (
         "results/frontier/cifar10_cpu/paper_table.md is stale: regenerate it with `splitcem "
         f"frontier results/cifar10_cpu --looks {n} --paper --out results/frontier/cifar10_cpu`")
-    assert rec["table"] in (REPO / "README.md").read_text(), (
-        "the README's per-defense table is not the committed paper table: copy it from "
-        "results/frontier/cifar10_cpu/paper_table.md")
+    readme = (REPO / "README.md").read_text()
+    for part, what in ((rec["table"], "per-defense CEM table"),
+                       (rec["curves"], "table of defense curves against noise alone")):
+        assert part in readme, (
+            f"the README's {what} is not the committed one: copy it from "
+            "results/frontier/cifar10_cpu/paper_table.md")

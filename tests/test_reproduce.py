@@ -18,7 +18,14 @@ from splitcem.study.frontier import compare
 from splitcem.study.grid import Trial, expand, load_sweep
 from splitcem.study.groups import find_runs
 from splitcem.study.listing import list_trials, run_cost
-from splitcem.study.paper import PAPER_GAINS, cem_lambda, defense_of, paper_table
+from splitcem.study.paper import (
+    PAPER_GAINS,
+    cem_lambda,
+    curve_table,
+    defense_of,
+    paper_table,
+    write_paper,
+)
 from splitcem.study.reproduce import sweep_file
 
 ZOO = ("topk", "dropout", "nopeek", "adversarial", "patrol", "ldp", "bottleneck")
@@ -216,6 +223,33 @@ def test_paper_table_pairs_each_cem_row_with_its_own_defense_curve(tmp_path):
     assert f"{100 * avg:+.1f}%" in table.splitlines()[-1]
     assert f"{100 * PAPER_GAINS[0]:+.1f}%" in table.splitlines()[-1]
 
+
+def test_curve_table_places_every_defense_point_against_noise_alone(tmp_path):
+    """The curves table: each zoo defense's points without CEM (never noise alone, never a
+    CEM cell), each against the noise curve at its accuracy, as compare says; by accuracy."""
+    cells = _curve_fixture(tmp_path)
+    runs, _ = find_runs([tmp_path])
+    table, rows = curve_table(runs)
+    assert {(r["defense_name"], r["strength"]) for r in rows} == {
+        (name, v) for (name, lam), by in cells.items() if name != "noise" and lam == 0
+        for v in by}
+    for r in rows:
+        cell = cells[(r["defense_name"], 0.0)][r["strength"]]
+        assert _same(r["vs_noise"], compare(cells[("noise", 0.0)], cell).to_dict())
+        assert r["seeds"] == len(cell) and not r["exploratory"]
+        assert r["accuracy"] == pytest.approx(np.mean([a for a, _ in cell.values()]))
+        # two seeds: an interval wherever the point lies inside noise's accuracy range
+        assert (r["vs_noise"]["interval"] is None) == (r["vs_noise"]["gain"] is None)
+    assert sum(r["vs_noise"]["gain"] is not None for r in rows) >= 3
+    for name in ("topk", "dropout"):
+        accs = [r["accuracy"] for r in rows if r["defense_name"] == name]
+        assert accs == sorted(accs, reverse=True)
+    assert len(table.splitlines()) == len(rows) + 2
+    body = (write_paper([tmp_path], tmp_path / "report")["curves"],
+            (tmp_path / "report" / "paper_table.md").read_text())
+    assert body[0] == table and table in body[1]
+    written = json.loads((tmp_path / "report" / "defense_curves.json").read_text())
+    assert [w["defense"] for w in written] == [r["defense"] for r in rows]
 
 def test_the_bottleneck_is_a_defense_over_its_channels(bundled):
     trials = [t for t in bundled if t.name.startswith("bottleneck")]

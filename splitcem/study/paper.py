@@ -10,6 +10,10 @@ the worst-case MSE / SSIM / PSNR without and with CEM:
   cell's accuracy), with its interval and verdict;
 * the **matched gain against noise alone**: the same against the noise-only curve over sigma.
 
+Beside it, :func:`curve_table`: every defense's curve without CEM point by point (accuracy,
+worst-case MSE / SSIM / PSNR, seeds) and each point's matched gain against noise alone, the
+answer to "which defense leaks least at the accuracy I can afford?".
+
 A run's *defense* and *strength* (:func:`defense_of`): a zoo defense (any stack entry but
 noise) over its ``strength_param``; a noise-only stack with a model bottleneck other than the
 default (8 channels, stride 1) is ``bottleneck`` over ``model.bottleneck_channels``; noise
@@ -26,6 +30,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +43,8 @@ from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.grid import format_value
 from splitcem.study.groups import FrontierRun, family, find_runs
 
-__all__ = ["PAPER_GAINS", "average_gain", "cem_lambda", "curve_key", "defense_of", "paper_rows",
-           "paper_table", "write_paper"]
+__all__ = ["PAPER_GAINS", "average_gain", "cem_lambda", "curve_key", "curve_rows", "curve_table",
+           "defense_of", "paper_rows", "paper_table", "write_paper"]
 
 #: the paper's average same-strength gains over defenses (CVPR 2025 CEM paper, abstract)
 PAPER_GAINS = (0.129, 0.482)
@@ -125,32 +130,54 @@ def _cmp(curve: dict[Any, list[FrontierRun]], rs: list[FrontierRun], level: floa
     return compare(cells, _cell(rs), level=level) if cells else None
 
 
+def _context(cfg: RunConfig) -> str:
+    """The key of the noise curve a run is compared with: its config up to seed, CEM,
+    defenses and the model bottleneck."""
+    return _key(cfg, ["defenses", "model.bottleneck_channels", "model.bottleneck_stride"])
+
+
+@dataclass
+class _Grouped:
+    """Finished runs by curve: ``own[curve][strength]`` (without CEM), ``noise[context]
+    [sigma]`` (noise alone), ``cem[(curve, strength, lambda)]`` and ``labels[curve]``
+    (defense, strength key)."""
+
+    own: dict[str, dict[Any, list[FrontierRun]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    noise: dict[str, dict[Any, list[FrontierRun]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    cem: dict[tuple[str, Any, float], list[FrontierRun]] = field(
+        default_factory=lambda: defaultdict(list))
+    labels: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _group(runs: Sequence[FrontierRun]) -> _Grouped:
+    g = _Grouped()
+    for r in runs:
+        name, skey, val = defense_of(r.cfg)
+        curve = curve_key(r.cfg)
+        g.labels.setdefault(curve, (name, skey))
+        lam = cem_lambda(r.cfg)
+        if lam > 0:
+            g.cem[(curve, val, lam)].append(r)
+            continue
+        g.own[curve][val].append(r)
+        if name == "noise":
+            g.noise[_context(r.cfg)][val].append(r)
+    return g
+
+
 def paper_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict[str, Any]]:
     """One row per (defense, strength, lambda > 0): see the module docstring; the matched
     comparisons' intervals at ``level`` (a study seeded until decided: its
     :func:`~splitcem.study.frontier_plan.sequential_level`)."""
-    own: dict[str, dict[Any, list[FrontierRun]]] = defaultdict(lambda: defaultdict(list))
-    noise: dict[str, dict[Any, list[FrontierRun]]] = defaultdict(lambda: defaultdict(list))
-    cem: dict[tuple[str, Any, float], list[FrontierRun]] = defaultdict(list)
-    labels: dict[str, tuple[str, str]] = {}
-    for r in runs:
-        name, skey, val = defense_of(r.cfg)
-        curve = curve_key(r.cfg)
-        labels.setdefault(curve, (name, skey))
-        lam = cem_lambda(r.cfg)
-        if lam > 0:
-            cem[(curve, val, lam)].append(r)
-            continue
-        own[curve][val].append(r)
-        if name == "noise":
-            noise[_key(r.cfg, ["defenses", "model.bottleneck_channels",
-                               "model.bottleneck_stride"])][val].append(r)
+    g = _group(runs)
+    own, noise, labels = g.own, g.noise, g.labels
     rows: list[dict[str, Any]] = []
-    for (curve, val, lam), with_cem in cem.items():
+    for (curve, val, lam), with_cem in g.cem.items():
         name, skey = labels[curve]
         base = own.get(curve, {}).get(val, [])
-        ctx = _key(with_cem[0].cfg, ["defenses", "model.bottleneck_channels",
-                                     "model.bottleneck_stride"])
+        ctx = _context(with_cem[0].cfg)
         row: dict[str, Any] = {
             "defense": _label(with_cem[0].cfg, name, skey, val), "defense_name": name,
             "strength_key": skey, "strength": val, "lambda": lam,
@@ -236,17 +263,61 @@ def paper_table(runs: Sequence[FrontierRun], *, level: float = 0.95
     return "\n".join(lines), rows
 
 
+def curve_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict[str, Any]]:
+    """One row per point of every defense's curve without CEM (noise alone, which is the
+    baseline, and the cut layer, which is no defense, left out): seed means and spreads and
+    the point's matched gain against the noise-only curve of its context (at ``level``);
+    by defense and curve, then accuracy from high to low."""
+    g = _group(runs)
+    rows: list[tuple[str, str, float, dict[str, Any]]] = []
+    for curve, cells in g.own.items():
+        name, skey = g.labels[curve]
+        if name in ("noise", "cut"):
+            continue
+        for val, rs in cells.items():
+            vs_noise = _cmp(g.noise.get(_context(rs[0].cfg), {}), rs, level)
+            acc = _mean([r.accuracy for r in rs])
+            rows.append((name, curve, -acc, {
+                "defense": _label(rs[0].cfg, name, skey, val), "defense_name": name,
+                "strength_key": skey, "strength": val, "seeds": len(rs),
+                "seed_list": sorted(r.cfg.seed for r in rs),
+                "accuracy": acc, "accuracy_sd": _sd([r.accuracy for r in rs]),
+                **{m: _mean([r.metric(m) for r in rs]) for m in _METRICS},
+                "mse_sd": _sd([r.metric("mse") for r in rs]),
+                "vs_noise": vs_noise.to_dict() if vs_noise is not None else None,
+                "exploratory": len(rs) < 2}))
+    return [w for *_, w in sorted(rows, key=lambda t: t[:3])]
+
+
+def curve_table(runs: Sequence[FrontierRun], *, level: float = 0.95
+                ) -> tuple[str, list[dict[str, Any]]]:
+    """Every defense's curve without CEM against noise alone (markdown) and its rows
+    (:func:`curve_rows`, at ``level``)."""
+    rows = curve_rows(runs, level=level)
+    header = ["defense", "seeds", "accuracy %", "worst-case MSE", "SSIM", "PSNR",
+              "matched vs noise", "note"]
+    cells = [[w["defense"], str(w["seeds"]),
+              _with_sd(100 * w["accuracy"], None if w["accuracy_sd"] is None
+                       else 100 * w["accuracy_sd"], ".2f"),
+              _with_sd(w["mse"], w["mse_sd"], ".4f"), f"{w['ssim']:.3f}", f"{w['psnr']:.2f}",
+              _matched(w["vs_noise"]), "exploratory (1 seed)" if w["exploratory"] else ""]
+             for w in rows]
+    return markdown_table(header, cells), rows
+
 def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
                 title: str = "Defenses without and with CEM", failed: Sequence[str] = ()
                 ) -> dict[str, Any]:
-    """Write ``paper_table.md`` / ``.json`` for the finished runs under ``dirs`` into ``out``;
-    intervals at the level that keeps 95% over ``looks`` looks (a study seeded until decided:
-    its :func:`~splitcem.study.adaptive.looks`). ``failed``: trial names to list as failed.
-    Returns ``{"runs": number of finished runs, "table": the markdown table, "rows": its
-    rows}``."""
+    """Write ``paper_table.md`` / ``.json`` (the CEM table, :func:`paper_table`) and
+    ``defense_curves.json`` (the curves against noise alone, :func:`curve_table`, also in
+    ``paper_table.md``) for the finished runs under ``dirs`` into ``out``; intervals at the
+    level that keeps 95% over ``looks`` looks (a study seeded until decided: its
+    :func:`~splitcem.study.adaptive.looks`). ``failed``: trial names to list as failed.
+    Returns ``{"runs": number of finished runs, "table": the CEM table (markdown), "rows":
+    its rows, "curves": the curves table (markdown), "curve_rows": its rows}``."""
     runs, notes = find_runs(dirs)
     level = sequential_level(looks)
     table, rows = paper_table(runs, level=level)
+    curves, crows = curve_table(runs, level=level)
     where = ", ".join(str(d) for d in dirs)
     text = [f"# {title}", "",
             f"{len(runs)} finished runs in {where}; seed means (± one standard deviation "
@@ -259,7 +330,11 @@ def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
             "looks: seeds until decided), verdict "
             "and seeds (splitcem.study.frontier.compare). Higher = CEM made inversion "
             "harder. A row with one CEM seed has no interval: exploratory.", "",
-            table, ""]
+            table, "", "## Each defense's curve without CEM, against noise alone", "",
+            "Every strength of every defense but noise alone (the baseline) and the cut "
+            "layer (no defense), without CEM, by accuracy; matched vs noise as above, at "
+            "the point's accuracy. Higher = the defense leaks less than noise alone at "
+            "that accuracy.", "", curves, ""]
     if failed:
         text += ["Failed trials (see their trial.json): " + ", ".join(failed), ""]
     if notes:
@@ -268,4 +343,6 @@ def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "paper_table.md", "\n".join(text))
     write_json(out / "paper_table.json", rows)
-    return {"runs": len(runs), "table": table, "rows": rows}
+    write_json(out / "defense_curves.json", crows)
+    return {"runs": len(runs), "table": table, "rows": rows, "curves": curves,
+            "curve_rows": crows}
