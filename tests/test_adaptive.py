@@ -226,7 +226,8 @@ def test_dry_run_lists_finished_adopted_and_pending(tmp_path, fake_trials):
     res = CliRunner().invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--dry-run", "--out",
                                    str(tmp_path / "new"), "--adopt", str(done)])
     assert res.exit_code == 0, res.output
-    assert "0 finished, 3 adopted, 7 pending, 0 failed of 10 trials" in res.output, res.output
+    assert "0 finished, 3 adopted, 0 running, 7 pending, 0 failed of 10 trials" in res.output, \
+        res.output
     assert "core-hours left: about" in res.output  # from the adopted runs' recorded times
     lines = {ln.split()[0]: ln for ln in res.output.splitlines() if ln.strip()}
     assert lines["cem1_s11"].endswith("[seeds 2..4 until decided]")

@@ -134,6 +134,37 @@ def test_list_says_finished_adopted_failed_pending_and_the_core_hours_left(tmp_p
     assert hours == pytest.approx((2 * noise_mean + 2 * topk) / 3600)
 
 
+def test_list_shows_a_trial_a_live_process_runs_as_running(tmp_path):
+    """A trial whose trial.json names a live process on this host is ``running``; one whose
+    process is gone (a killed sweep) is ``pending``; another host's claim is only reported."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from splitcem.study.listing import format_listing
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    noise = [{"name": "noise", "sigma": 0.1}]
+    claims = {"live": (os.getpid(), socket.gethostname()),
+              "killed": (gone.pid, socket.gethostname()),
+              "elsewhere": (os.getpid(), socket.gethostname() + "-other")}
+    trials = []
+    for name, (pid, host) in claims.items():
+        t = Trial(name, _cfg(name, 125, noise), 125)
+        rec = RunRecord.begin_training(tmp_path / name, t.cfg, resume=False, device="cpu")
+        rec.write_trial({"name": name, "status": "running", "pid": pid, "host": host,
+                         "started": "2026-12-06T00:33:20"})
+        trials.append(t)
+    states = {s.name: s for s in list_trials(trials, tmp_path, device="cpu")}
+    assert {n: s.state for n, s in states.items()} == {
+        "live": "running", "killed": "pending", "elsewhere": "pending"}
+    assert states["live"].note == f"training: pid {os.getpid()} since 2026-12-06T00:33:20"
+    assert "training" in states["killed"].note and "pid" not in states["killed"].note
+    assert "-other" in states["elsewhere"].note and "not checked" in states["elsewhere"].note
+    assert "1 running, 2 pending" in format_listing(list(states.values()))
+
 def test_list_says_why_a_trained_run_under_adopt_is_not_the_trials_result(tmp_path):
     """A run trained for the trial but attacked otherwise (other attacks, or another aux /
     eval partition) with no checkpoint runs again, and --list says which it was."""
@@ -377,7 +408,7 @@ def test_list_shows_the_seeds_earlier_rounds_added(tmp_path, bundled):
     states, text = list_reproduce("cifar10", "cpu", out=tmp_path)
     assert len(states) == len(bundled) + 1
     assert {s.name: s.state for s in states}[extra.name] == "finished"
-    assert f"1 finished, 0 adopted, {len(bundled)} pending" in text
+    assert f"1 finished, 0 adopted, 0 running, {len(bundled)} pending" in text
     res = CliRunner().invoke(app, ["sweep", str(sweep_file("cifar10", "cpu")), "--dry-run",
                                    "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output

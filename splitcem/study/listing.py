@@ -9,6 +9,9 @@ through the run record and gives each trial one state:
 * ``adopted``: a finished run for its config is in an ``--adopt`` folder (the sweep would
   copy it instead of training);
 * ``failed``: its last attempt in the sweep folder failed (the sweep retries it);
+* ``running``: a process is running it now (its ``trial.json`` names a live process on this
+  host; another host's claim is shown as pending with that host named, since it cannot be
+  checked from here);
 * ``pending``: anything else (not started, interrupted, or adoptable as *trained* only:
   then only its attacks are left).
 
@@ -23,6 +26,8 @@ attack parts are averaged separately, so a trial adoptable as trained costs its 
 
 from __future__ import annotations
 
+import os
+import socket
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +50,7 @@ class TrialState:
     """One trial as ``--list`` shows it."""
 
     name: str
-    state: str  # finished / adopted / failed / pending
+    state: str  # finished / adopted / failed / running / pending
     kind: tuple[str, bool]  # (defense, CEM on)
     note: str = ""
     #: recorded (train, attack) core-seconds of the run behind a finished / adopted trial
@@ -116,6 +121,34 @@ def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
     return states
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (never on Windows, where os.kill would
+    end it: a trial there shows as pending)."""
+    if os.name == "nt":
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _running(rec: RunRecord) -> tuple[bool, str]:
+    """(running here now, a note) from a trial's ``trial.json``: a ``running`` status whose
+    process is alive on this host; another host's claim is only reported."""
+    tr = rec.trial
+    if tr.get("status") != "running":
+        return False, ""
+    pid, host, since = tr.get("pid"), tr.get("host"), tr.get("started", "?")
+    if host and host != socket.gethostname():
+        return False, f"claimed by pid {pid} on {host} since {since}, not checked from here"
+    if isinstance(pid, int) and _alive(pid):
+        return True, f"pid {pid} since {since}"
+    return False, ""
+
+
 def _state(t: Trial, out: Path, records: list[RunRecord], device: str | None) -> TrialState:
     """One trial's state (module docstring)."""
     rec = RunRecord.load(Path(out) / t.name)
@@ -130,10 +163,15 @@ def _state(t: Trial, out: Path, records: list[RunRecord], device: str | None) ->
     if rec.trial.get("status") == "failed" or rec.metrics.get("status") == "failed":
         err = rec.trial.get("error") or rec.metrics.get("error") or "see trial.json"
         return TrialState(t.name, "failed", kind, str(err).splitlines()[0])
+    running, where = _running(rec)
+    if running:
+        phase = {"training": "training", "trained": "attacking"}.get(
+            str(rec.metrics.get("status")), "starting")
+        return TrialState(t.name, "running", kind, f"{phase}: {where}")
     if src is not None:
         note = "trained run to adopt, attacks left"
     elif rec.config is not None:
-        note = rec.unfinished() or ""
+        note = ", ".join(n for n in (rec.unfinished() or "", where) if n)
     elif trained := [r for r in records if r.trained_for(t.cfg, device=device)]:
         note = f"trained under --adopt, {_why_not_attacked(trained[0], t)}, no " \
                "checkpoint: runs again"
@@ -184,8 +222,9 @@ def format_listing(states: Sequence[TrialState]) -> str:
     counts: dict[str, Any] = defaultdict(int)
     for s in states:
         counts[s.state] += 1
-    lines.append(", ".join(f"{counts[k]} {k}" for k in ("finished", "adopted", "pending",
-                                                        "failed")) + f" of {len(states)} trials")
+    lines.append(", ".join(f"{counts[k]} {k}" for k in ("finished", "adopted", "running",
+                                                        "pending", "failed"))
+                 + f" of {len(states)} trials")
     if hours is None:
         lines.append("core-hours left: unknown (no finished run has recorded times yet)")
     else:
