@@ -38,14 +38,17 @@ def _cfg(name: str, seed: int, defenses: list[dict], lam: float = 0.0) -> RunCon
 
 
 def write_run(path: Path, cfg: RunConfig, acc: float, mse: float, *, train_s: float = 60.0,
-              attack_s: float = 30.0, threads: int = 1) -> RunRecord:
-    """A finished (trained + attacked) run directory, written by the record's own writers."""
+              attack_s: float = 30.0, threads: int = 1, attacked: bool = True) -> RunRecord:
+    """A finished (trained + attacked) run directory, written by the record's own writers
+    (``attacked=False``: trained only)."""
     rec = RunRecord.begin_training(path, cfg, resume=False, device="cpu")
     amp, cl = resolved_amp(cfg.train.amp, "cpu", cfg.train.channels_last)
     rec = rec.finish_training({**rec.metrics, "numerics": {"amp": amp, "channels_last": cl,
                                                            "threads": threads},
                                "train": {"test_accuracy": acc, "seconds": train_s,
                                          "epochs": cfg.train.epochs}})
+    if not attacked:
+        return rec
     figures = {"mse": mse, "ssim": 1.0 - 20 * mse, "psnr": -10 * math.log10(mse)}
     worst = {m: {"attack": "decoder", "value": v} for m, v in figures.items()}
     return rec.record_attacks({"attacks": {"decoder": {"name": "decoder", "metrics": figures}},
@@ -147,23 +150,32 @@ def test_list_shows_a_trial_a_live_process_runs_as_running(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     noise = [{"name": "noise", "sigma": 0.1}]
-    claims = {"live": (os.getpid(), socket.gethostname()),
-              "killed": (gone.pid, socket.gethostname()),
-              "elsewhere": (os.getpid(), socket.gethostname() + "-other")}
+    here = socket.gethostname()
+    claims = {"live": (os.getpid(), here), "killed": (gone.pid, here),
+              "elsewhere": (os.getpid(), here + "-other"), "attacking": (os.getpid(), here),
+              "trained": (gone.pid, here)}
     trials = []
     for name, (pid, host) in claims.items():
         t = Trial(name, _cfg(name, 125, noise), 125)
-        rec = RunRecord.begin_training(tmp_path / name, t.cfg, resume=False, device="cpu")
+        if name in ("attacking", "trained"):  # trained, its attacks not recorded yet
+            rec = write_run(tmp_path / name, t.cfg, 0.8, 0.01, attacked=False)
+        else:
+            rec = RunRecord.begin_training(tmp_path / name, t.cfg, resume=False, device="cpu")
         rec.write_trial({"name": name, "status": "running", "pid": pid, "host": host,
                          "started": "2026-12-06T00:33:20"})
         trials.append(t)
     states = {s.name: s for s in list_trials(trials, tmp_path, device="cpu")}
     assert {n: s.state for n, s in states.items()} == {
-        "live": "running", "killed": "pending", "elsewhere": "pending"}
+        "live": "running", "killed": "pending", "elsewhere": "pending", "attacking": "running",
+        "trained": "pending"}
+    # only the attacks are left of a trained run: its estimate is the attacks' cost
+    assert [n for n, s in states.items() if s.attacks_only] == ["attacking", "trained"]
+    assert states["attacking"].note.startswith("attacking: pid")
+    assert states["trained"].note.startswith("trained here, attacks left")
     assert states["live"].note == f"training: pid {os.getpid()} since 2026-12-06T00:33:20"
     assert "training" in states["killed"].note and "pid" not in states["killed"].note
     assert "-other" in states["elsewhere"].note and "not checked" in states["elsewhere"].note
-    assert "1 running, 2 pending" in format_listing(list(states.values()))
+    assert "2 running, 3 pending" in format_listing(list(states.values()))
 
 def test_list_says_why_a_trained_run_under_adopt_is_not_the_trials_result(tmp_path):
     """A run trained for the trial but attacked otherwise (other attacks, or another aux /

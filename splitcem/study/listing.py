@@ -12,8 +12,8 @@ through the run record and gives each trial one state:
 * ``running``: a process is running it now (its ``trial.json`` names a live process on this
   host; another host's claim is shown as pending with that host named, since it cannot be
   checked from here);
-* ``pending``: anything else (not started, interrupted, or adoptable as *trained* only:
-  then only its attacks are left).
+* ``pending``: anything else (not started, interrupted, trained here but not attacked, or
+  adoptable as *trained* only: in those two cases only its attacks are left).
 
 The cost of a finished run is what it recorded: ``metrics.json``'s training seconds plus its
 attacks' seconds, times the threads it ran with (``numerics.threads``, else ``trial.json``'s
@@ -55,7 +55,7 @@ class TrialState:
     note: str = ""
     #: recorded (train, attack) core-seconds of the run behind a finished / adopted trial
     cost: tuple[float, float] | None = None
-    #: pending: only the attacks are left (a trained run to adopt)
+    #: pending / running: only the attacks are left (trained here, or a trained run to adopt)
     attacks_only: bool = False
     estimate: float | None = None  # core-seconds left (filled by core_hours_left)
     #: its setting's seeds until decided, e.g. ``seeds 1..5 until decided`` (else empty)
@@ -164,20 +164,23 @@ def _state(t: Trial, out: Path, records: list[RunRecord], device: str | None) ->
         err = rec.trial.get("error") or rec.metrics.get("error") or "see trial.json"
         return TrialState(t.name, "failed", kind, str(err).splitlines()[0])
     running, where = _running(rec)
+    trained = rec.config is not None and rec.trained_for(t.cfg, device=device)
     if running:
-        phase = {"training": "training", "trained": "attacking"}.get(
-            str(rec.metrics.get("status")), "starting")
-        return TrialState(t.name, "running", kind, f"{phase}: {where}")
-    if src is not None:
+        phase = "attacking" if trained else \
+            "training" if rec.metrics.get("status") == "training" else "starting"
+        return TrialState(t.name, "running", kind, f"{phase}: {where}", attacks_only=trained)
+    if trained:
+        note = "trained here, attacks left"
+    elif src is not None:
         note = "trained run to adopt, attacks left"
     elif rec.config is not None:
         note = ", ".join(n for n in (rec.unfinished() or "", where) if n)
-    elif trained := [r for r in records if r.trained_for(t.cfg, device=device)]:
-        note = f"trained under --adopt, {_why_not_attacked(trained[0], t)}, no " \
+    elif elsewhere := [r for r in records if r.trained_for(t.cfg, device=device)]:
+        note = f"trained under --adopt, {_why_not_attacked(elsewhere[0], t)}, no " \
                "checkpoint: runs again"
     else:
         note = ""
-    return TrialState(t.name, "pending", kind, note, attacks_only=src is not None)
+    return TrialState(t.name, "pending", kind, note, attacks_only=trained or src is not None)
 
 
 def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
