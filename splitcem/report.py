@@ -272,19 +272,31 @@ def plot_curves(series: dict[str, list[CurvePoint]], path: str | Path, *,
                 baseline: str | None = None, title: str | None = None) -> Path:
     """The one frontier plot: test accuracy against worst-case attack MSE (left) and SSIM
     (right), one curve per series (mean ± sd over seeds, points labelled by strength); the
-    baseline drawn solid; ``title``, if given, a second line under the heading (the demo puts
-    its verdict there). Used by ``splitcem frontier``, ``sweep``, ``reproduce`` and the demo."""
-    fig = _figure(figsize=(12, 5))
+    baseline drawn solid and black; ``title``, if given, a second line under the heading (the
+    demo puts its verdict there). Every other series has a colour of its own (tab10, or tab20
+    past ten series; past twenty the marker changes too); the legend sits under the axes, so
+    it hides no point. Used by ``splitcem frontier``, ``sweep``, ``reproduce`` and the demo."""
+    from matplotlib import colormaps
+
+    n = len(series)
+    ncol = min(3, max(n, 1))
+    rows = -(-n // ncol)  # legend rows under the axes
+    legend_in = 0.18 * rows + 0.2  # inches
+    fig = _figure(figsize=(12, 5 + legend_in))
     axes = fig.subplots(1, 2)
-    for gi, (g, points) in enumerate(sorted(series.items())):
-        color = f"C{gi % 10}"
+    others = sorted(g for g in series if g != baseline)
+    cmap = colormaps["tab10" if len(others) <= 10 else "tab20"]
+    for g, points in sorted(series.items()):
+        gi = others.index(g) if g != baseline else 0
+        color = "black" if g == baseline else cmap(gi % cmap.N)
+        marker = "o" if g == baseline else "osD^v"[(gi // cmap.N) % 5]
         for ax, metric in zip(axes, ("mse", "ssim"), strict=True):
             xs = [getattr(p, metric) for p in points]
             xe = [getattr(p, f"{metric}_sd") for p in points]
             ys = [100 * p.accuracy for p in points]
             ye = [100 * p.accuracy_sd for p in points]
             style = "-" if g == baseline else "--"
-            ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt="o" + style, color=color, capsize=3,
+            ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt=marker + style, color=color, capsize=3,
                         lw=2 if g == baseline else 1.2, label=g + (" (baseline)" if g == baseline
                                                                else ""))
             for x, y, p in zip(xs, ys, points, strict=True):
@@ -296,10 +308,12 @@ def plot_curves(series: dict[str, list[CurvePoint]], path: str | Path, *,
     for ax in axes:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     head = "privacy-utility frontier (mean ± sd over seeds; labels: strength)"
     fig.suptitle(head if not title else f"{head}\n{title}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, legend_in / (5 + legend_in), 1.0, 1.0))
     return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
 
 

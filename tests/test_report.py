@@ -145,3 +145,39 @@ def test_an_undecided_setting_says_how_many_seeds_would_decide_it(tmp_path):
     assert m["interval"][0] < 0 < m["interval"][1] and m["seeds_needed"] >= 1
     md = (tmp_path / "front" / "frontier.md").read_text()
     assert f"about {m['seeds_needed']} more seed" in md and "**undecided**" in md
+
+
+def test_plot_curves_gives_every_series_its_own_colour_and_keeps_the_legend_off_the_axes(
+        tmp_path, monkeypatch):
+    """Twelve series (more than tab10 has colours): twelve colours, the baseline black, and
+    the legend is the figure's, below the axes, not inside one of them."""
+    from matplotlib.axes import Axes
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    from splitcem.report import CurvePoint, plot_curves
+
+    drawn: list[tuple[str, str]] = []
+    legends: list[Figure] = []
+    real_errorbar, real_legend = Axes.errorbar, Figure.legend
+
+    def errorbar(self, *a, **kw):
+        drawn.append((kw["label"], to_hex(kw["color"])))
+        return real_errorbar(self, *a, **kw)
+
+    def legend(self, *a, **kw):
+        legends.append(self)
+        assert kw["loc"] == "lower center"
+        return real_legend(self, *a, **kw)
+
+    monkeypatch.setattr(Axes, "errorbar", errorbar)
+    monkeypatch.setattr(Figure, "legend", legend)
+    series = {f"s{i:02d}": [CurvePoint(str(k), 0.8 - 0.01 * i - 0.02 * k, 0.0,
+                                       0.01 + 0.001 * i + 0.002 * k, 0.0, 0.6, 0.0)
+                            for k in range(2)] for i in range(12)}
+    path = plot_curves(series, tmp_path / "f.png", baseline="s03")
+    assert path.is_file() and Image.open(path).size[1] > 5 * 110  # taller: room for the legend
+    colours = dict(drawn)
+    assert len(drawn) == 2 * 12 and len(set(colours.values())) == 12
+    assert colours["s03 (baseline)"] == "#000000"
+    assert len(legends) == 1
