@@ -120,6 +120,14 @@ def _sd(xs: Sequence[float]) -> float | None:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def _stats(rs: Sequence[FrontierRun]) -> dict[str, Any]:
+    """A cell's seed means of accuracy and each metric, and the sds of accuracy and MSE."""
+    return {"accuracy": _mean([r.accuracy for r in rs]),
+            **{m: _mean([r.metric(m) for r in rs]) for m in _METRICS},
+            "mse_sd": _sd([r.metric("mse") for r in rs]),
+            "accuracy_sd": _sd([r.accuracy for r in rs])}
+
+
 def _cell(rs: Sequence[FrontierRun]) -> dict[int, tuple[float, float]]:
     return {r.cfg.seed: (r.accuracy, r.metric("mse")) for r in rs}
 
@@ -186,11 +194,7 @@ def paper_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict
             "seed_list_with": sorted(r.cfg.seed for r in with_cem),
         }
         for tag, rs in (("without", base), ("with", with_cem)):
-            row[f"accuracy_{tag}"] = _mean([r.accuracy for r in rs])
-            for m in _METRICS:
-                row[f"{m}_{tag}"] = _mean([r.metric(m) for r in rs])
-            row[f"mse_sd_{tag}"] = _sd([r.metric("mse") for r in rs])
-            row[f"accuracy_sd_{tag}"] = _sd([r.accuracy for r in rs])
+            row |= {f"{k}_{tag}": v for k, v in _stats(rs).items()}
         row["mse_gain"] = row["mse_with"] / row["mse_without"] - 1.0 if base else None
         vs_own = _cmp(own.get(curve, {}), with_cem, level)
         vs_noise = _cmp(noise.get(ctx, {}), with_cem, level) if name != "noise" else vs_own
@@ -233,6 +237,11 @@ def _with_sd(v: float, sd: float | None, fmt: str) -> str:
     return format(v, fmt) + ("" if sd is None else f" ± {format(sd, fmt)}")
 
 
+def _accuracy(v: float, sd: float | None) -> str:
+    """Accuracy (a fraction) as a percentage, ± its sd over seeds where there is one."""
+    return _with_sd(100 * v, None if sd is None else 100 * sd, ".2f")
+
+
 def paper_table(runs: Sequence[FrontierRun], *, level: float = 0.95
                 ) -> tuple[str, list[dict[str, Any]]]:
     """The per-defense table (markdown) and its rows (:func:`paper_rows`, at ``level``)."""
@@ -245,10 +254,8 @@ def paper_table(runs: Sequence[FrontierRun], *, level: float = 0.95
         note = "exploratory (1 seed)" if w["exploratory"] else ""
         cells.append([
             w["defense"], format_value(w["lambda"]), f"{w['seeds_without']}, {w['seeds_with']}",
-            _with_sd(100 * w["accuracy_without"], None if w["accuracy_sd_without"] is None
-                     else 100 * w["accuracy_sd_without"], ".2f"),
-            _with_sd(100 * w["accuracy_with"], None if w["accuracy_sd_with"] is None
-                     else 100 * w["accuracy_sd_with"], ".2f"),
+            _accuracy(w["accuracy_without"], w["accuracy_sd_without"]),
+            _accuracy(w["accuracy_with"], w["accuracy_sd_with"]),
             _with_sd(w["mse_without"], w["mse_sd_without"], ".4f"),
             _with_sd(w["mse_with"], w["mse_sd_with"], ".4f"),
             f"{w['ssim_without']:.3f}", f"{w['ssim_with']:.3f}",
@@ -276,14 +283,11 @@ def curve_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict
             continue
         for val, rs in cells.items():
             vs_noise = _cmp(g.noise.get(_context(rs[0].cfg), {}), rs, level)
-            acc = _mean([r.accuracy for r in rs])
-            rows.append((name, curve, -acc, {
+            stats = _stats(rs)
+            rows.append((name, curve, -stats["accuracy"], {
                 "defense": _label(rs[0].cfg, name, skey, val), "defense_name": name,
                 "strength_key": skey, "strength": val, "seeds": len(rs),
-                "seed_list": sorted(r.cfg.seed for r in rs),
-                "accuracy": acc, "accuracy_sd": _sd([r.accuracy for r in rs]),
-                **{m: _mean([r.metric(m) for r in rs]) for m in _METRICS},
-                "mse_sd": _sd([r.metric("mse") for r in rs]),
+                "seed_list": sorted(r.cfg.seed for r in rs), **stats,
                 "vs_noise": vs_noise.to_dict() if vs_noise is not None else None,
                 "exploratory": len(rs) < 2}))
     return [w for *_, w in sorted(rows, key=lambda t: t[:3])]
@@ -297,8 +301,7 @@ def curve_table(runs: Sequence[FrontierRun], *, level: float = 0.95
     header = ["defense", "seeds", "accuracy %", "worst-case MSE", "SSIM", "PSNR",
               "matched vs noise", "note"]
     cells = [[w["defense"], str(w["seeds"]),
-              _with_sd(100 * w["accuracy"], None if w["accuracy_sd"] is None
-                       else 100 * w["accuracy_sd"], ".2f"),
+              _accuracy(w["accuracy"], w["accuracy_sd"]),
               _with_sd(w["mse"], w["mse_sd"], ".4f"), f"{w['ssim']:.3f}", f"{w['psnr']:.2f}",
               _matched(w["vs_noise"]), "exploratory (1 seed)" if w["exploratory"] else ""]
              for w in rows]
