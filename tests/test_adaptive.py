@@ -234,6 +234,44 @@ def test_dry_run_lists_finished_adopted_and_pending(tmp_path, fake_trials):
     assert "[" not in lines["noise0.1_s10"]
 
 
+def test_a_fresh_out_that_adopts_an_earlier_sweep_starts_where_it_stood(tmp_path,
+                                                                        fake_trials):
+    """A sweep into a new folder with ``--adopt`` of an earlier sweep's runs (e.g. the
+    committed results/) that had added seeds in rounds: ``--list`` shows those seeds as
+    adopted and plans the next round from them, as it would in the earlier folder, and the
+    run copies them, ending with the runs the earlier folder would have ended with."""
+    from splitcem.study.listing import list_sweep
+
+    spec = _sweep(tmp_path)
+    trials = expand(load_sweep(spec))
+    old = tmp_path / "old"
+    engine.run_trials(trials, old, engine=LOOP)  # min seeds, then one round by hand
+    round1, _ = plan_round(trials, old)
+    assert round1
+    engine.run_trials([*trials, *round1], old, engine=LOOP)
+    round2, notes2 = plan_round(trials, old)
+    assert {t.name for t in round2}.isdisjoint(t.name for t in round1)
+
+    new = tmp_path / "new"
+    states, text = list_sweep(load_sweep(spec), new, adopt=[old])
+    assert {s.name for s in states} == {t.name for t in [*trials, *round1]}
+    assert {s.state for s in states} == {"adopted"}
+    assert f"adds {len(round2)} trial(s)" + (
+        f": {', '.join(t.name for t in round2)}" if round2 else "") in text, text
+    assert text.endswith("\n".join(f"  {n}" for n in notes2))
+    assert not new.exists()  # the listing writes nothing
+
+    n = len(fake_trials)
+    res = engine.run_grid(spec, out=new, engine=engine.Engine(use_ray=False, progress=False,
+                                                              adopt=(old,)))
+    assert set(res.adopted) >= {t.name for t in round1}
+    assert {t.name for t in round1}.isdisjoint(fake_trials[n:])  # copied, never rerun
+    fake_trials.clear()
+    engine.run_grid(spec, out=old, engine=LOOP)  # the earlier folder, continued
+    assert sorted(p.name for p in new.iterdir() if p.is_dir()) == \
+        sorted(p.name for p in old.iterdir() if p.is_dir())
+
+
 @pytest.mark.parametrize("sigmas", [(0.1, 0.2, 0.3), (0.2, 0.3)])
 def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, sigmas):
     """``splitcem tune --confirm-seeds N``: the recommendation (CEM lambda 3, true gain +25%)
@@ -438,7 +476,8 @@ def test_per_round_caps_a_round_and_changes_the_order_not_the_outcome(tmp_path, 
 
     text = list_sweep(load_sweep({**spec, "per_round": 1}), tmp_path / "one")[1]
     assert f"at most 1 setting(s) per round; the next round, planned from the runs finished " \
-        f"so far, adds {len(new)} trial(s): {', '.join(t.name for t in new)}\n" in text, text
+        f"so far (here or to adopt), adds {len(new)} trial(s): " \
+        f"{', '.join(t.name for t in new)}\n" in text, text
     assert text.endswith("\n".join(f"  {n}" for n in notes))
     first = len(trials)
     ran = {}

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from splitcem.config import RunConfig
 from splitcem.record import RunRecord
 from splitcem.report import attack_metric
 from splitcem.study.frontier_plan import SeedPlan, SeedPolicy, next_seeds, sequential_level
@@ -64,35 +65,51 @@ def _stems(trials: Sequence[Trial]) -> dict[str, Trial]:
     return out
 
 
-def with_earlier_rounds(trials: Sequence[Trial], out: Path, *,
-                        device: str | None = None) -> list[Trial]:
+def _finished_in(adopt: Sequence[RunRecord], cfg: RunConfig, *,
+                 device: str | None) -> RunRecord | None:
+    """An ``--adopt`` run finished for exactly ``cfg`` (what the sweep would copy), if any."""
+    return next((r for r in adopt if r.config is not None and r.config.seed == cfg.seed
+                 and r.finished(cfg, device=device)), None)
+
+
+def with_earlier_rounds(trials: Sequence[Trial], out: Path, *, device: str | None = None,
+                        adopt: Sequence[RunRecord] = ()) -> list[Trial]:
     """``trials`` and, after them, the trials earlier rounds added: ``OUT/{stem}_s{seed}``
     finished for a setting's config at that seed (an adaptive setting's, or a baseline
-    cell's that paired with one), not among ``trials``. What a sweep runs, lists and plans
-    from."""
+    cell's that paired with one), not among ``trials``; with ``adopt`` (the ``--adopt``
+    folders' runs), also a run there finished for a setting's config at another seed, which
+    the sweep copies instead of training (so a fresh ``--out`` that adopts an earlier sweep's
+    runs starts where that sweep stood). What a sweep runs, lists and plans from."""
     have = {t.name for t in trials}
     found: list[Trial] = list(trials)
-    if not adaptive(trials) or not out.is_dir():
+    if not adaptive(trials):
         return found
+    names = sorted(d.name for d in out.iterdir()) if out.is_dir() else []
+    adopted_seeds = sorted({r.config.seed for r in adopt if r.config is not None})
     for stem, t in _stems(trials).items():
         pat = re.compile(re.escape(stem) + r"_s(\d+)")
-        for d in sorted(out.iterdir()):
-            m = pat.fullmatch(d.name)
-            if m is None or d.name in have:
+        seeds = [int(m.group(1)) for n in names if (m := pat.fullmatch(n))]
+        for seed in sorted(set(seeds) | set(adopted_seeds)):
+            extra = t.with_seed(seed)
+            if extra.name in have:
                 continue
-            extra = t.with_seed(int(m.group(1)))
-            if RunRecord.load(d).finished(extra.cfg, device=device):
+            if (RunRecord.load(out / extra.name).finished(extra.cfg, device=device)
+                    or _finished_in(adopt, extra.cfg, device=device) is not None):
                 found.append(extra)
+                have.add(extra.name)
     return found
 
 
-def finished_cells(trials: Sequence[Trial], out: Path, *,
-                   device: str | None = None) -> dict[str, dict[int, Point]]:
-    """``{stem: {seed: (accuracy, worst-case MSE)}}`` of the trials finished in ``out``."""
+def finished_cells(trials: Sequence[Trial], out: Path, *, device: str | None = None,
+                   adopt: Sequence[RunRecord] = ()) -> dict[str, dict[int, Point]]:
+    """``{stem: {seed: (accuracy, worst-case MSE)}}`` of the trials finished in ``out``, or
+    (``adopt``: the ``--adopt`` folders' runs) finished there, which the sweep would copy."""
     cells: dict[str, dict[int, Point]] = defaultdict(dict)
     for t in trials:
-        rec = RunRecord.load(out / t.name)
-        if rec.finished(t.cfg, device=device):
+        rec: RunRecord | None = RunRecord.load(out / t.name)
+        if rec is None or not rec.finished(t.cfg, device=device):
+            rec = _finished_in(adopt, t.cfg, device=device)
+        if rec is not None:
             cells[t.stem or t.name.rsplit("_s", 1)[0]][t.seed] = (
                 rec.accuracy, attack_metric(rec.metrics, "mse"))
     return dict(cells)
@@ -128,8 +145,8 @@ def _own_curves(stems: dict[str, Trial]) -> dict[str, list[str]]:
 
 
 def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
-               baseline: str | None = None, level: float = 0.95, per_round: int | None = None
-               ) -> tuple[list[Trial], list[str]]:
+               baseline: str | None = None, level: float = 0.95, per_round: int | None = None,
+               adopt: Sequence[RunRecord] = ()) -> tuple[list[Trial], list[str]]:
     """The trials the next round adds (seeds for undecided settings and their baseline
     neighbours), and the planner's notes; reads the finished runs in ``out`` (those of
     earlier rounds too). A setting with CEM is judged against its own curve (the same defense
@@ -139,8 +156,9 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
     :func:`looks`: the most looks any setting's policy allows, the level the sweep's report
     reads every setting at) excludes 0. ``per_round``: at most this many undecided settings get a
     seed this round, across all baselines, closest to a decision first (the sweep file's
-    ``per_round``); ``None``: every one."""
-    trials = with_earlier_rounds(trials, out, device=device)
+    ``per_round``); ``None``: every one. ``adopt``: the ``--adopt`` folders' runs, which count
+    as finished where the sweep would copy them (:func:`with_earlier_rounds`)."""
+    trials = with_earlier_rounds(trials, out, device=device, adopt=adopt)
     # one level for every setting: the one the sweep's report reads its study at (the most
     # looks any setting may have), so the planner stops seeding a setting exactly when the
     # report reads it decided (a level per setting's own looks could stop one that the
@@ -149,7 +167,7 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
     stems = _stems(trials)
     base, compared = _roles(stems, baseline)
     own = _own_curves(stems) if baseline is None else {}
-    cells = finished_cells(trials, out, device=device)
+    cells = finished_cells(trials, out, device=device, adopt=adopt)
     # min is past: what matters now is the baseline (a CEM setting's own curve, else noise
     # alone) and max
     by_policy: dict[tuple[tuple[str, ...], int], list[str]] = defaultdict(list)
@@ -186,12 +204,15 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
 def run_until_decided(trials: Sequence[Trial], out: Path,
                       run: Callable[[list[Trial]], GridResult], *,
                       device: str | None = None, baseline: str | None = None,
-                      per_round: int | None = None) -> GridResult:
+                      per_round: int | None = None,
+                      adopt: Sequence[RunRecord] = ()) -> GridResult:
     """Run ``trials`` (``run``: the engine, e.g. :func:`splitcem.study.trials.run_trials`
     bound to its options; returns a :class:`~splitcem.study.trials.GridResult`), then add
     seeds in rounds until every adaptive setting is decided or at its ``max``; ``per_round``
-    caps the settings each round grows (:func:`plan_round`)."""
-    todo = with_earlier_rounds(trials, out, device=device)
+    caps the settings each round grows (:func:`plan_round`); ``adopt``: the runs of the
+    engine's ``--adopt`` folders (a seed an earlier sweep added there joins this one, and
+    ``run`` copies it)."""
+    todo = with_earlier_rounds(trials, out, device=device, adopt=adopt)
     tried = {t.name for t in todo}
     res = run(todo)
     ran, adopted = list(res.ran), list(res.adopted)
@@ -199,7 +220,7 @@ def run_until_decided(trials: Sequence[Trial], out: Path,
         len(_stems(todo))  # each round adds at least one run; no cell passes max
     for i in range(bound):
         new, notes = plan_round(todo, out, device=device, baseline=baseline,
-                                per_round=per_round)
+                                per_round=per_round, adopt=adopt)
         for n in notes:
             log.info("seeds until decided: %s", n)
         fresh = [t for t in new if t.name not in tried]

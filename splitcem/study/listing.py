@@ -91,28 +91,34 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
     """What running ``spec`` into ``out`` would do: the state of each of its trials and of
     the seeds earlier rounds added (:func:`~splitcem.study.adaptive.with_earlier_rounds`),
     and the listing's text; nothing is run or written. With seeds until decided, the text
-    ends with what the next round would add, planned from the runs finished so far
-    (:func:`~splitcem.study.adaptive.plan_round`: its notes, one per setting)."""
+    ends with what the next round would add (:func:`~splitcem.study.adaptive.plan_round`:
+    its notes, one per setting), planned from the runs finished so far here or in ``adopt``
+    (a fresh ``out`` that adopts an earlier sweep's runs plans as that sweep would)."""
     first = expand(spec)
-    trials = with_earlier_rounds(first, out, device=device)
-    states = list_trials(trials, out, adopt=adopt, device=device)
+    records = [r for d in adopt if Path(d).is_dir() for r in RunRecord.find([d])]
+    trials = with_earlier_rounds(first, out, device=device, adopt=records)
+    states = list_trials(trials, out, records=records, device=device)
     text = format_listing(states)
     if adaptive(first):
         # ``trials`` already holds the earlier rounds' seeds: plan_round finds none to load
-        new, notes = plan_round(trials, out, device=device, per_round=spec.per_round)
+        new, notes = plan_round(trials, out, device=device, per_round=spec.per_round,
+                                adopt=records)
         cap = "every undecided setting" if spec.per_round is None else \
             f"at most {spec.per_round} setting(s)"
         text += (f"\nthen seeds until decided, {cap} per round; the next round, planned from "
-                 f"the runs finished so far, adds {len(new)} trial(s)"
+                 f"the runs finished so far (here or to adopt), adds {len(new)} trial(s)"
                  + (f": {', '.join(t.name for t in new)}" if new else "")
                  + "".join(f"\n  {n}" for n in notes))
     return states, text
 
 
 def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
-                device: str | None = None) -> list[TrialState]:
-    """Each trial's state (module docstring); nothing is written."""
-    records = [r for d in adopt if Path(d).is_dir() for r in RunRecord.find([d])]
+                device: str | None = None,
+                records: Sequence[RunRecord] | None = None) -> list[TrialState]:
+    """Each trial's state (module docstring); nothing is written. ``records``: the ``adopt``
+    folders' runs, already loaded (then ``adopt`` is not read)."""
+    if records is None:
+        records = [r for d in adopt if Path(d).is_dir() for r in RunRecord.find([d])]
     states: list[TrialState] = []
     for t in trials:
         states.append(_state(t, out, records, device))
@@ -149,7 +155,7 @@ def _running(rec: RunRecord) -> tuple[bool, str]:
     return False, ""
 
 
-def _state(t: Trial, out: Path, records: list[RunRecord], device: str | None) -> TrialState:
+def _state(t: Trial, out: Path, records: Sequence[RunRecord], device: str | None) -> TrialState:
     """One trial's state (module docstring)."""
     rec = RunRecord.load(Path(out) / t.name)
     kind = _kind(t)

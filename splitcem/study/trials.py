@@ -331,8 +331,9 @@ def run_grid(
         return run_trials(ts, out_dir, name=spec.name, source=spec.source, engine=eng)
 
     if adaptive(trials):  # seeds: {min, max, until: decided}: rounds of more seeds
+        adopted = [r for d in eng.adopt if d.is_dir() for r in RunRecord.find([d])]
         return run_until_decided(trials, out_dir, run, device=eng.device,
-                                 per_round=spec.per_round)
+                                 per_round=spec.per_round, adopt=adopted)
     return run(trials)
 
 
