@@ -15,7 +15,10 @@ Integrity: a run is finished only for the config it finished with. ``metrics.jso
   *resolved* numeric path (``amp`` / ``channels_last`` as they ran, so ``amp: true`` on a
   CPU with native bf16 is the same run as ``amp: auto`` there);
 * ``attacks.attack_hash``: the attack section (attack ``amp`` resolved likewise), the
-  partition the attacker saw (``attacks.split``) and the trained model's hash.
+  partition the attacker saw (``attacks.split``) and the trained model's hash;
+* ``made_by``: one entry per training start, resume and attack recording: the splitcem
+  version and commit, torch, Python, CPU and GPU (:func:`splitcem.provenance.made_by`;
+  provenance only, never compared).
 
 Records written before these fields existed (``legacy``) are read as they were: trained when
 their epochs are complete, attacked when they hold attacks, their numerics those their config
@@ -38,6 +41,7 @@ import yaml
 from splitcem._io import read_json_object, write_json, write_text
 from splitcem.config import RunConfig, load_config
 from splitcem.errors import ConfigError
+from splitcem.provenance import made_by
 from splitcem.runid import attack_hash, attack_split, comparable, resolved_amp, train_hash
 
 __all__ = [
@@ -259,7 +263,10 @@ class RunRecord:
                 (path / f).unlink(missing_ok=True)
         metrics.update(name=cfg.name, status="training",
                        config_hash=train_hash(cfg, device=device),
-                       times={**(metrics.get("times") or {}), "train_started": _now()})
+                       times={**(metrics.get("times") or {}), "train_started": _now()},
+                       made_by=[*(metrics.get("made_by") or []),
+                                made_by("resume" if old.metrics and resume else "train",
+                                        device)])
         metrics.pop("attacks", None)
         write_json(path / METRICS_FILE, metrics)  # first: a kill in between leaves no result
         write_text(path / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -295,6 +302,7 @@ class RunRecord:
                         "attack_hash": h if as_configured else f"other-than-config:{h}"}
         m["status"] = "attacked"
         m["times"] = {**(m.get("times") or {}), "attack_ended": _now()}
+        m["made_by"] = [*(m.get("made_by") or []), made_by("attacks", device)]
         return self.save(m)
 
     def mark_failed(self, error: str) -> RunRecord:

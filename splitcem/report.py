@@ -95,6 +95,13 @@ def write_summary(run_dir: str | Path, record: dict[str, Any], cfg: RunConfig) -
     if num:
         lines.append(f"- numerics: {num.get('path', '?')} ({num.get('reason', '?')}), "
                      f"{num.get('threads', '?')} CPU threads")
+    made = record.get("made_by") or []
+    if made:
+        lines.append("- made by: " + "; ".join(
+            f"{e.get('phase')} {(e.get('commit') or 'no git commit')[:12]}"
+            f"{'+dirty' if str(e.get('commit')).endswith('+dirty') else ''} "
+            f"(splitcem {e.get('splitcem')}, torch {e.get('torch')}, {e.get('cpu')}"
+            f"{', ' + e['gpu'] if e.get('gpu') else ''}, {e.get('at')})" for e in made))
     lines += [
         f"- **test accuracy (under the deployed defense): "
         f"{_fmt(100 * tr.get('test_accuracy', float('nan')), 2)}%**",

@@ -46,8 +46,8 @@ FORBIDDEN = {
         "splitcem/config.py", "splitcem/data", "splitcem/serving", "splitcem/lens")},
     # the one run record reads run directories for everyone, so it builds nothing itself
     **{where: ("splitcem.study", "splitcem.cli", "splitcem.experiment", "splitcem.train",
-               "splitcem.attacks", "splitcem.report") for where in ("splitcem/record.py",
-                                                                    "splitcem/runid.py")},
+               "splitcem.attacks", "splitcem.report") for where in (
+                   "splitcem/record.py", "splitcem/runid.py", "splitcem/provenance.py")},
     # the held-out estimate is used by the experiment: it must not import it back
     "splitcem/leakage.py": ("splitcem.study", "splitcem.cli", "splitcem.experiment"),
 }

@@ -139,6 +139,9 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
     done = RunRecord.load(run)
     assert done.finished(new) and done.metrics["train"]["epochs"] == 4
     assert done.attacks["split"]["seed"] == 125
+    # the record says what made it: the changed config's fresh start (the old run's entries
+    # went with its results), the resume after the kill, the attacks
+    assert [e["phase"] for e in done.metrics["made_by"]] == ["train", "resume", "attacks"]
 
 
 def test_a_trial_waits_for_a_worker_still_running_it(tiny_config, tmp_path, caplog):
@@ -262,3 +265,48 @@ def test_a_config_changed_after_the_results_is_stale(tmp_path):
     assert rec.stale and rec.status == "training" and not rec.finished()
     assert not rec.finished(load_config(changed)) and not rec.finished(cfg)
     assert rec.unfinished().startswith("stale")
+
+
+def test_a_run_records_the_code_and_machine_behind_each_phase(tmp_path, monkeypatch):
+    """``metrics.json``'s ``made_by``: the commit (of the checkout splitcem is imported from),
+    versions and CPU of each training start, resume and attack recording; a fresh start
+    drops the old entries; the summary says it; provenance never changes what compares."""
+    import shutil
+
+    import torch
+
+    import splitcem
+    from splitcem import provenance
+    from splitcem.report import write_summary
+
+    cfg = load_config(_raw("p", 125))
+    rec = RunRecord.begin_training(tmp_path / "p", cfg, resume=False, device="cpu")
+    rec = rec.finish_training({**rec.metrics, "train": {"epochs": 2, "test_accuracy": 0.5}})
+    rec = rec.record_attacks({"attacks": {"decoder": {"metrics": {"mse": 0.01}}}}, cfg,
+                             device="cpu")
+    train, attacks = RunRecord.load(tmp_path / "p").metrics["made_by"]
+    assert (train["phase"], attacks["phase"]) == ("train", "attacks")
+    assert train["splitcem"] == splitcem.__version__ and train["torch"] == torch.__version__
+    assert train["cpu"] and train["gpu"] is None
+    if (REPO / ".git").exists() and shutil.which("git"):  # a checkout (CI's clone is one)
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], text=True,
+                              capture_output=True, check=True).stdout.strip()
+        assert train["commit"].split("+")[0] == head
+    assert rec.finished(cfg)  # provenance is not part of any hash
+    write_summary(tmp_path / "p", rec.metrics, cfg)
+    assert f"- made by: train {str(train['commit'])[:12]}" in \
+        (tmp_path / "p" / "summary.md").read_text()
+
+    again = RunRecord.begin_training(tmp_path / "p", cfg, resume=True, device="cpu")
+    assert [e["phase"] for e in again.metrics["made_by"]] == ["train", "attacks", "resume"]
+    fresh = RunRecord.begin_training(tmp_path / "p", cfg, resume=False, device="cpu")
+    assert [e["phase"] for e in fresh.metrics["made_by"]] == ["train"]
+
+    # an installed copy (no checkout above the package): no commit, still the rest
+    monkeypatch.setattr(provenance, "_ROOT", tmp_path)
+    provenance._commit.cache_clear()
+    try:
+        entry = provenance.made_by("train", "cpu")
+    finally:
+        provenance._commit.cache_clear()
+    assert entry["commit"] is None and entry["torch"] == torch.__version__
