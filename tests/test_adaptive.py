@@ -155,6 +155,100 @@ def test_seeds_until_decided_then_resume(tmp_path, fake_trials):
         assert again.ran == [f"cem1_s{lost[-1]}"]
 
 
+def test_schedule_refills_a_free_slot_while_the_last_jobs_run():
+    """The engine's scheduler on a simulated clock: 2 slots, jobs of unequal length; when a
+    slot frees with nothing queued, ``refill`` is asked once (not again until another job
+    ends) and its jobs start at once, so no slot idles while there is work."""
+    from splitcem.study.trials import schedule
+
+    now = 0.0
+    ends: dict[str, float] = {}
+    asked: list[tuple[float, list[str]]] = []
+    batches = [[("d", 3.0), ("e", 1.0)], [], [("f", 1.0)]]
+
+    def submit(job):
+        ends[job[0]] = now + job[1]
+        return job[0]
+
+    def wait_one(running):
+        nonlocal now
+        first = min(running, key=ends.__getitem__)
+        now = ends[first]
+        return first
+
+    def refill():
+        asked.append((now, sorted(n for n in ends if ends[n] > now)))
+        return batches.pop(0) if batches else []
+
+    schedule([("a", 1.0), ("b", 4.0), ("c", 1.0)], 2, submit, wait_one, refill)
+    # a ends at 1: c starts; c ends at 2 with b running to 4: refill then, d starts in the
+    # free slot; b ends at 4: e starts; d and e end at 5: each end asks again (the empty
+    # answer, then f); f ends at 6, and the last ask finds nothing
+    assert ends == {"a": 1.0, "b": 4.0, "c": 2.0, "d": 5.0, "e": 5.0, "f": 6.0}, ends
+    assert asked == [(2.0, ["b"]), (5.0, []), (5.0, []), (6.0, [])], asked
+    assert batches == []  # a refill only after every job had ended would end at 7, not 6
+
+
+def test_a_round_is_planned_while_the_last_trials_run_and_busy_settings_wait(
+        tmp_path, fake_trials, monkeypatch):
+    """Seeds until decided on an engine with 2 slots (a fake one: a job "runs" when it is
+    waited for): each round is planned when a slot is free and nothing is queued, while
+    trials are still in flight; the settings with a trial in flight (or a baseline run in
+    flight) wait for a later round; no trial runs twice and the verdicts are those of the
+    loop that plans only between rounds (test above)."""
+    from splitcem.study.trials import run_trial, schedule
+
+    flight: list[str] = []
+    early: list[tuple[list[str], list[str]]] = []
+
+    def fake_ray(jobs, *, on_done, refill=None, **_):
+        def submit(job):
+            flight.append(job[0].name)
+            return job
+
+        def wait_one(running):
+            t, path, meta = running[0]
+            on_done(t, run_trial(t.cfg.to_dict(), str(path), meta=meta))
+            flight.remove(t.name)
+            return running[0]
+
+        def asked():
+            new = refill() if refill is not None else []
+            early.append((list(flight), [j[0].name for j in new]))
+            return new
+
+        schedule(jobs, 2, submit, wait_one, asked)
+
+    monkeypatch.setattr(engine, "_execute_ray", fake_ray)
+    out = tmp_path / "out"
+    engine.run_grid(_sweep(tmp_path), out=out, engine=engine.Engine(progress=False))
+    assert len(fake_trials) == len(set(fake_trials))  # no trial twice
+    planned = [(busy, new) for busy, new in early if busy and new]
+    assert planned, early  # some round started while a trial was still in flight
+    for busy, new in planned:
+        stems = {n.rsplit("_s", 1)[0] for n in busy}
+        new_stems = {n.rsplit("_s", 1)[0] for n in new}
+        assert not stems & new_stems, (busy, new)
+        if any(s.startswith("noise") for s in stems):  # the CEM settings' baseline is busy
+            assert not new, (busy, new)
+    cells = _cells(out)
+    base = {k: v for k, v in cells.items() if k.startswith("noise")}
+    assert compare(base, cells["cem3"]).verdict == "more private"
+    assert compare(base, cells["cem1"]).verdict == "undecided"
+    assert all(2 <= len(cells[c]) <= 6 for c in ("cem1", "cem3"))
+
+    # the planner's rule itself, after min seeds: a setting in flight waits, and so does
+    # every setting whose baseline (here the noise curve) has a run in flight
+    trials = expand(load_sweep(_sweep(tmp_path)))
+    engine.run_trials(trials, tmp_path / "min", engine=LOOP)
+    free = {t.name.rsplit("_s", 1)[0] for t in plan_round(trials, tmp_path / "min")[0]}
+    assert {"cem3", "noise0.1"} <= free, free
+    waits = {t.name.rsplit("_s", 1)[0]
+             for t in plan_round(trials, tmp_path / "min", busy={"cem3"})[0]}
+    assert "cem3" not in waits
+    assert plan_round(trials, tmp_path / "min", busy={"noise0.2"})[0] == []
+
+
 def test_every_setting_is_planned_at_the_level_the_report_reads(tmp_path, fake_trials):
     """Settings with fewer looks than the sweep's most (here 3 against 5) are judged by the
     planner at the report's level (``looks`` of the sweep), not their own: at their own,

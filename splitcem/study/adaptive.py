@@ -25,7 +25,7 @@ import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -146,7 +146,8 @@ def _own_curves(stems: dict[str, Trial]) -> dict[str, list[str]]:
 
 def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
                baseline: str | None = None, level: float = 0.95, per_round: int | None = None,
-               adopt: Sequence[RunRecord] = ()) -> tuple[list[Trial], list[str]]:
+               adopt: Sequence[RunRecord] = (), busy: Collection[str] = ()
+               ) -> tuple[list[Trial], list[str]]:
     """The trials the next round adds (seeds for undecided settings and their baseline
     neighbours), and the planner's notes; reads the finished runs in ``out`` (those of
     earlier rounds too). A setting with CEM is judged against its own curve (the same defense
@@ -157,7 +158,9 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
     reads every setting at) excludes 0. ``per_round``: at most this many undecided settings get a
     seed this round, across all baselines, closest to a decision first (the sweep file's
     ``per_round``); ``None``: every one. ``adopt``: the ``--adopt`` folders' runs, which count
-    as finished where the sweep would copy them (:func:`with_earlier_rounds`)."""
+    as finished where the sweep would copy them (:func:`with_earlier_rounds`). ``busy``:
+    settings (stems) with a trial still running; a setting whose own runs or baseline runs
+    are among them waits (its next seed is planned once they have finished)."""
     trials = with_earlier_rounds(trials, out, device=device, adopt=adopt)
     # one level for every setting: the one the sweep's report reads its study at (the most
     # looks any setting may have), so the planner stops seeding a setting exactly when the
@@ -168,11 +171,16 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
     base, compared = _roles(stems, baseline)
     own = _own_curves(stems) if baseline is None else {}
     cells = finished_cells(trials, out, device=device, adopt=adopt)
+
+    def busy_free(curve: Sequence[str]) -> bool:
+        return not any(b in busy for b in curve)
     # min is past: what matters now is the baseline (a CEM setting's own curve, else noise
     # alone) and max
     by_policy: dict[tuple[tuple[str, ...], int], list[str]] = defaultdict(list)
     for s in compared:
         pol = stems[s].policy
+        if s in busy or not busy_free(own.get(s) or base):
+            continue
         if pol is not None and pol.until == "decided" and cells.get(s):
             by_policy[(tuple(own.get(s) or base), pol.max)].append(s)
 
@@ -202,37 +210,60 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
 
 
 def run_until_decided(trials: Sequence[Trial], out: Path,
-                      run: Callable[[list[Trial]], GridResult], *,
+                      run: Callable[[list[Trial], Callable[[], list[Trial]] | None],
+                                    GridResult], *,
                       device: str | None = None, baseline: str | None = None,
                       per_round: int | None = None,
                       adopt: Sequence[RunRecord] = ()) -> GridResult:
-    """Run ``trials`` (``run``: the engine, e.g. :func:`splitcem.study.trials.run_trials`
-    bound to its options; returns a :class:`~splitcem.study.trials.GridResult`), then add
-    seeds in rounds until every adaptive setting is decided or at its ``max``; ``per_round``
-    caps the settings each round grows (:func:`plan_round`); ``adopt``: the runs of the
-    engine's ``--adopt`` folders (a seed an earlier sweep added there joins this one, and
-    ``run`` copies it)."""
+    """Run ``trials`` (``run(trials, refill)``: the engine, e.g.
+    :func:`splitcem.study.trials.run_trials` bound to its options; returns a
+    :class:`~splitcem.study.trials.GridResult`), then add seeds in rounds until every
+    adaptive setting is decided or at its ``max``; ``per_round`` caps the settings each
+    round grows (:func:`plan_round`); ``adopt``: the runs of the engine's ``--adopt``
+    folders (a seed an earlier sweep added there joins this one, and ``run`` copies it).
+
+    A round is planned as soon as a slot of the engine is free and nothing is queued (the
+    engine calls ``refill``), not only once every trial has ended: the settings whose runs
+    are still running wait for a later round (``busy``), the others are planned from the
+    runs finished so far, so a round's last trial does not leave the other cores idle."""
     todo = with_earlier_rounds(trials, out, device=device, adopt=adopt)
     tried = {t.name for t in todo}
-    res = run(todo)
-    ran, adopted = list(res.ran), list(res.adopted)
-    bound = sum(t.policy.max for t in _stems(todo).values() if t.policy is not None) + \
-        len(_stems(todo))  # each round adds at least one run; no cell passes max
-    for i in range(bound):
+    rounds = 0
+
+    def next_round(busy: Collection[str] = ()) -> list[Trial]:
+        nonlocal rounds
         new, notes = plan_round(todo, out, device=device, baseline=baseline,
-                                per_round=per_round, adopt=adopt)
+                                per_round=per_round, adopt=adopt, busy=busy)
         for n in notes:
             log.info("seeds until decided: %s", n)
         fresh = [t for t in new if t.name not in tried]
         if not fresh:
-            if new:
+            if new and not busy:
                 log.warning("seeds until decided: the plan repeats trials already tried here "
                             "(%s); stopping", ", ".join(sorted(t.name for t in new)))
+            return []
+        rounds += 1
+        log.info("seeds until decided, round %d%s: %s", rounds,
+                 f" (while {', '.join(sorted(busy))} finish)" if busy else "",
+                 ", ".join(t.name for t in fresh))
+        todo.extend(fresh)
+        tried.update(t.name for t in fresh)
+        return fresh
+
+    def refill() -> list[Trial]:  # a slot is free, nothing queued: trials still run
+        busy = {t.stem or t.name.rsplit("_s", 1)[0] for t in todo
+                if not RunRecord.load(out / t.name).finished(t.cfg, device=device)}
+        return next_round(busy)
+
+    res = run(todo, refill)
+    ran, adopted = list(res.ran), list(res.adopted)
+    bound = sum(t.policy.max for t in _stems(todo).values() if t.policy is not None) + \
+        len(_stems(todo))  # each round adds at least one run; no cell passes max
+    while rounds < bound:
+        fresh = next_round()
+        if not fresh:
             break
-        log.info("seeds until decided, round %d: %s", i + 1, ", ".join(t.name for t in fresh))
-        todo += fresh
-        tried |= {t.name for t in fresh}
-        res = run(todo)
+        res = run(todo, refill)
         ran += res.ran
         adopted += res.adopted
     res.ran, res.adopted = ran, adopted

@@ -46,12 +46,14 @@ __all__ = [
     "STATUS_FILE",
     "Engine",
     "GridResult",
+    "Job",
     "comparable",
     "find_adoptable",
     "plan_trials",
     "run_grid",
     "run_trial",
     "run_trials",
+    "schedule",
     "trial_finished",
 ]
 
@@ -182,8 +184,36 @@ def _ray(address: str | None, num_cpus: int | None, num_gpus: float | None) -> t
     return ray, True
 
 
+#: a job of the engine: the trial, its run directory and its ``trial.json`` metadata
+Job = tuple[Trial, Path, dict[str, Any]]
+
+
+def schedule(jobs: Sequence[Job], limit: int, submit: Callable[[Job], Any],
+             wait_one: Callable[[list[Any]], Any],
+             refill: Callable[[], Sequence[Job]] | None = None) -> None:
+    """Keep ``limit`` jobs in flight: ``submit`` starts one and returns its handle,
+    ``wait_one`` blocks until one of the handles given ends and returns it (and handles its
+    result). When a slot is free and nothing is queued, ``refill`` (if given) is asked once
+    for more jobs (seeds until decided plans its next round then), so a round's last trials
+    do not leave the other slots idle."""
+    pending = list(jobs)
+    running: list[Any] = []
+    while True:
+        asked = False
+        while len(running) < limit:
+            if not pending and refill is not None and not asked:
+                pending.extend(refill())
+                asked = True
+            if not pending:
+                break
+            running.append(submit(pending.pop(0)))
+        if not running:
+            return
+        running.remove(wait_one(running))
+
+
 def _execute_ray(
-    jobs: list[tuple[Trial, Path, dict[str, Any]]],
+    jobs: list[Job],
     *,
     address: str | None,
     max_concurrent: int | None,
@@ -191,6 +221,7 @@ def _execute_ray(
     gpus: float,
     device: str | None,
     on_done: Callable[[Trial, dict[str, Any]], None],
+    refill: Callable[[], Sequence[Job]] | None = None,
 ) -> None:
     ray, started = _ray(address, None, None)
     try:
@@ -201,38 +232,41 @@ def _execute_ray(
         remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=0)(run_trial)
         log.info("sweep on Ray: %d trials, %d at a time, %d thread(s) each", len(jobs), limit,
                  threads)
-        pending = list(jobs)
         running: dict[Any, tuple[Trial, Path]] = {}
-        while pending or running:
-            while pending and len(running) < limit:
-                trial, path, meta = pending.pop(0)
-                ref = remote.remote(trial.cfg.to_dict(), str(path), threads=threads, meta=meta,
-                                    device=device, ship=True)
-                running[ref] = (trial, path)
-            done, _ = ray.wait(list(running), num_returns=1)
-            for ref in done:
-                trial, path = running.pop(ref)
-                try:
-                    status = ray.get(ref)
-                except Exception as e:  # the worker died (killed, out of memory)
-                    status = {"name": trial.name, "status": "failed", "run_dir": str(path),
-                              "error": f"{type(e).__name__}: {e}"}
-                on_done(trial, land(path, status))
+
+        def submit(job: Job) -> Any:
+            trial, path, meta = job
+            ref = remote.remote(trial.cfg.to_dict(), str(path), threads=threads, meta=meta,
+                                device=device, ship=True)
+            running[ref] = (trial, path)
+            return ref
+
+        def wait_one(refs: list[Any]) -> Any:
+            (ref,), _ = ray.wait(refs, num_returns=1)
+            trial, path = running.pop(ref)
+            try:
+                status = ray.get(ref)
+            except Exception as e:  # the worker died (killed, out of memory)
+                status = {"name": trial.name, "status": "failed", "run_dir": str(path),
+                          "error": f"{type(e).__name__}: {e}"}
+            on_done(trial, land(path, status))
+            return ref
+
+        schedule(jobs, limit, submit, wait_one, refill)
     finally:
         if started:
             ray.shutdown()
 
 
 def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
-                device: str | None = None
-                ) -> tuple[GridResult, list[tuple[Trial, Path, dict[str, Any]]]]:
+                device: str | None = None) -> tuple[GridResult, list[Job]]:
     """What a sweep has left to do: skip the trials finished in ``out`` (for exactly their
     config), adopt finished runs from ``adopt`` (copied into ``out``), and return the rest
     as jobs (a run adopted as trained only is a job: its attacks run again)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = GridResult(out_dir)
-    jobs: list[tuple[Trial, Path, dict[str, Any]]] = []
+    jobs: list[Job] = []
     for t in trials:
         path = out_dir / t.name
         meta = {"name": t.name, "variant": t.variant, "values": t.values, "seed": t.seed}
@@ -261,13 +295,16 @@ def run_trials(
     source: str = "(trials)",
     engine: Engine | None = None,
     trial_progress: bool = False,
+    refill: Callable[[], Sequence[Trial]] | None = None,
 ) -> GridResult:
     """Run every trial that is not finished yet in ``out/TRIAL``; returns their statuses.
 
     The one engine behind :func:`run_grid` (sweep files), :func:`splitcem.study.sweep.run_sweep`
     (lists of configs) and :func:`splitcem.study.reproduce.reproduce`. ``engine``: how and
     where they run (default: an :class:`Engine` with its defaults). ``trial_progress``:
-    progress bars inside each trial (loop only).
+    progress bars inside each trial (loop only). ``refill``: asked for more trials whenever
+    a slot is free and none is queued (:func:`schedule`; seeds until decided plans its next
+    round then); they are skipped, adopted or run like the others.
     """
     eng = engine or Engine()
     out_dir = Path(out)
@@ -290,15 +327,36 @@ def run_trials(
         log.info("trial %s: %s%s", trial.name, status.get("status"),
                  f" ({status.get('error')})" if status.get("error") else "")
 
+    def more() -> list[Job]:
+        assert refill is not None
+        new = [t for t in refill() if t.name not in result.statuses]
+        if not new:
+            return []
+        res, todo = plan_trials(new, out_dir, adopt=eng.adopt, device=eng.device)
+        result.statuses.update(res.statuses)
+        result.skipped += res.skipped
+        result.adopted += res.adopted
+        index[2].extend(new)
+        _write_index(out_dir, *index, result)
+        bar.total += len(todo)
+        bar.refresh()
+        return todo
+
+    def here(job: Job) -> Job:  # the loop: one trial at a time, in this process
+        t, path, meta = job
+        on_done(t, run_trial(t.cfg.to_dict(), str(path), threads=eng.threads_per_trial,
+                             meta=meta, device=eng.device, progress=trial_progress))
+        return job
+
     try:
-        if eng.use_ray and jobs:
+        if jobs and eng.use_ray:
             _execute_ray(jobs, address=eng.address, max_concurrent=eng.max_concurrent,
                          threads=eng.threads_per_trial, gpus=eng.gpus_per_trial,
-                         device=eng.device, on_done=on_done)
-        else:
-            for t, path, meta in jobs:
-                on_done(t, run_trial(t.cfg.to_dict(), str(path), threads=eng.threads_per_trial,
-                                     meta=meta, device=eng.device, progress=trial_progress))
+                         device=eng.device, on_done=on_done,
+                         refill=more if refill is not None else None)
+        elif jobs:
+            schedule(jobs, 1, here, lambda running: running[0],
+                     more if refill is not None else None)
     finally:
         bar.close()
     return result
@@ -327,8 +385,10 @@ def run_grid(
     trials = expand(spec)
     out_dir = Path(out if out is not None else spec.out or Path("runs") / "sweeps" / spec.name)
 
-    def run(ts: list[Trial]) -> GridResult:
-        return run_trials(ts, out_dir, name=spec.name, source=spec.source, engine=eng)
+    def run(ts: list[Trial], refill: Callable[[], Sequence[Trial]] | None = None
+            ) -> GridResult:
+        return run_trials(ts, out_dir, name=spec.name, source=spec.source, engine=eng,
+                          refill=refill)
 
     if adaptive(trials):  # seeds: {min, max, until: decided}: rounds of more seeds
         adopted = [r for d in eng.adopt if d.is_dir() for r in RunRecord.find([d])]
