@@ -366,6 +366,35 @@ def test_a_fresh_out_that_adopts_an_earlier_sweep_starts_where_it_stood(tmp_path
         sorted(p.name for p in old.iterdir() if p.is_dir())
 
 
+def test_a_round_trial_killed_before_it_finished_is_listed_and_resumed_first(tmp_path,
+                                                                             fake_trials):
+    """A sweep killed mid-round leaves a trial that round started (its folder, config and
+    trial.json) unfinished: ``--list`` shows it (pending: its process is gone) and does not
+    plan it again, and re-running the sweep runs it before planning anything new."""
+    import subprocess
+    import sys
+
+    from splitcem.study.listing import list_sweep
+
+    spec = _sweep(tmp_path)
+    trials = expand(load_sweep(spec))
+    out = tmp_path / "out"
+    engine.run_trials(trials, out, engine=LOOP)
+    (first, *_), _ = plan_round(trials, out)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    rec = RunRecord.begin_training(out / first.name, first.cfg, resume=False, device="cpu")
+    rec.write_trial({"name": first.name, "status": "running", "pid": int(gone),
+                     "host": __import__("socket").gethostname()})
+    states, text = list_sweep(load_sweep(spec), out)
+    row = {s.name: s for s in states}[first.name]
+    assert row.state == "pending", row
+    assert first.name not in text.split("adds", 1)[1].splitlines()[0], text
+    n = len(fake_trials)
+    engine.run_grid(spec, out=out, engine=LOOP)
+    assert fake_trials[n] == first.name, fake_trials[n:]
+
+
 @pytest.mark.parametrize("sigmas", [(0.1, 0.2, 0.3), (0.2, 0.3)])
 def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, sigmas):
     """``splitcem tune --confirm-seeds N``: the recommendation (CEM lambda 3, true gain +25%)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitcem.config import RunConfig
-from splitcem.record import RunRecord
+from splitcem.record import RunRecord, comparable
 from splitcem.report import attack_metric
 from splitcem.study.frontier_plan import SeedPlan, SeedPolicy, next_seeds, sequential_level
 from splitcem.study.grid import Trial
@@ -79,7 +79,9 @@ def with_earlier_rounds(trials: Sequence[Trial], out: Path, *, device: str | Non
     cell's that paired with one), not among ``trials``; with ``adopt`` (the ``--adopt``
     folders' runs), also a run there finished for a setting's config at another seed, which
     the sweep copies instead of training (so a fresh ``--out`` that adopts an earlier sweep's
-    runs starts where that sweep stood). What a sweep runs, lists and plans from."""
+    runs starts where that sweep stood); and a trial a sweep started in ``out`` for a
+    setting's config at another seed but did not finish (killed mid-round: it resumes, and
+    ``--list`` shows it). What a sweep runs, lists and plans from."""
     have = {t.name for t in trials}
     found: list[Trial] = list(trials)
     if not adaptive(trials):
@@ -93,8 +95,11 @@ def with_earlier_rounds(trials: Sequence[Trial], out: Path, *, device: str | Non
             extra = t.with_seed(seed)
             if extra.name in have:
                 continue
-            if (RunRecord.load(out / extra.name).finished(extra.cfg, device=device)
-                    or _finished_in(adopt, extra.cfg, device=device) is not None):
+            rec = RunRecord.load(out / extra.name)
+            started = bool(rec.trial) and rec.config is not None and \
+                comparable(rec.config.to_dict()) == comparable(extra.cfg.to_dict())
+            if started or rec.finished(extra.cfg, device=device) \
+                    or _finished_in(adopt, extra.cfg, device=device) is not None:
                 found.append(extra)
                 have.add(extra.name)
     return found

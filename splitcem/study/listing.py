@@ -101,8 +101,13 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
     text = format_listing(states)
     if adaptive(first):
         # ``trials`` already holds the earlier rounds' seeds: plan_round finds none to load
+        # as the engine plans when a slot frees: settings with a trial left wait
+        listed = {s.name for s in states}
+        busy = {t.stem or t.name.rsplit("_s", 1)[0] for t, s in zip(trials, states, strict=True)
+                if s.state not in ("finished", "adopted")}
         new, notes = plan_round(trials, out, device=device, per_round=spec.per_round,
-                                adopt=records)
+                                adopt=records, busy=busy)
+        new = [t for t in new if t.name not in listed]
         cap = "every undecided setting" if spec.per_round is None else \
             f"at most {spec.per_round} setting(s)"
         text += (f"\nthen seeds until decided, {cap} per round; the next round, planned from "
