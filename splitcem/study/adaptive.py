@@ -61,7 +61,7 @@ def looks(trials: Sequence[Trial]) -> int:
 def _stems(trials: Sequence[Trial]) -> dict[str, Trial]:
     out: dict[str, Trial] = {}
     for t in trials:
-        out.setdefault(t.stem or t.name.rsplit("_s", 1)[0], t)
+        out.setdefault(t.setting, t)
     return out
 
 
@@ -111,11 +111,11 @@ def finished_cells(trials: Sequence[Trial], out: Path, *, device: str | None = N
     (``adopt``: the ``--adopt`` folders' runs) finished there, which the sweep would copy."""
     cells: dict[str, dict[int, Point]] = defaultdict(dict)
     for t in trials:
-        rec: RunRecord | None = RunRecord.load(out / t.name)
-        if rec is None or not rec.finished(t.cfg, device=device):
-            rec = _finished_in(adopt, t.cfg, device=device)
+        here = RunRecord.load(out / t.name)
+        rec = here if here.finished(t.cfg, device=device) else \
+            _finished_in(adopt, t.cfg, device=device)
         if rec is not None:
-            cells[t.stem or t.name.rsplit("_s", 1)[0]][t.seed] = (
+            cells[t.setting][t.seed] = (
                 rec.accuracy, attack_metric(rec.metrics, "mse"))
     return dict(cells)
 
@@ -256,7 +256,7 @@ def run_until_decided(trials: Sequence[Trial], out: Path,
         return fresh
 
     def refill() -> list[Trial]:  # a slot is free, nothing queued: trials still run
-        busy = {t.stem or t.name.rsplit("_s", 1)[0] for t in todo
+        busy = {t.setting for t in todo
                 if not RunRecord.load(out / t.name).finished(t.cfg, device=device)}
         return next_round(busy)
 

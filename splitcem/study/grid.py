@@ -73,9 +73,14 @@ class Trial:
     #: the setting's seed policy when the sweep file gave ``seeds: {min, max, until}``
     policy: SeedPolicy | None = None
 
+    @property
+    def setting(self) -> str:
+        """The setting this trial is a seed of: ``stem``, else its name without ``_s{seed}``."""
+        return self.stem or self.name.rsplit("_s", 1)[0]
+
     def with_seed(self, seed: int) -> Trial:
         """The same setting at another seed (named ``{stem}_s{seed}``)."""
-        name = f"{self.stem or self.name.rsplit('_s', 1)[0]}_s{seed}"
+        name = f"{self.setting}_s{seed}"
         cfg = load_config({**self.cfg.to_dict(), "name": name, "seed": seed})
         return Trial(name, cfg, seed, dict(self.values), self.variant, self.stem, self.policy)
 

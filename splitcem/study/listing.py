@@ -103,7 +103,7 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
         # ``trials`` already holds the earlier rounds' seeds: plan_round finds none to load
         # as the engine plans when a slot frees: settings with a trial left wait
         listed = {s.name for s in states}
-        busy = {t.stem or t.name.rsplit("_s", 1)[0] for t, s in zip(trials, states, strict=True)
+        busy = {t.setting for t, s in zip(trials, states, strict=True)
                 if s.state not in ("finished", "adopted")}
         new, notes = plan_round(trials, out, device=device, per_round=spec.per_round,
                                 adopt=records, busy=busy)
