@@ -153,6 +153,18 @@ class RunRecord:
         return dict(self.metrics.get("attacks") or {})
 
     @property
+    def attack_amps(self) -> dict[str, bool]:
+        """Whether each recorded attack (by label) ran bf16 autocast, from the numeric path
+        it recorded (``extra.numerics``, :meth:`splitcem.runtime.NumericPath.describe`
+        followed by the reason); attacks that recorded none are left out."""
+        out: dict[str, bool] = {}
+        for label, rec in (self.attacks.get("attacks") or {}).items():
+            num = ((rec or {}).get("extra") or {}).get("numerics")
+            if isinstance(num, str):
+                out[label] = num.startswith("bf16 autocast")
+        return out
+
+    @property
     def split(self) -> dict[str, Any] | None:
         """The partition the recorded attacks ran on (legacy: the run's own seed)."""
         att = self.attacks
@@ -226,6 +238,19 @@ class RunRecord:
         """Trained (attacked or not) with exactly what training ``cfg`` would run here."""
         return self.status in ("trained", "attacked") and \
             self.config_hash == train_hash(cfg, device=device)
+
+    def other_path_for(self, cfg: RunConfig, *, device: str | None = None) -> str | None:
+        """The numeric path this run trained on when it is trained for ``cfg`` in all but
+        that (``cfg`` would resolve another path on this machine, e.g. ``amp: auto`` where
+        bf16 is not native), e.g. ``bf16 autocast + channels-last``; else ``None``."""
+        if self.config is None or self.status not in ("trained", "attacked") \
+                or self.trained_for(cfg, device=device):
+            return None
+        if self.config_hash != train_hash(cfg, numerics=self.numerics):
+            return None
+        num = self.numerics
+        return ("bf16 autocast" if num.get("amp") else "float32") + \
+            (" + channels-last" if num.get("channels_last") else "")
 
     def finished(self, for_config: RunConfig | None = None, *,
                  device: str | None = None) -> bool:

@@ -12,7 +12,8 @@ from typing import Any
 
 from splitcem.config import RunConfig
 
-__all__ = ["attack_hash", "attack_split", "comparable", "resolved_amp", "train_hash"]
+__all__ = ["attack_hash", "attack_split", "comparable", "resolved_amp", "resolved_attacks",
+           "train_hash"]
 
 #: config keys that do not change what a run measures (ignored when matching runs)
 _IGNORED = {"name", "device"}
@@ -66,6 +67,15 @@ def train_hash(cfg: RunConfig, *, device: str | None = None,
     return _digest(d)
 
 
+def resolved_attacks(specs: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """Attack specs with ``amp`` as it resolves on ``device``, so that runs whose decoders
+    trained bf16 and float32 differ. A spec without ``amp`` counts as ``auto`` (the default
+    of every attack that has the setting; this module may not import the attacks to ask
+    which do): an attack without the setting then matches only runs from machines that
+    resolve ``auto`` alike, which errs toward running again, never toward a wrong match."""
+    return [{**s, "amp": resolved_amp(s.get("amp", "auto"), device)[0]} for s in specs]
+
+
 _SPLIT_KEYS = ("seed", "aux_fraction", "limit_test", "test_subset_seed")
 
 
@@ -85,13 +95,8 @@ def attack_hash(cfg: RunConfig, *, device: str | None = None,
     trained model's :func:`train_hash`."""
     dev = (numerics or {}).get("device") or _device(cfg, device)
     att = cfg.to_dict()["attack"]
-    specs = []
-    for s in att.get("attacks") or []:
-        s = dict(s)
-        if "amp" in s:
-            s["amp"] = resolved_amp(s["amp"], dev)[0]
-        specs.append(s)
     split = split if split is not None else attack_split(cfg)
-    return _digest({"attack": {**att, "attacks": specs},
+    return _digest({"attack": {**att, "attacks": resolved_attacks(att.get("attacks") or [],
+                                                                  dev)},
                     "split": {k: split.get(k) for k in _SPLIT_KEYS},
                     "train": train_hash(cfg, device=device, numerics=numerics)})

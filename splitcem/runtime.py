@@ -41,6 +41,7 @@ from splitcem.errors import ConfigError
 
 __all__ = [
     "AMP_SLOWDOWN",
+    "AMP_SLOWDOWN_AVX512",
     "ENV_THREADS",
     "NumericPath",
     "Setting",
@@ -64,6 +65,10 @@ ENV_THREADS = "SPLITCEM_THREADS"
 #: What bf16 autocast costs on a CPU without native bf16 (AVX2 with oneDNN limited to it, one
 #: thread, a training step of batch 128; float32 = 1): 8x-18x, depending on the model/layout.
 AMP_SLOWDOWN = "about 10x slower than float32 (8x to 18x measured on AVX2)"
+#: The same on an AVX512 CPU without AVX512-BF16 / AMX, where oneDNN emulates bf16 with
+#: AVX512 (benchmarks/train_throughput.py --all-paths --threads 1, the CPU protocol's model:
+#: 176 images/s bf16 against 482 float32, both channels-last)
+AMP_SLOWDOWN_AVX512 = "about 2.7x slower than float32 (measured on AVX512 without BF16)"
 
 
 def check_setting(name: str, value: Any) -> Setting:
@@ -204,9 +209,11 @@ def resolve_numeric_path(
         elif use_amp and not native:
             where = (f"this CPU (capability {cap}) has neither AVX512-BF16 nor AMX"
                      if dev.type == "cpu" else "this GPU has no native bf16 (before Ampere)")
+            cost = AMP_SLOWDOWN_AVX512 if dev.type == "cpu" and cap.startswith("AVX512") \
+                else AMP_SLOWDOWN
             warnings.warn(f"{what}.amp: true asks for bfloat16 autocast, but {where}: expect "
-                          f"it to run {AMP_SLOWDOWN}; use amp: auto (or false)",
-                          RuntimeWarning, stacklevel=2)
+                          f"it to run {cost}; use amp: auto (or false) unless runs made "
+                          "with native bf16 must be matched", RuntimeWarning, stacklevel=2)
     if channels_last == "auto":
         use_cl = _channels_last_fast(dev, use_amp)
         why.append("channels-last" if use_cl else "default layout")

@@ -338,31 +338,47 @@ def test_auto_falls_back_to_per_seed_when_the_setting_spreads_more():
     assert m.method == "model" and (m.high - m.low) < (c.high - c.low)
 
 
-def test_groups_compare_the_numeric_path_that_ran_not_the_setting():
+@pytest.mark.parametrize("reader_bf16", [True, False])
+def test_groups_compare_the_numeric_path_that_ran_not_the_setting(monkeypatch, reader_bf16):
     """``amp: true`` and ``amp: auto`` runs that both trained in bf16 are one group (the
     committed legacy runs beside the sweep's), a float32 run is not; the held-out leakage
-    estimate (``attack.leakage``) changes no attack figure and splits nothing."""
+    estimate (``attack.leakage``) changes no attack figure and splits nothing. An ``auto``
+    attack counts as it ran (its recorded path, else as ``auto`` resolved where the run
+    trained), whatever machine reads the runs: read where bf16 is not native, a bf16 run
+    attacked with ``auto`` stays in the group of one attacked with ``amp: true``."""
     from pathlib import Path
+
+    import torch
 
     from splitcem.config import load_config
     from splitcem.study.groups import FrontierRun, group_runs
 
-    def run(name, sigma, amp, numerics, leakage=False):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: reader_bf16,
+                        raising=False)
+
+    def run(name, sigma, amp, numerics, leakage=False, attack_amps=None):
         cfg = load_config({"name": name, "seed": 0,
                            "train": {"amp": amp, "channels_last": amp},
                            "defenses": [{"name": "noise", "sigma": sigma}],
                            "attack": {"leakage": leakage, "attacks": [
                                {"name": "decoder", "epochs": 1, "amp": amp}]}})
-        return FrontierRun(Path(name), cfg, {}, numerics=numerics)
+        return FrontierRun(Path(name), cfg, {}, numerics=numerics,
+                           attack_amps=attack_amps or {})
 
-    bf16 = {"device": "cpu", "amp": True, "channels_last": True}
+    bf16 = {"device": "cpu", "amp": True, "channels_last": True, "native_bf16": True}
+    emulated = {**bf16, "native_bf16": False}  # --amp true where bf16 is not native
     fp32 = {"device": "cpu", "amp": False, "channels_last": False}
     runs = [run("legacy", 0.1, True, bf16), run("swept", 0.2, "auto", bf16, leakage=True),
-            run("other", 0.3, True, bf16), run("fp32", 0.15, False, fp32)]
+            run("other", 0.3, True, emulated), run("fp32", 0.15, False, fp32),
+            run("recorded", 0.25, "auto", emulated, attack_amps={"decoder": True}),
+            run("fp32_attack", 0.4, "auto", emulated, attack_amps={"decoder": False})]
     groups = group_runs(runs)
-    assert sorted(r.name for r in groups["noise"]) == ["legacy", "other", "swept"]
-    (odd,) = set(groups) - {"noise"}
-    assert [r.name for r in groups[odd]] == ["fp32"] and "amp=false" in odd
+    assert sorted(r.name for r in groups["noise"]) == ["legacy", "other", "recorded", "swept"]
+    odd = sorted(set(groups) - {"noise"})
+    assert sorted(r.name for g in odd for r in groups[g]) == ["fp32", "fp32_attack"]
+    assert [r.name for r in groups["noise [other attacks]"]] == ["fp32_attack"]
+    assert len(odd) == 2 and any("train.amp=false" in g for g in odd)
 
 
 def test_a_setting_is_compared_only_with_baseline_runs_attacked_as_it_was():

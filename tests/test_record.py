@@ -38,6 +38,26 @@ def _raw(name: str, seed: int, **train) -> dict:
             "attack": {"attacks": [{"name": "decoder", "epochs": 1}]}}
 
 
+def test_an_attack_without_amp_hashes_the_path_its_decoder_trains_on(monkeypatch):
+    """A decoder spec that leaves ``amp`` out runs ``auto`` (bf16 where it is native): its
+    hash differs between a bf16 machine and one without; an explicit false does not."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    implicit = load_config({**_raw("a", 125), "attack": {"attacks": [{"name": "decoder"}]}})
+    explicit = load_config({**_raw("a", 125), "attack": {"attacks": [
+        {"name": "decoder", "amp": False}], "threat": implicit.attack.threat}})
+    hashes = {}
+    for bf16 in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v,
+                            raising=False)
+        num = {"amp": False, "channels_last": True}  # training's path, recorded
+        hashes[bf16] = (attack_hash(implicit, device="cpu", numerics=num),
+                        attack_hash(explicit, device="cpu", numerics=num))
+    assert hashes[True][0] != hashes[False][0] and hashes[True][1] == hashes[False][1]
+    assert hashes[False][0] == hashes[False][1]  # auto resolved to float32 = explicit false
+
+
 def test_split_seed_is_fixed_across_seeds_and_legacy_configs_load():
     import numpy as np
 

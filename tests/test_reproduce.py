@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from splitcem.config import RunConfig, load_config
+from splitcem.errors import ConfigError
 from splitcem.record import RunRecord
 from splitcem.runid import resolved_amp
 from splitcem.study.frontier import compare
@@ -193,6 +194,87 @@ def test_list_says_why_a_trained_run_under_adopt_is_not_the_trials_result(tmp_pa
                       ("b", "attacked on another partition")):
         state, = list_trials([trial], tmp_path / "out", adopt=[adopt / only], device="cpu")
         assert state.state == "pending" and why in state.note and "runs again" in state.note
+
+
+# ------------------------------------------------------- runs made on another numeric path
+def _machine(monkeypatch, *, bf16: bool) -> None:
+    """Pretend to be an AVX512 CPU with or without native bf16 (AVX512-BF16)."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+
+
+def test_amp_pins_every_trials_training_and_attacks(bundled):
+    """--amp sets train.amp and the amp of every attack that has one (the same configs as
+    the --set lines it replaces), and leaves an attack without the setting alone."""
+    from splitcem.study.grid import add_overrides, pin_amp
+
+    pinned = expand(add_overrides(load_sweep(sweep_file("cifar10", "cpu")), [], amp=True))
+    by_hand = expand(add_overrides(load_sweep(sweep_file("cifar10", "cpu")), [
+        "train.amp=true", "attack.attacks.0.amp=true", "attack.attacks.1.amp=true"]))
+    assert [t.cfg.to_dict() for t in pinned] == [t.cfg.to_dict() for t in by_hand]
+    assert [t.name for t in pinned] == [t.name for t in bundled]
+    assert all(t.cfg.train.amp == "auto" for t in bundled)
+    raw = pin_amp({"attack": {"attacks": [{"name": "mean_image"}, {"name": "decoder"}]}}, False)
+    assert raw == {"train": {"amp": False}, "attack": {"attacks": [
+        {"name": "mean_image"}, {"name": "decoder", "amp": False}]}}
+    with pytest.raises(ConfigError, match="--amp must be true, false or auto"):
+        add_overrides(load_sweep(sweep_file("cifar10", "cpu")), [], amp="fast")  # type: ignore
+
+    from splitcem.cli import app
+
+    res = CliRunner().invoke(app, ["reproduce", "cifar10", "--list", "--amp", "fast"])
+    assert res.exit_code == 2 and "--amp must be true, false or auto" in res.output
+    res = CliRunner().invoke(app, ["sweep", "a.yaml", "b.yaml", "--amp", "true"])
+    assert res.exit_code == 2 and "--amp pins a sweep file's trials" in res.output
+
+
+def test_runs_made_where_bf16_is_native_are_named_and_kept_on_a_machine_without(
+        tmp_path, monkeypatch):
+    """Runs trained and attacked with amp: auto on a bf16 machine are another numeric path
+    on a machine without native bf16: --list names them and the --amp that keeps their path,
+    re-running the sweep into their folder refuses (it would replace them) instead of
+    retraining, and with --amp true they count as finished there and adopt from --adopt."""
+    from splitcem.study.grid import SweepSpec
+    from splitcem.study.listing import list_sweep
+    from splitcem.study.trials import plan_trials
+
+    spec = SweepSpec(name="s", root=tmp_path, base=None, seeds=[125, 126], grid={},
+                     set={"train.epochs": 2, "train.warmup_epochs": 0,
+                          "defenses": [{"name": "noise", "sigma": 0.1}]},
+                     variants=[{"name": "noise0.1"}])
+    trials = expand(spec)
+    _machine(monkeypatch, bf16=True)  # where the runs were made
+    for t in trials:
+        for where in (tmp_path / "old" / t.name, tmp_path / "sweep" / t.name):
+            write_run(where, t.cfg, 0.8, 0.01)
+    assert RunRecord.load(tmp_path / "old" / trials[0].name).numerics["amp"] is True
+    assert [s.state for s in list_sweep(spec, tmp_path / "sweep")[0]] == ["finished"] * 2
+
+    _machine(monkeypatch, bf16=False)  # this machine: amp: auto resolves to float32
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    states, text = list_sweep(spec, tmp_path / "fresh", adopt=[tmp_path / "old"], device="cpu")
+    assert [s.state for s in states] == ["pending", "pending"]
+    assert all("ran bf16 autocast + channels-last: another numeric path" in s.note
+               for s in states)
+    assert "2 trial(s) match runs made on another numeric path (bf16 autocast" in text
+    assert "here they would train float32 + channels-last" in text and "--amp true" in text
+    with pytest.raises(ConfigError, match="re-running would replace them: pass that --amp"):
+        plan_trials(trials, tmp_path / "sweep", device="cpu")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # untouched
+
+    from splitcem.study.grid import add_overrides
+
+    pinned_spec = add_overrides(spec, [], amp=True)
+    pinned = expand(pinned_spec)
+    res, jobs = plan_trials(pinned, tmp_path / "sweep", device="cpu")
+    assert sorted(res.skipped) == sorted(t.name for t in trials) and not jobs
+    states, text = list_sweep(pinned_spec, tmp_path / "fresh", adopt=[tmp_path / "old"],
+                              device="cpu")
+    assert [s.state for s in states] == ["adopted", "adopted"]
+    assert "numeric path" not in text
 
 
 # ------------------------------------------------------------------------- paper table

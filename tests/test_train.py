@@ -204,7 +204,10 @@ def test_bf16_autocast_and_channels_last_train(tiny_config):
     assert seen["dtype"] == torch.float32
     losses = [h["train_loss"] for h in res.history]
     assert all(math.isfinite(v) for v in losses)
-    # it learns (measured: 2.37 -> 2.18, accuracy 27%; a broken backward would not)
+    # it learns (measured: 2.37 -> 2.18, training accuracy 9% -> 19%; a broken backward
+    # would not). The accuracy is the last epoch's on the training images: after 24 steps the
+    # held-out accuracy of 128 images swings 10% to 27% with the machine and thread count,
+    # float32 and bf16 alike (bf16 emulated on AVX512: 10%, float32 there: 13%)
     assert losses[-1] < losses[0] - 0.1, losses
-    assert res.test_accuracy > 0.15  # 10 classes: chance is 0.1
+    assert res.history[-1]["train_accuracy"] > 0.15  # 10 classes: chance is 0.1
     assert "loss/cem" in res.history[-1]  # CEM's loss was active under autocast

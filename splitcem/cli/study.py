@@ -10,6 +10,7 @@ import typer
 from splitcem.cli import Device, Overrides, Quiet, Threads, _threads, app
 
 if TYPE_CHECKING:
+    from splitcem.runtime import Setting
     from splitcem.study.trials import Engine
 
 Address = Annotated[str | None, typer.Option(
@@ -19,6 +20,11 @@ MaxConcurrent = Annotated[int | None, typer.Option(
 TrialThreads = Annotated[int, typer.Option(help="torch threads (and Ray CPUs) per trial")]
 Gpus = Annotated[float, typer.Option(help="GPUs per trial (a fraction shares one)")]
 NoRay = Annotated[bool, typer.Option("--no-ray", help="Run the trials one after another here")]
+AmpOpt = Annotated[str | None, typer.Option(
+    "--amp", help="Pin every trial's numeric path, training and attacks: true (bf16 autocast), "
+    "false (float32) or auto (each machine's fastest; the default). Runs adopt and pool only "
+    "with runs on the same path, so continue a sweep made where bf16 is native with --amp "
+    "true on a machine without it (slower there)")]
 Adopt = Annotated[list[Path] | None, typer.Option(
     help="Folder of existing runs: a trial whose config matches a finished run there copies "
          "it instead of training (the folder is only read); repeatable")]
@@ -34,6 +40,16 @@ def _engine(address: str | None, max_concurrent: int | None, threads_per_trial: 
                   threads_per_trial=threads_per_trial, gpus_per_trial=gpus_per_trial,
                   use_ray=not no_ray, adopt=tuple(adopt or ()), device=device,
                   progress=not quiet)
+
+
+def _amp(value: str | None) -> Setting | None:
+    """``--amp``'s text as a setting (``None``: not given)."""
+    if value is None:
+        return None
+    choices: dict[str, Setting] = {"true": True, "false": False, "auto": "auto"}
+    if value.lower() not in choices:
+        raise typer.BadParameter(f"--amp must be true, false or auto, got {value!r}")
+    return choices[value.lower()]
 
 
 def _grid_summary(res) -> None:  # type: ignore[no-untyped-def]
@@ -62,6 +78,7 @@ def sweep(
     no_ray: NoRay = False,
     adopt: Adopt = None,
     set_: Overrides = None,
+    amp: AmpOpt = None,
     device: Device = None,
     quiet: Quiet = False,
     threads: Threads = None,
@@ -75,11 +92,15 @@ def sweep(
     from splitcem.study.grid import is_sweep_file
     from splitcem.study.sweep import run_sweep, run_sweep_file
 
+    pinned = _amp(amp)
+    if pinned is not None and not (len(configs) == 1 and is_sweep_file(configs[0])):
+        raise typer.BadParameter("--amp pins a sweep file's trials; for run configs use "
+                                 "--set train.amp=... (and each attack's amp)")
     if dry_run:
         from splitcem.study.grid import add_overrides, load_sweep
         from splitcem.study.listing import list_sweep
 
-        spec = add_overrides(load_sweep(configs[0]), set_ or [])
+        spec = add_overrides(load_sweep(configs[0]), set_ or [], amp=pinned)
         where = out or Path(spec.out or Path("runs") / "sweeps" / spec.name)
         typer.echo(list_sweep(spec, where, adopt=adopt or (), device=device)[1])
         typer.echo(f"-> would run into {where}")
@@ -89,7 +110,7 @@ def sweep(
                      adopt, device, quiet)
     if len(configs) == 1 and is_sweep_file(configs[0]):
         res = run_sweep_file(configs[0], overrides=set_ or [], out=out, baseline=baseline,
-                             engine=engine)
+                             engine=engine, amp=pinned)
         _grid_summary(res)
         if len(res.statuses) > len(res.failed):
             typer.echo(f"-> {res.out / 'frontier.md'}")
@@ -166,6 +187,7 @@ def reproduce(
     no_ray: NoRay = False,
     adopt: Adopt = None,
     set_: Overrides = None,
+    amp: AmpOpt = None,
     device: Device = None,
     quiet: Quiet = False,
     threads: Threads = None,
@@ -177,10 +199,10 @@ def reproduce(
 
     if list_:
         _, text = list_reproduce(dataset, protocol, out=out, overrides=set_ or [],
-                                 adopt=adopt or (), device=device)
+                                 adopt=adopt or (), device=device, amp=_amp(amp))
         typer.echo(text)
         return
-    res, table = run(dataset, protocol, out=out, overrides=set_ or [],
+    res, table = run(dataset, protocol, out=out, overrides=set_ or [], amp=_amp(amp),
                      engine=_engine(address, max_concurrent, threads_per_trial,
                                     gpus_per_trial, no_ray, adopt, device, quiet))
     _grid_summary(res)

@@ -47,12 +47,13 @@ import yaml
 
 from splitcem.config import RunConfig, load_config, set_path
 from splitcem.errors import ConfigError
+from splitcem.runtime import Setting, check_setting
 
 if TYPE_CHECKING:
     from splitcem.study.frontier_plan import SeedPolicy
 
 __all__ = ["SweepSpec", "Trial", "config_trials", "expand", "format_value", "is_sweep_file",
-           "load_sweep"]
+           "load_sweep", "pin_amp"]
 
 _TOP_KEYS = {"name", "base", "set", "seeds", "per_round", "grid", "variants", "out"}
 _VARIANT_KEYS = {"name", "base", "set", "seeds", "grid"}
@@ -102,6 +103,8 @@ class SweepSpec:
     per_round: int | None = None
     #: command-line ``--set`` overrides: applied to every trial, last
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: ``--amp``: every trial's training and attacks on this numeric path (:func:`pin_amp`)
+    amp: Setting | None = None
 
 
 def _mapping(v: Any, what: str) -> dict[str, Any]:
@@ -206,14 +209,42 @@ def is_sweep_file(path: str | Path) -> bool:
         and not ({"model", "train", "data", "defenses"} & set(raw))
 
 
-def add_overrides(spec: SweepSpec, overrides: list[str] | tuple[str, ...]) -> SweepSpec:
-    """``key.sub=value`` overrides (values parsed as YAML) added to every trial's ``set``."""
+def add_overrides(spec: SweepSpec, overrides: list[str] | tuple[str, ...], *,
+                  amp: Setting | None = None) -> SweepSpec:
+    """``key.sub=value`` overrides (values parsed as YAML) added to every trial's ``set``;
+    ``amp`` (``--amp``) pins every trial's numeric path (:func:`pin_amp`)."""
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         k, v = ov.split("=", 1)
         spec.overrides[k.strip()] = yaml.safe_load(v)
+    if amp is not None:
+        spec.amp = check_setting("--amp", amp)
     return spec
+
+
+def pin_amp(raw: dict[str, Any], amp: Setting) -> dict[str, Any]:
+    """A run config (as a dict) with training's ``amp`` and that of every attack that has
+    the setting set to ``amp``.
+
+    Why: ``auto`` resolves per machine (bf16 autocast where bf16 is native, else float32),
+    and a run's hashes hold the path as it resolved, so a sweep continued on a machine
+    without native bf16 neither adopts nor pools the runs made where it is native; pinning
+    ``true`` there keeps their numeric path (slower: bf16 is emulated), ``false`` pins
+    float32 everywhere.
+    """
+    import inspect
+
+    from splitcem.attacks import ATTACKS
+
+    out = copy.deepcopy(raw)
+    out.setdefault("train", {})["amp"] = amp
+    for spec in (out.get("attack") or {}).get("attacks") or []:
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(name, str) and name in ATTACKS \
+                and "amp" in inspect.signature(ATTACKS.get(name)).parameters:
+            spec["amp"] = amp
+    return out
 
 
 def format_value(v: Any) -> str:
@@ -293,6 +324,8 @@ def expand(spec: SweepSpec) -> list[Trial]:
                 try:
                     cfg = load_config(_apply(raw, {**common, **values, **spec.overrides,
                                                    "name": name, "seed": seed}))
+                    if spec.amp is not None:  # on the full config: defaults included
+                        cfg = load_config(pin_amp(cfg.to_dict(), spec.amp))
                     build_defenses(cfg)  # defense names and parameters, checked now
                     check_attacks(cfg)
                 except ConfigError as e:

@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from splitcem.config import RunConfig
 from splitcem.record import RunRecord, comparable
 from splitcem.report import attack_metric
-from splitcem.runid import resolved_amp
+from splitcem.runid import resolved_attacks
 from splitcem.study.grid import format_value
 
 __all__ = ["FrontierRun", "family", "find_runs", "group_runs", "seed_cells"]
@@ -55,6 +55,8 @@ class FrontierRun:
     split: dict[str, Any] | None = None
     #: the numeric path it trained on (:attr:`splitcem.record.RunRecord.numerics`)
     numerics: dict[str, Any] | None = None
+    #: whether each attack ran bf16 (:attr:`splitcem.record.RunRecord.attack_amps`)
+    attack_amps: dict[str, bool] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -84,7 +86,7 @@ def find_runs(dirs: Sequence[str | Path]) -> tuple[list[FrontierRun], list[str]]
             continue
         seen[key] = rec.path
         runs.append(FrontierRun(rec.path, rec.config, rec.metrics, split=rec.split,
-                                numerics=rec.numerics))
+                                numerics=rec.numerics, attack_amps=rec.attack_amps))
     return runs, notes
 
 
@@ -157,8 +159,7 @@ def _context(r: FrontierRun) -> dict[str, Any]:
                       "channels_last": bool(num["channels_last"])}
     dev = str(num.get("device") or "cpu")
     d["attack"] = {**d["attack"], "attacks": [
-        {**a, "amp": resolved_amp(a["amp"], dev)[0]} if "amp" in a else a
-        for a in d["attack"].get("attacks") or []]}
+        {**a, "amp": _attack_amp(r, a, dev)} for a in d["attack"].get("attacks") or []]}
     for path in _NOT_CONTEXT:
         cur = d
         for k in path[:-1]:
@@ -169,6 +170,18 @@ def _context(r: FrontierRun) -> dict[str, Any]:
     if family.endswith("cem") and cfg.cem is not None:
         d["cem"] = {k: v for k, v in cfg.cem.model_dump(by_alias=True).items() if k != "lambda"}
     return d
+
+
+def _attack_amp(r: FrontierRun, spec: dict[str, Any], device: str) -> bool:
+    """Whether an attack of ``r`` ran bf16: as it recorded; else ``auto`` as it resolved
+    where the run trained (``native_bf16`` recorded); else as ``spec`` resolves here."""
+    label = spec.get("label", spec.get("name"))
+    if label in r.attack_amps:
+        return r.attack_amps[label]
+    native = (r.numerics or {}).get("native_bf16")
+    if spec.get("amp", "auto") == "auto" and native is not None:
+        return bool(native)
+    return bool(resolved_attacks([spec], device)[0]["amp"])
 
 
 def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:

@@ -13,7 +13,9 @@ through the run record and gives each trial one state:
   host; another host's claim is shown as pending with that host named, since it cannot be
   checked from here);
 * ``pending``: anything else (not started, interrupted, trained here but not attacked, or
-  adoptable as *trained* only: in those two cases only its attacks are left).
+  adoptable as *trained* only: in those two cases only its attacks are left). A run made
+  for it on another numeric path (``amp: auto`` resolved otherwise where it ran) is named in
+  its note, and the listing ends with the ``--amp`` that would keep that path.
 
 The cost of a finished run is what it recorded: ``metrics.json``'s training seconds plus its
 attacks' seconds, times the threads it ran with (``numerics.threads``, else ``trial.json``'s
@@ -39,7 +41,7 @@ from splitcem.runid import attack_split
 from splitcem.study.adaptive import adaptive, plan_round, with_earlier_rounds
 from splitcem.study.grid import SweepSpec, Trial, expand
 from splitcem.study.paper import defense_of
-from splitcem.study.trials import find_adoptable
+from splitcem.study.trials import find_adoptable, other_paths, pin_advice
 
 __all__ = ["TrialState", "core_hours_left", "format_listing", "list_sweep", "list_trials",
            "run_cost"]
@@ -60,6 +62,9 @@ class TrialState:
     estimate: float | None = None  # core-seconds left (filled by core_hours_left)
     #: its setting's seeds until decided, e.g. ``seeds 1..5 until decided`` (else empty)
     policy: str = ""
+    #: pending: a run trained for it in all but the numeric path, and that path
+    #: (:func:`~splitcem.study.trials.other_paths`)
+    other: tuple[RunRecord, str] | None = None
 
 
 def run_cost(rec: RunRecord) -> tuple[float, float]:
@@ -99,6 +104,8 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
     trials = with_earlier_rounds(first, out, device=device, adopt=records)
     states = list_trials(trials, out, records=records, device=device)
     text = format_listing(states)
+    if found := {s.name: s.other for s in states if s.other is not None}:
+        text += "\n" + pin_advice(trials, found, device=device)
     if adaptive(first):
         # ``trials`` already holds the earlier rounds' seeds: plan_round finds none to load
         # as the engine plans when a slot frees: settings with a trial left wait
@@ -129,6 +136,12 @@ def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
         states.append(_state(t, out, records, device))
         if t.policy is not None and t.policy.until is not None:
             states[-1].policy = f"seeds {t.policy.min}..{t.policy.max} until {t.policy.until}"
+    bare = [t for t, s in zip(trials, states, strict=True) if s.state == "pending" and not s.note]
+    own = [RunRecord.load(Path(out) / t.name) for t in bare]
+    by_name = {s.name: s for s in states}
+    for name, (rec, path) in other_paths(bare, [*own, *records], device=device).items():
+        by_name[name].other = (rec, path)
+        by_name[name].note = f"{rec.path} ran {path}: another numeric path"
     return states
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from splitcem.errors import ConfigError
+from splitcem.runtime import Setting
 from splitcem.study.adaptive import looks
 from splitcem.study.frontier_report import write_frontier
 from splitcem.study.grid import SweepSpec, add_overrides, expand, load_sweep
@@ -40,8 +41,9 @@ def sweep_file(dataset: str, protocol: str) -> Path:
     return path
 
 
-def _spec(dataset: str, protocol: str, overrides: Sequence[str]) -> SweepSpec:
-    return add_overrides(load_sweep(sweep_file(dataset, protocol)), list(overrides))
+def _spec(dataset: str, protocol: str, overrides: Sequence[str],
+          amp: Setting | None) -> SweepSpec:
+    return add_overrides(load_sweep(sweep_file(dataset, protocol)), list(overrides), amp=amp)
 
 
 def _out(spec: SweepSpec, out: str | Path | None) -> Path:
@@ -56,10 +58,11 @@ def list_reproduce(
     overrides: Sequence[str] = (),
     adopt: Sequence[str | Path] = (),
     device: str | None = None,
+    amp: Setting | None = None,
 ) -> tuple[list[TrialState], str]:
     """What ``reproduce`` would do (:mod:`splitcem.study.listing`): each trial's state and
     the core-hours left; nothing is run or written. Returns (states, text)."""
-    spec = _spec(dataset, protocol, overrides)
+    spec = _spec(dataset, protocol, overrides, amp)
     return list_sweep(spec, _out(spec, out), adopt=adopt, device=device)
 
 
@@ -70,11 +73,13 @@ def reproduce(
     out: str | Path | None = None,
     engine: Engine | None = None,
     overrides: Sequence[str] = (),
+    amp: Setting | None = None,
 ) -> tuple[GridResult, str]:
     """Run (or continue) the bundled sweep and write its tables; returns (result, table).
     ``engine``: how and where the trials run (:class:`~splitcem.study.trials.Engine`);
-    ``overrides`` (``key.sub=value``) apply to every trial, last (``--set``)."""
-    spec = _spec(dataset, protocol, overrides)
+    ``overrides`` (``key.sub=value``) apply to every trial, last (``--set``); ``amp``
+    (``--amp``) pins every trial's numeric path (:func:`~splitcem.study.grid.pin_amp`)."""
+    spec = _spec(dataset, protocol, overrides, amp)
     res = run_grid(spec, out=_out(spec, out), engine=engine)
     n_looks = looks(expand(spec))  # seeds until decided: every interval at its level
     rec = write_paper([res.out], res.out, looks=n_looks, failed=res.failed,

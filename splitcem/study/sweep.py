@@ -17,6 +17,7 @@ from splitcem._io import write_json, write_text
 from splitcem.errors import SplitcemError
 from splitcem.record import RunRecord
 from splitcem.report import comparison_table, plot_frontier
+from splitcem.runtime import Setting
 from splitcem.study.grid import add_overrides, config_trials, expand, load_sweep
 from splitcem.study.trials import Engine, GridResult, run_grid, run_trials
 
@@ -78,13 +79,14 @@ def run_sweep(
 
 def run_sweep_file(path: str | Path, *, overrides: Sequence[str] = (),
                    out: str | Path | None = None, baseline: str | None = None,
-                   engine: Engine | None = None) -> GridResult:
+                   engine: Engine | None = None, amp: Setting | None = None) -> GridResult:
     """The sweep-file front door: :func:`~splitcem.study.trials.run_grid` (``engine``: its
-    options), then the frontier report into the sweep's folder when a trial finished."""
+    options; ``amp``: every trial's numeric path, :func:`~splitcem.study.grid.pin_amp`),
+    then the frontier report into the sweep's folder when a trial finished."""
     from splitcem.study.adaptive import looks
     from splitcem.study.frontier_report import write_frontier
 
-    spec = add_overrides(load_sweep(path), list(overrides))
+    spec = add_overrides(load_sweep(path), list(overrides), amp=amp)
     res = run_grid(spec, out=out, engine=engine)
     if len(res.statuses) > len(res.failed):
         write_frontier([res.out], res.out, baseline=baseline, looks=looks(expand(spec)))

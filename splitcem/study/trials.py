@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +50,9 @@ __all__ = [
     "Job",
     "comparable",
     "find_adoptable",
+    "other_paths",
+    "path_here",
+    "pin_advice",
     "plan_trials",
     "run_grid",
     "run_trial",
@@ -84,6 +88,46 @@ def find_adoptable(trial: Trial, dirs: Sequence[Path], *, device: str | None = N
                                                                       device=device):
             trained = rec.path
     return trained
+
+
+def path_here(cfg: RunConfig, device: str | None = None) -> str:
+    """The numeric path ``cfg`` trains on here, and why (``float32 + channels-last (auto on
+    cpu (AVX512): no native bf16: float32, channels-last)``)."""
+    from splitcem.runtime import resolve_device, resolve_numeric_path
+
+    dev = resolve_device(device if device is not None else cfg.device)
+    with warnings.catch_warnings():  # amp: true without native bf16 warns when it trains
+        warnings.simplefilter("ignore")
+        p = resolve_numeric_path(cfg.train.amp, cfg.train.channels_last, dev)
+    return f"{p.describe()} ({p.reason})"
+
+
+def other_paths(trials: Sequence[Trial], records: Sequence[RunRecord], *,
+                device: str | None = None) -> dict[str, tuple[RunRecord, str]]:
+    """Trials (by name) that a run among ``records`` was trained for in all but the
+    numeric path, with that run and its path: what a sweep continued on a machine that
+    resolves ``amp: auto`` otherwise neither adopts nor pools (:func:`pin_advice`)."""
+    found: dict[str, tuple[RunRecord, str]] = {}
+    for t in trials:
+        for rec in records:
+            if rec.config is not None and rec.config.seed == t.seed and \
+                    (other := rec.other_path_for(t.cfg, device=device)) is not None:
+                found[t.name] = (rec, other)
+                break
+    return found
+
+
+def pin_advice(trials: Sequence[Trial], found: dict[str, tuple[RunRecord, str]], *,
+               device: str | None = None) -> str:
+    """One line on ``found`` (:func:`other_paths`): how many, which path they ran and this
+    machine would run, and the ``--amp`` that keeps theirs."""
+    by_name = {t.name: t for t in trials}
+    name, (rec, theirs) = next(iter(found.items()))
+    amp = "true" if rec.numerics.get("amp") else "false"
+    return (f"{len(found)} trial(s) match runs made on another numeric path ({theirs}, e.g. "
+            f"{rec.path}); here they would train {path_here(by_name[name].cfg, device)}, so "
+            f"those runs are neither adopted nor pooled with new seeds: --amp {amp} keeps "
+            "their path")
 
 
 def _adopt(trial: Trial, src: Path, dst: Path, *, device: str | None) -> dict[str, Any]:
@@ -264,6 +308,11 @@ def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
     config), adopt finished runs from ``adopt`` (copied into ``out``), and return the rest
     as jobs (a run adopted as trained only is a job: its attacks run again)."""
     out_dir = Path(out)
+    own = [RunRecord.load(out_dir / t.name) for t in trials]
+    if mine := other_paths(trials, own, device=device):
+        raise ConfigError(f"{pin_advice(trials, mine, device=device)}; re-running would "
+                          f"replace them: pass that --amp, or move {out_dir} away to start "
+                          "over")
     out_dir.mkdir(parents=True, exist_ok=True)
     result = GridResult(out_dir)
     jobs: list[Job] = []
@@ -284,6 +333,12 @@ def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
                 result.adopted.append(t.name)
                 continue
         jobs.append((t, path, meta))
+    if adopt and jobs:
+        left = [t for t, _, _ in jobs]
+        found = other_paths(left, list(RunRecord.find([Path(a) for a in adopt])),
+                            device=device)
+        if found:
+            log.warning("%s", pin_advice(left, found, device=device))
     return result, jobs
 
 
