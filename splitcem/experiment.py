@@ -174,6 +174,8 @@ def train_run(
     writer = writer_cls(log_dir=str(run_dir / "tensorboard")) if writer_cls else None
 
     def log_epoch(rec: dict[str, Any]) -> None:  # TensorBoard: every number of the epoch
+        nonlocal run
+        run = run.record_epoch(len(trainer.history), float(rec.get("wall_seconds") or 0.0))
         if writer is not None:
             for k, v in rec.items():
                 if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool):

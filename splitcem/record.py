@@ -304,9 +304,25 @@ class RunRecord:
         write_json(self.path / METRICS_FILE, self.metrics)
         return self
 
+    def record_epoch(self, epoch: int, seconds: float) -> RunRecord:
+        """Record that training finished (and checkpointed) ``epoch`` of the config's
+        epochs, the last of them in ``seconds``: ``progress`` in ``metrics.json``, what
+        ``--list`` shows of a trial in flight and how it estimates what is left."""
+        assert self.config is not None
+        return self.save({**self.metrics, "progress": {
+            "epoch": int(epoch), "of": self.config.train.epochs,
+            "epoch_seconds": round(float(seconds), 3), "at": _now()}})
+
+    @property
+    def progress(self) -> dict[str, Any] | None:
+        """Training's last recorded epoch (:meth:`record_epoch`) while it trains, else None."""
+        prog = self.metrics.get("progress")
+        return dict(prog) if isinstance(prog, dict) and self.status == "training" else None
+
     def finish_training(self, metrics: dict[str, Any]) -> RunRecord:
         """Record finished training (its numerics recorded in ``metrics``)."""
         assert self.config is not None
+        metrics = {k: v for k, v in metrics.items() if k != "progress"}
         metrics = {**metrics, "status": "trained",
                    "config_hash": train_hash(self.config, numerics=metrics.get("numerics")),
                    "times": {**(metrics.get("times") or {}), "train_ended": _now()}}

@@ -132,12 +132,10 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(new.to_dict()), str(run)],
                             env=env, cwd=REPO)
-    ckpt = run / "checkpoints" / "last.pt"
-    first = ckpt.stat().st_mtime_ns
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            if ckpt.stat().st_mtime_ns != first:  # an epoch of the new config is done
+            if RunRecord.load(run).progress is not None:  # an epoch of the new config is done
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the re-run ended before it could be killed"
@@ -152,12 +150,22 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
     assert trial_finished(run, new) is None and trial_finished(run, old) is None
     runs, notes = find_runs([tmp_path / "sweep"])
     assert runs == [] and any("unfinished (training)" in n for n in notes)
+    # its checkpointed epochs are recorded: --list shows them, estimates the rest from them
+    from splitcem.study.listing import list_trials
+
+    prog = rec.progress
+    assert prog is not None and prog["of"] == 4 and 1 <= prog["epoch"] < 4
+    st, = list_trials([Trial("t", new, 0)], tmp_path / "sweep", device="cpu")
+    assert st.state == "pending" and f"epoch {prog['epoch']}/4 done" in st.note, st.note
+    assert st.train_left == pytest.approx((4 - prog["epoch"]) * prog["epoch_seconds"])
+    assert st.train_left > 0
 
     again = run_trials([Trial("t", new, 0)], tmp_path / "sweep", engine=LOOP)
     assert again.ran == ["t"] and again.statuses["t"]["status"] == "finished"
     assert again.statuses["t"]["resumed"] is True  # the killed run's own checkpoint
     done = RunRecord.load(run)
     assert done.finished(new) and done.metrics["train"]["epochs"] == 4
+    assert "progress" not in done.metrics and done.progress is None
     assert done.attacks["split"]["seed"] == 125
     # the record says what made it: the changed config's fresh start (the old run's entries
     # went with its results), the resume after the kill, the attacks

@@ -162,6 +162,8 @@ def test_list_shows_a_trial_a_live_process_runs_as_running(tmp_path):
             rec = write_run(tmp_path / name, t.cfg, 0.8, 0.01, attacked=False)
         else:
             rec = RunRecord.begin_training(tmp_path / name, t.cfg, resume=False, device="cpu")
+        if name == "live":  # its first epoch checkpointed, in two minutes
+            rec = rec.record_epoch(1, 120.0)
         rec.write_trial({"name": name, "status": "running", "pid": pid, "host": host,
                          "started": "2026-12-06T00:33:20"})
         trials.append(t)
@@ -173,7 +175,10 @@ def test_list_shows_a_trial_a_live_process_runs_as_running(tmp_path):
     assert [n for n, s in states.items() if s.attacks_only] == ["attacking", "trained"]
     assert states["attacking"].note.startswith("attacking: pid")
     assert states["trained"].note.startswith("trained here, attacks left")
-    assert states["live"].note == f"training: pid {os.getpid()} since 2026-12-06T00:33:20"
+    assert states["live"].note == \
+        f"training, epoch 1/2 done (2.0 min): pid {os.getpid()} since 2026-12-06T00:33:20"
+    assert states["live"].train_left == 120.0  # one epoch left at its last epoch's pace
+    assert states["killed"].train_left is None  # no epoch recorded
     assert "training" in states["killed"].note and "pid" not in states["killed"].note
     assert "-other" in states["elsewhere"].note and "not checked" in states["elsewhere"].note
     assert "2 running, 3 pending" in format_listing(list(states.values()))

@@ -24,6 +24,10 @@ estimated at the mean cost of the finished runs of its own defense with CEM on o
 has it, else of its defense either way (adversarial learning trains about 3x longer than
 dropout: an all-runs mean would understate it), else of all finished runs; the train and
 attack parts are averaged separately, so a trial adoptable as trained costs its attacks only.
+A trial whose training recorded epochs (running, or killed and resuming from its checkpoint:
+``metrics.json``'s ``progress``) shows them, and its training is estimated as the epochs left
+times its last epoch's seconds: measured on the machine running it, not on the machines that
+made the finished runs.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from splitcem.record import RunRecord
-from splitcem.runid import attack_split
+from splitcem.runid import attack_split, train_hash
 from splitcem.study.adaptive import adaptive, plan_round, with_earlier_rounds
 from splitcem.study.grid import SweepSpec, Trial, expand
 from splitcem.study.paper import defense_of
@@ -62,6 +66,9 @@ class TrialState:
     estimate: float | None = None  # core-seconds left (filled by core_hours_left)
     #: its setting's seeds until decided, e.g. ``seeds 1..5 until decided`` (else empty)
     policy: str = ""
+    #: training in flight or killed: core-seconds left of it, from its last recorded epoch
+    #: (:attr:`splitcem.record.RunRecord.progress`); the estimate uses it
+    train_left: float | None = None
     #: pending: a run trained for it in all but the numeric path, and that path
     #: (:func:`~splitcem.study.trials.other_paths`)
     other: tuple[RunRecord, str] | None = None
@@ -189,22 +196,30 @@ def _state(t: Trial, out: Path, records: Sequence[RunRecord], device: str | None
         return TrialState(t.name, "failed", kind, str(err).splitlines()[0])
     running, where = _running(rec)
     trained = rec.config is not None and rec.trained_for(t.cfg, device=device)
+    prog = rec.progress if rec.config_hash == train_hash(t.cfg, device=device) else None
+    left, done = None, ""
+    if prog is not None:  # training's last checkpointed epoch: what is left of it
+        threads = rec.trial.get("threads") or 1
+        left = max(prog["of"] - prog["epoch"], 0) * float(prog["epoch_seconds"]) * threads
+        done = f"epoch {prog['epoch']}/{prog['of']} done ({prog['epoch_seconds'] / 60:.1f} min)"
     if running:
         phase = "attacking" if trained else \
             "training" if rec.metrics.get("status") == "training" else "starting"
-        return TrialState(t.name, "running", kind, f"{phase}: {where}", attacks_only=trained)
+        return TrialState(t.name, "running", kind, ", ".join(n for n in (phase, done) if n)
+                          + f": {where}", attacks_only=trained, train_left=left)
     if trained:
         note = "trained here, attacks left"
     elif src is not None:
         note = "trained run to adopt, attacks left"
     elif rec.config is not None:
-        note = ", ".join(n for n in (rec.unfinished() or "", where) if n)
+        note = ", ".join(n for n in (rec.unfinished() or "", done, where) if n)
     elif elsewhere := [r for r in records if r.trained_for(t.cfg, device=device)]:
         note = f"trained under --adopt, {_why_not_attacked(elsewhere[0], t)}, no " \
                "checkpoint: runs again"
     else:
         note = ""
-    return TrialState(t.name, "pending", kind, note, attacks_only=trained or src is not None)
+    return TrialState(t.name, "pending", kind, note, attacks_only=trained or src is not None,
+                      train_left=left)
 
 
 def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
@@ -229,7 +244,8 @@ def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
         if s.state in ("finished", "adopted"):
             continue
         costs = by_kind.get(s.kind) or by_defense.get(s.kind[0]) or everything
-        train = mean(costs, 0) or mean(everything, 0)
+        train = s.train_left if s.train_left is not None else \
+            mean(costs, 0) or mean(everything, 0)
         attack = mean(costs, 1) or mean(everything, 1)
         s.estimate = attack if s.attacks_only else train + attack
         total += s.estimate
