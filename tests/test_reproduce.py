@@ -513,3 +513,26 @@ def test_list_shows_the_seeds_earlier_rounds_added(tmp_path, bundled):
     assert res.exit_code == 0, res.output
     assert res.output.startswith(text + "\n"), res.output  # the same listing
     assert any(ln.split()[:2] == [extra.name, "finished"] for ln in text.splitlines())
+
+
+def test_a_pinned_run_joins_the_curve_of_runs_that_ran_its_path(tmp_path, monkeypatch):
+    """A run made with --amp true where bf16 is emulated and one made with amp: auto where
+    it is native both ran bf16: the paper table puts them on one curve (two seeds), as the
+    frontier does; keyed by the config as written they were two one-seed curves."""
+    from splitcem.study.grid import pin_amp
+    from splitcem.study.paper import _run_curve
+
+    topk = [{"name": "topk", "ratio": 0.3}, {"name": "noise", "sigma": 0.1}]
+    auto = _cfg("a", 1, topk)
+    _machine(monkeypatch, bf16=True)
+    rec = write_run(tmp_path / "a", auto, 0.75, 0.013)  # as training records it: native bf16
+    rec.save({**rec.metrics, "numerics": {**rec.metrics["numerics"], "native_bf16": True}})
+    pinned = load_config(pin_amp({**auto.to_dict(), "name": "b", "seed": 2}, True))
+    _machine(monkeypatch, bf16=False)
+    write_run(tmp_path / "b", pinned, 0.76, 0.012)
+    runs = sorted(find_runs([tmp_path])[0], key=lambda r: r.name)
+    assert [r.numerics["amp"] for r in runs] == [True, True]
+    assert runs[0].cfg.train.amp == "auto" and runs[1].cfg.train.amp is True
+    assert _run_curve(runs[0]) == _run_curve(runs[1])
+    table, rows = curve_table(runs)
+    assert [r["seeds"] for r in rows] == [2], table

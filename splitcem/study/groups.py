@@ -30,7 +30,7 @@ from splitcem.report import attack_metric
 from splitcem.runid import resolved_attacks
 from splitcem.study.grid import format_value
 
-__all__ = ["FrontierRun", "family", "find_runs", "group_runs", "seed_cells"]
+__all__ = ["FrontierRun", "as_ran", "family", "find_runs", "group_runs", "seed_cells"]
 
 #: config keys that neither change a run's results nor its group
 _NOT_CONTEXT = {("name",), ("seed",), ("device",), ("data", "root"), ("data", "cache_dir"),
@@ -152,14 +152,7 @@ def _context(r: FrontierRun) -> dict[str, Any]:
     seed, paths and defense, with the numeric path as it ran (``amp: auto`` and ``amp: true``
     are one context where both ran bf16) rather than as it was asked for."""
     cfg, family = r.cfg, r.family
-    d = cfg.to_dict()
-    num = r.numerics or {}
-    if "amp" in num and "channels_last" in num:
-        d["train"] = {**d["train"], "amp": bool(num["amp"]),
-                      "channels_last": bool(num["channels_last"])}
-    dev = str(num.get("device") or "cpu")
-    d["attack"] = {**d["attack"], "attacks": [
-        {**a, "amp": _attack_amp(r, a, dev)} for a in d["attack"].get("attacks") or []]}
+    d = as_ran(r)
     for path in _NOT_CONTEXT:
         cur = d
         for k in path[:-1]:
@@ -169,6 +162,20 @@ def _context(r: FrontierRun) -> dict[str, Any]:
         d["model"].pop("cut", None)
     if family.endswith("cem") and cfg.cem is not None:
         d["cem"] = {k: v for k, v in cfg.cem.model_dump(by_alias=True).items() if k != "lambda"}
+    return d
+
+
+def as_ran(r: FrontierRun) -> dict[str, Any]:
+    """``r``'s config as a dict with its numeric path as it ran: training's ``amp`` /
+    ``channels_last`` as recorded, each attack's ``amp`` as :func:`_attack_amp` finds it."""
+    d = r.cfg.to_dict()
+    num = r.numerics or {}
+    if "amp" in num and "channels_last" in num:
+        d["train"] = {**d["train"], "amp": bool(num["amp"]),
+                      "channels_last": bool(num["channels_last"])}
+    dev = str(num.get("device") or "cpu")
+    d["attack"] = {**d["attack"], "attacks": [
+        {**a, "amp": _attack_amp(r, a, dev)} for a in d["attack"].get("attacks") or []]}
     return d
 
 

@@ -41,7 +41,7 @@ from splitcem.runid import comparable
 from splitcem.study.frontier import Comparison, compare
 from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.grid import format_value
-from splitcem.study.groups import FrontierRun, family, find_runs
+from splitcem.study.groups import FrontierRun, as_ran, family, find_runs
 
 __all__ = ["PAPER_GAINS", "average_gain", "cem_lambda", "curve_key", "curve_rows", "curve_table",
            "defense_of", "paper_rows", "paper_table", "write_paper"]
@@ -78,8 +78,8 @@ def _label(cfg: RunConfig, name: str, skey: str, val: Any) -> str:
     return f"{fam} ({skey.rsplit('.', 1)[-1]}={format_value(val)})"
 
 
-def _key(cfg: RunConfig, drop: Sequence[str]) -> str:
-    d = comparable(cfg.to_dict())
+def _key(cfg: dict[str, Any], drop: Sequence[str]) -> str:
+    d = comparable(cfg)
     for k in ("seed", "cem"):
         d.pop(k, None)
     for path in drop:
@@ -104,7 +104,14 @@ def curve_key(cfg: RunConfig) -> str:
     """The key of the defense curve a run belongs to: its config up to seed, CEM and its
     defense's strength (:func:`defense_of`). A setting with CEM and the runs of the same
     defense without CEM over its strength share it (its *own curve*)."""
-    return _key(cfg, [defense_of(cfg)[1]])
+    return _key(cfg.to_dict(), [defense_of(cfg)[1]])
+
+
+def _run_curve(r: FrontierRun) -> str:
+    """:func:`curve_key` of a finished run, with its numeric path as it ran
+    (:func:`~splitcem.study.groups.as_ran`: ``amp: true`` and ``auto`` that ran bf16 are one
+    curve)."""
+    return _key(as_ran(r), [defense_of(r.cfg)[1]])
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -138,10 +145,10 @@ def _cmp(curve: dict[Any, list[FrontierRun]], rs: list[FrontierRun], level: floa
     return compare(cells, _cell(rs), level=level) if cells else None
 
 
-def _context(cfg: RunConfig) -> str:
-    """The key of the noise curve a run is compared with: its config up to seed, CEM,
-    defenses and the model bottleneck."""
-    return _key(cfg, ["defenses", "model.bottleneck_channels", "model.bottleneck_stride"])
+def _context(r: FrontierRun) -> str:
+    """The key of the noise curve a run is compared with: its config (numeric path as it
+    ran) up to seed, CEM, defenses and the model bottleneck."""
+    return _key(as_ran(r), ["defenses", "model.bottleneck_channels", "model.bottleneck_stride"])
 
 
 @dataclass
@@ -163,7 +170,7 @@ def _group(runs: Sequence[FrontierRun]) -> _Grouped:
     g = _Grouped()
     for r in runs:
         name, skey, val = defense_of(r.cfg)
-        curve = curve_key(r.cfg)
+        curve = _run_curve(r)
         g.labels.setdefault(curve, (name, skey))
         lam = cem_lambda(r.cfg)
         if lam > 0:
@@ -171,7 +178,7 @@ def _group(runs: Sequence[FrontierRun]) -> _Grouped:
             continue
         g.own[curve][val].append(r)
         if name == "noise":
-            g.noise[_context(r.cfg)][val].append(r)
+            g.noise[_context(r)][val].append(r)
     return g
 
 
@@ -185,7 +192,7 @@ def paper_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict
     for (curve, val, lam), with_cem in g.cem.items():
         name, skey = labels[curve]
         base = own.get(curve, {}).get(val, [])
-        ctx = _context(with_cem[0].cfg)
+        ctx = _context(with_cem[0])
         row: dict[str, Any] = {
             "defense": _label(with_cem[0].cfg, name, skey, val), "defense_name": name,
             "strength_key": skey, "strength": val, "lambda": lam,
@@ -282,7 +289,7 @@ def curve_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict
         if name in ("noise", "cut"):
             continue
         for val, rs in cells.items():
-            vs_noise = _cmp(g.noise.get(_context(rs[0].cfg), {}), rs, level)
+            vs_noise = _cmp(g.noise.get(_context(rs[0]), {}), rs, level)
             stats = _stats(rs)
             rows.append((name, curve, -stats["accuracy"], {
                 "defense": _label(rs[0].cfg, name, skey, val), "defense_name": name,
