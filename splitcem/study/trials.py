@@ -316,15 +316,15 @@ def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     result = GridResult(out_dir)
     jobs: list[Job] = []
-    for t in trials:
+    records = list(RunRecord.find([Path(a) for a in adopt])) if adopt else []  # read once
+    for t, rec in zip(trials, own, strict=True):
         path = out_dir / t.name
         meta = {"name": t.name, "variant": t.variant, "values": t.values, "seed": t.seed}
-        if trial_finished(path, t.cfg, device=device) is not None:
-            result.statuses[t.name] = RunRecord.load(path).trial or {**meta,
-                                                                     "status": "finished"}
+        if rec.finished(t.cfg, device=device):
+            result.statuses[t.name] = rec.trial or {**meta, "status": "finished"}
             result.skipped.append(t.name)
             continue
-        src = find_adoptable(t, [Path(a) for a in adopt], device=device) if adopt else None
+        src = find_adoptable(t, [], device=device, records=records) if adopt else None
         if src is not None:
             result.statuses[t.name] = _adopt(t, src, path, device=device)
             log.info("trial %s: adopted the %s run %s", t.name,
@@ -333,11 +333,9 @@ def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
                 result.adopted.append(t.name)
                 continue
         jobs.append((t, path, meta))
-    if adopt and jobs:
+    if records and jobs:
         left = [t for t, _, _ in jobs]
-        found = other_paths(left, list(RunRecord.find([Path(a) for a in adopt])),
-                            device=device)
-        if found:
+        if found := other_paths(left, records, device=device):
             log.warning("%s", pin_advice(left, found, device=device))
     return result, jobs
 
