@@ -43,6 +43,7 @@ from splitcem.config import RunConfig, load_config
 from splitcem.errors import ConfigError
 from splitcem.provenance import made_by
 from splitcem.runid import attack_hash, attack_split, comparable, resolved_amp, train_hash
+from splitcem.runtime import describe_path, ran_bf16
 
 __all__ = [
     "CHECKPOINT",
@@ -161,7 +162,7 @@ class RunRecord:
         for label, rec in (self.attacks.get("attacks") or {}).items():
             num = ((rec or {}).get("extra") or {}).get("numerics")
             if isinstance(num, str):
-                out[label] = num.startswith("bf16 autocast")
+                out[label] = ran_bf16(num)
         return out
 
     @property
@@ -249,8 +250,7 @@ class RunRecord:
         if self.config_hash != train_hash(cfg, numerics=self.numerics):
             return None
         num = self.numerics
-        return ("bf16 autocast" if num.get("amp") else "float32") + \
-            (" + channels-last" if num.get("channels_last") else "")
+        return describe_path(bool(num.get("amp")), bool(num.get("channels_last")))
 
     def finished(self, for_config: RunConfig | None = None, *,
                  device: str | None = None) -> bool:

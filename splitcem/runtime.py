@@ -48,7 +48,9 @@ __all__ = [
     "check_setting",
     "cpu_capability",
     "default_threads",
+    "describe_path",
     "native_bf16",
+    "ran_bf16",
     "resolve_device",
     "resolve_numeric_path",
     "set_threads",
@@ -133,6 +135,22 @@ def _channels_last_fast(device: torch.device, amp: bool) -> bool:
 
 
 # --------------------------------------------------------------------------- numeric path
+def describe_path(amp: bool, channels_last: bool) -> str:
+    """A numeric path in words, as runs record it: ``bf16 autocast + channels-last``,
+    ``float32`` and the like (:func:`ran_bf16` reads it back).
+
+    Example:
+        >>> describe_path(True, True), ran_bf16(describe_path(True, False))
+        ('bf16 autocast + channels-last', True)
+    """
+    return ("bf16 autocast" if amp else "float32") + (" + channels-last" if channels_last else "")
+
+
+def ran_bf16(described: str) -> bool:
+    """Whether a path :func:`describe_path` wrote (maybe followed by more words) is bf16."""
+    return described.startswith(describe_path(True, False))
+
+
 @dataclass(frozen=True)
 class NumericPath:
     """How a model runs on one device: bf16 autocast or float32, and the memory layout.
@@ -164,9 +182,8 @@ class NumericPath:
         return torch.autocast(self.device, dtype=torch.bfloat16)
 
     def describe(self) -> str:
-        """``bf16 autocast + channels-last`` and the like."""
-        return (("bf16 autocast" if self.amp else "float32")
-                + (" + channels-last" if self.channels_last else ""))
+        """``bf16 autocast + channels-last`` and the like (:func:`describe_path`)."""
+        return describe_path(self.amp, self.channels_last)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": self.describe()}

@@ -18,7 +18,16 @@ from splitcem.runid import resolved_amp
 from splitcem.study.frontier import compare
 from splitcem.study.grid import Trial, expand, load_sweep
 from splitcem.study.groups import find_runs
-from splitcem.study.listing import list_trials, run_cost
+from splitcem.study.listing import (
+    Machine,
+    Pace,
+    TrialState,
+    core_hours_left,
+    format_listing,
+    list_trials,
+    pace,
+    run_cost,
+)
 from splitcem.study.paper import (
     PAPER_GAINS,
     cem_lambda,
@@ -39,13 +48,17 @@ def _cfg(name: str, seed: int, defenses: list[dict], lam: float = 0.0) -> RunCon
 
 
 def write_run(path: Path, cfg: RunConfig, acc: float, mse: float, *, train_s: float = 60.0,
-              attack_s: float = 30.0, threads: int = 1, attacked: bool = True) -> RunRecord:
+              attack_s: float = 30.0, threads: int = 1, attacked: bool = True,
+              machine: Machine | None = None) -> RunRecord:
     """A finished (trained + attacked) run directory, written by the record's own writers
-    (``attacked=False``: trained only)."""
+    (``attacked=False``: trained only; ``machine``: the one it records it trained on)."""
     rec = RunRecord.begin_training(path, cfg, resume=False, device="cpu")
     amp, cl = resolved_amp(cfg.train.amp, "cpu", cfg.train.channels_last)
+    where = {} if machine is None else {"device": machine.device, "native_bf16":
+                                        machine.native_bf16,
+                                        "cpu_capability": machine.cpu_capability}
     rec = rec.finish_training({**rec.metrics, "numerics": {"amp": amp, "channels_last": cl,
-                                                           "threads": threads},
+                                                           "threads": threads, **where},
                                "train": {"test_accuracy": acc, "seconds": train_s,
                                          "epochs": cfg.train.epochs}})
     if not attacked:
@@ -136,6 +149,58 @@ def test_list_says_finished_adopted_failed_pending_and_the_core_hours_left(tmp_p
     assert states["todo_topk"].estimate == pytest.approx(topk)
     assert states["todo_topk_cem"].estimate == pytest.approx(topk)
     assert hours == pytest.approx((2 * noise_mean + 2 * topk) / 3600)
+
+
+def test_runs_made_elsewhere_are_put_on_this_machines_pace(tmp_path):
+    """Finished runs from a machine with native bf16 are scaled to the pace of one that
+    emulates it, by the ratio on the settings finished on both; without such a setting
+    they count as they are, and the listing says which."""
+    fast, slow = Machine("cpu", True, True, "AVX512"), Machine("cpu", True, False, "AVX512")
+    noise, topk = ("noise", False), ("topk", False)
+
+    def done(name: str, kind: tuple[str, bool], machine: Machine,
+             cost: tuple[float, float]) -> TrialState:
+        return TrialState(name, "finished", kind, cost=cost, setting=name.split("_")[0],
+                          machine=machine)
+
+    finished = [done("a_s1", noise, fast, (100.0, 50.0)), done("a_s2", noise, slow, (400.0, 150.0)),
+                done("b_s1", topk, fast, (200.0, 60.0))]
+    left = [TrialState("b_s2", "pending", topk, setting="b", machine=slow),
+            TrialState("c_s1", "pending", ("topk", True), setting="c", machine=slow)]
+    states = finished + left
+    assert pace(states, slow) == pytest.approx(Pace(4.0, 3.0, 1, 2))
+    hours, n = core_hours_left(states)
+    assert n == 3
+    # b's one run (made on the fast machine) at the slow one's pace; c has no run of its
+    # kind: top-k's
+    assert left[0].estimate == pytest.approx(200 * 4 + 60 * 3)
+    assert left[1].estimate == pytest.approx(200 * 4 + 60 * 3)
+    assert hours == pytest.approx(2 * 980 / 3600)
+    text = format_listing(states)
+    assert "2 run(s) made elsewhere put on the pace of cpu (AVX512), bf16 autocast emulated: " \
+        "train x4.00, attacks x3.00 (the ratio on 1 setting(s) run both ways)" in text
+
+    # no setting finished on the slow machine: the others count at their own pace, said
+    alone = [finished[0], finished[2], *left]
+    assert pace(alone, slow) == Pace(1.0, 1.0, 0, 2)
+    core_hours_left(alone)
+    assert left[0].estimate == pytest.approx(260.0)
+    assert "2 run(s) made elsewhere (or not saying where) count at their own pace: no " \
+        "setting has finished on cpu (AVX512), bf16 autocast emulated yet" in format_listing(alone)
+
+    # list_trials reads where a finished run trained from its record, and places a trial
+    # left to do on this machine
+    cfg = _cfg("r", 125, [{"name": "noise", "sigma": 0.1}])
+    write_run(tmp_path / "r", cfg, 0.8, 0.01, machine=fast)
+    write_run(tmp_path / "old", _cfg("old", 125, [{"name": "noise", "sigma": 0.1}]), 0.8, 0.01)
+    got = list_trials([Trial("r", cfg, 125), Trial("old", _cfg("old", 125, [
+        {"name": "noise", "sigma": 0.1}]), 125), Trial("new", _cfg("new", 126, [
+            {"name": "noise", "sigma": 0.1}]), 126)], tmp_path, device="cpu")
+    ran_amp = resolved_amp(cfg.train.amp, "cpu", cfg.train.channels_last)[0]  # as write_run
+    # a run from before where it trained was recorded: None
+    assert [s.machine for s in got[:2]] == [Machine("cpu", ran_amp, True, "AVX512"), None]
+    assert got[2].machine == Machine.here(Trial("new", cfg, 126), "cpu")
+    assert [s.setting for s in got] == ["r", "old", "new"]
 
 
 def test_list_shows_a_trial_a_live_process_runs_as_running(tmp_path):

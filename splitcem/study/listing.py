@@ -28,27 +28,86 @@ A trial whose training recorded epochs (running, or killed and resuming from its
 ``metrics.json``'s ``progress``) shows them, and its training is estimated as the epochs left
 times its last epoch's seconds: measured on the machine running it, not on the machines that
 made the finished runs.
+
+Finished runs may come from other machines: a run records its device, CPU capability,
+numeric path and whether bf16 was native (``numerics``), and a trial left to do would run
+on this machine's (:class:`Machine`). bf16 autocast emulated on a CPU without native bf16
+runs about 4x slower than where it is native, so the runs made elsewhere are put on this
+machine's pace before averaging: their train and attack seconds are multiplied by the
+geometric mean, over the settings that have finished runs both here-like and elsewhere, of
+the ratio of the two (:func:`pace`). Where no setting has both yet, they count as they are,
+and the listing says so.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import statistics
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from splitcem.record import RunRecord
 from splitcem.runid import attack_split, train_hash
+from splitcem.runtime import resolve_device, resolve_numeric_path
 from splitcem.study.adaptive import adaptive, plan_round, with_earlier_rounds
 from splitcem.study.grid import SweepSpec, Trial, expand
 from splitcem.study.paper import defense_of
 from splitcem.study.trials import find_adoptable, other_paths, pin_advice
 
-__all__ = ["TrialState", "core_hours_left", "format_listing", "list_sweep", "list_trials",
-           "run_cost"]
+__all__ = ["Machine", "Pace", "TrialState", "core_hours_left", "format_listing", "list_sweep",
+           "list_trials", "pace", "run_cost"]
+
+
+class Machine(NamedTuple):
+    """What sets a trial's pace: the device, bf16 autocast or not, whether bf16 is native
+    there, and the CPU's kernel level (CPU runs only)."""
+
+    device: str
+    amp: bool
+    native_bf16: bool
+    cpu_capability: str | None
+
+    def describe(self) -> str:
+        """``cpu (AVX512), bf16 autocast emulated`` and the like."""
+        where = f"{self.device} ({self.cpu_capability})" if self.cpu_capability else self.device
+        how = ("bf16 autocast " + ("native" if self.native_bf16 else "emulated")) \
+            if self.amp else "float32"
+        return f"{where}, {how}"
+
+    @classmethod
+    def of_run(cls, rec: RunRecord) -> Machine | None:
+        """Where a finished run trained, from its ``numerics``; ``None`` for runs that did
+        not record it."""
+        num = rec.numerics
+        if "native_bf16" not in num or "amp" not in num:
+            return None
+        device = str(num.get("device") or "cpu")
+        return cls(device, bool(num["amp"]), bool(num["native_bf16"]),
+                   num.get("cpu_capability") if device == "cpu" else None)
+
+    @classmethod
+    def here(cls, trial: Trial, device: str | None = None) -> Machine:
+        """Where ``trial`` would train on this machine (``device``: default its own)."""
+        dev = resolve_device(device if device is not None else trial.cfg.device)
+        with warnings.catch_warnings():  # amp: true without native bf16 warns when it trains
+            warnings.simplefilter("ignore")
+            p = resolve_numeric_path(trial.cfg.train.amp, trial.cfg.train.channels_last, dev)
+        return cls(p.device, p.amp, p.native_bf16,
+                   p.cpu_capability if p.device == "cpu" else None)
+
+
+class Pace(NamedTuple):
+    """How the finished runs made elsewhere are put on one machine's pace (:func:`pace`)."""
+
+    train: float  # factor on their training seconds
+    attack: float  # factor on their attack seconds
+    settings: int  # settings the factors rest on (0: none, factors 1)
+    elsewhere: int  # finished runs made on other machines (or not saying where)
 
 
 @dataclass
@@ -72,6 +131,11 @@ class TrialState:
     #: pending: a run trained for it in all but the numeric path, and that path
     #: (:func:`~splitcem.study.trials.other_paths`)
     other: tuple[RunRecord, str] | None = None
+    #: the setting it is a seed of (:attr:`~splitcem.study.grid.Trial.setting`)
+    setting: str = ""
+    #: finished / adopted: where its run trained (``None``: not recorded); else where it
+    #: would train here
+    machine: Machine | None = None
 
 
 def run_cost(rec: RunRecord) -> tuple[float, float]:
@@ -139,14 +203,24 @@ def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
     if records is None:
         records = [r for d in adopt if Path(d).is_dir() for r in RunRecord.find([d])]
     states: list[TrialState] = []
+    own: dict[str, RunRecord] = {}
+    here: dict[tuple[Any, ...], Machine] = {}
     for t in trials:
-        states.append(_state(t, out, records, device))
+        own[t.name] = RunRecord.load(Path(out) / t.name)
+        state, ran = _state(t, own[t.name], records, device)
+        if ran is not None:
+            state.machine = Machine.of_run(ran)
+        else:
+            key = (t.cfg.device, t.cfg.train.amp, t.cfg.train.channels_last)
+            state.machine = here.get(key) or here.setdefault(key, Machine.here(t, device))
+        state.setting = t.setting
         if t.policy is not None and t.policy.until is not None:
-            states[-1].policy = f"seeds {t.policy.min}..{t.policy.max} until {t.policy.until}"
+            state.policy = f"seeds {t.policy.min}..{t.policy.max} until {t.policy.until}"
+        states.append(state)
     bare = [t for t, s in zip(trials, states, strict=True) if s.state == "pending" and not s.note]
-    own = [RunRecord.load(Path(out) / t.name) for t in bare]
     by_name = {s.name: s for s in states}
-    for name, (rec, path) in other_paths(bare, [*own, *records], device=device).items():
+    for name, (rec, path) in other_paths(bare, [*(own[t.name] for t in bare), *records],
+                                         device=device).items():
         by_name[name].other = (rec, path)
         by_name[name].note = f"{rec.path} ran {path}: another numeric path"
     return states
@@ -180,20 +254,22 @@ def _running(rec: RunRecord) -> tuple[bool, str]:
     return False, ""
 
 
-def _state(t: Trial, out: Path, records: Sequence[RunRecord], device: str | None) -> TrialState:
-    """One trial's state (module docstring)."""
-    rec = RunRecord.load(Path(out) / t.name)
+def _state(t: Trial, rec: RunRecord, records: Sequence[RunRecord],
+           device: str | None) -> tuple[TrialState, RunRecord | None]:
+    """One trial's state (module docstring), from its own record ``rec`` in the sweep
+    folder, and the finished run behind it (``None`` unless finished or adopted)."""
     kind = _kind(t)
     if rec.finished(t.cfg, device=device):
-        return TrialState(t.name, "finished", kind, cost=run_cost(rec))
+        return TrialState(t.name, "finished", kind, cost=run_cost(rec)), rec
     src = find_adoptable(t, [], device=device, records=records) if records else None
     if src is not None:
         found = RunRecord.load(src)
         if found.finished(t.cfg, device=device):
-            return TrialState(t.name, "adopted", kind, f"from {src}", cost=run_cost(found))
+            return TrialState(t.name, "adopted", kind, f"from {src}",
+                              cost=run_cost(found)), found
     if rec.trial.get("status") == "failed" or rec.metrics.get("status") == "failed":
         err = rec.trial.get("error") or rec.metrics.get("error") or "see trial.json"
-        return TrialState(t.name, "failed", kind, str(err).splitlines()[0])
+        return TrialState(t.name, "failed", kind, str(err).splitlines()[0]), None
     running, where = _running(rec)
     trained = rec.config is not None and rec.trained_for(t.cfg, device=device)
     prog = rec.progress if rec.config_hash == train_hash(t.cfg, device=device) else None
@@ -206,7 +282,7 @@ def _state(t: Trial, out: Path, records: Sequence[RunRecord], device: str | None
         phase = "attacking" if trained else \
             "training" if rec.metrics.get("status") == "training" else "starting"
         return TrialState(t.name, "running", kind, ", ".join(n for n in (phase, done) if n)
-                          + f": {where}", attacks_only=trained, train_left=left)
+                          + f": {where}", attacks_only=trained, train_left=left), None
     if trained:
         note = "trained here, attacks left"
     elif src is not None:
@@ -219,7 +295,30 @@ def _state(t: Trial, out: Path, records: Sequence[RunRecord], device: str | None
     else:
         note = ""
     return TrialState(t.name, "pending", kind, note, attacks_only=trained or src is not None,
-                      train_left=left)
+                      train_left=left), None
+
+
+def _mean(xs: Sequence[float]) -> float:
+    xs = [x for x in xs if x > 0]  # a resumed run may record 0 train seconds
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def pace(states: Sequence[TrialState], machine: Machine) -> Pace:
+    """The factors that put the finished runs made elsewhere on ``machine``'s pace (module
+    docstring): per part (train, attack), the geometric mean over the settings with finished
+    runs both on ``machine`` and elsewhere of (mean seconds on it / mean seconds elsewhere)."""
+    done = [s for s in states if s.cost is not None]
+    on: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    off: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for s in done:
+        (on if s.machine == machine else off)[s.setting].append(s.cost)  # type: ignore[arg-type]
+    shared = sorted(set(on) & set(off))
+    factors: list[float] = []
+    for i in (0, 1):
+        ratios = [a / b for a, b in ((_mean([c[i] for c in on[k]]), _mean([c[i] for c in off[k]]))
+                                     for k in shared) if a > 0 and b > 0]
+        factors.append(statistics.geometric_mean(ratios) if ratios else 1.0)
+    return Pace(factors[0], factors[1], len(shared), sum(len(v) for v in off.values()))
 
 
 def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
@@ -228,28 +327,51 @@ def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
     done = [s for s in states if s.cost is not None]
     if not done:
         return None, 0
-    by_kind: dict[tuple[str, bool], list[tuple[float, float]]] = defaultdict(list)
-    by_defense: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for s in done:
-        by_kind[s.kind].append(s.cost)  # type: ignore[arg-type]
-        by_defense[s.kind[0]].append(s.cost)  # type: ignore[arg-type]
-
-    def mean(costs: list[tuple[float, float]], i: int) -> float:
-        xs = [c[i] for c in costs if c[i] > 0]  # a resumed run may record 0 train seconds
-        return sum(xs) / len(xs) if xs else 0.0
-
-    everything = [s.cost for s in done if s.cost is not None]
+    paced: dict[Machine | None, list[TrialState]] = {}  # the runs at each machine's pace
     total = 0.0
     for s in states:
         if s.state in ("finished", "adopted"):
             continue
-        costs = by_kind.get(s.kind) or by_defense.get(s.kind[0]) or everything
+        if s.machine not in paced:
+            p = pace(states, s.machine) if s.machine is not None else Pace(1.0, 1.0, 0, 0)
+            paced[s.machine] = [
+                d if d.machine == s.machine else TrialState(
+                    d.name, d.state, d.kind, cost=(d.cost[0] * p.train,  # type: ignore[index]
+                                                   d.cost[1] * p.attack))  # type: ignore[index]
+                for d in done]
+        runs = paced[s.machine]
+        costs = [d.cost for d in runs if d.kind == s.kind] or \
+            [d.cost for d in runs if d.kind[0] == s.kind[0]] or [d.cost for d in runs]
+        everything = [d.cost for d in runs]
+
+        def mean(cs: list[tuple[float, float] | None], i: int) -> float:
+            return _mean([c[i] for c in cs if c is not None])
+
         train = s.train_left if s.train_left is not None else \
             mean(costs, 0) or mean(everything, 0)
         attack = mean(costs, 1) or mean(everything, 1)
         s.estimate = attack if s.attacks_only else train + attack
         total += s.estimate
     return total / 3600.0, len(done)
+
+
+def _pace_lines(states: Sequence[TrialState]) -> list[str]:
+    """One line per machine the trials left would run on, where runs made elsewhere count."""
+    lines = []
+    for m in dict.fromkeys(s.machine for s in states
+                           if s.state not in ("finished", "adopted") and s.machine is not None):
+        p = pace(states, m)
+        if not p.elsewhere:
+            continue
+        if p.settings:
+            lines.append(f"  {p.elsewhere} run(s) made elsewhere put on the pace of {m.describe()}"
+                         f": train x{p.train:.2f}, attacks x{p.attack:.2f} (the ratio on "
+                         f"{p.settings} setting(s) run both ways)")
+        else:
+            lines.append(f"  {p.elsewhere} run(s) made elsewhere (or not saying where) count at "
+                         f"their own pace: no setting has finished on {m.describe()} yet to "
+                         "compare them by")
+    return lines
 
 
 def format_listing(states: Sequence[TrialState]) -> str:
@@ -274,4 +396,5 @@ def format_listing(states: Sequence[TrialState]) -> str:
         lines.append(f"core-hours left: about {hours:.1f} (from the recorded times of {n} "
                      "finished run(s), train + attack seconds x threads, per defense with / "
                      "without CEM where it has finished runs, else per defense)")
+        lines += _pace_lines(states)
     return "\n".join(lines)
