@@ -44,7 +44,6 @@ from __future__ import annotations
 import os
 import socket
 import statistics
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,11 +52,10 @@ from typing import Any, NamedTuple
 
 from splitcem.record import RunRecord
 from splitcem.runid import attack_split, train_hash
-from splitcem.runtime import resolve_device, resolve_numeric_path
 from splitcem.study.adaptive import adaptive, plan_round, with_earlier_rounds
 from splitcem.study.grid import SweepSpec, Trial, expand
 from splitcem.study.paper import defense_of
-from splitcem.study.trials import find_adoptable, other_paths, pin_advice
+from splitcem.study.trials import find_adoptable, numeric_path_here, other_paths, pin_advice
 
 __all__ = ["Machine", "Pace", "TrialState", "core_hours_left", "format_listing", "list_sweep",
            "list_trials", "pace", "run_cost"]
@@ -93,10 +91,7 @@ class Machine(NamedTuple):
     @classmethod
     def here(cls, trial: Trial, device: str | None = None) -> Machine:
         """Where ``trial`` would train on this machine (``device``: default its own)."""
-        dev = resolve_device(device if device is not None else trial.cfg.device)
-        with warnings.catch_warnings():  # amp: true without native bf16 warns when it trains
-            warnings.simplefilter("ignore")
-            p = resolve_numeric_path(trial.cfg.train.amp, trial.cfg.train.channels_last, dev)
+        p = numeric_path_here(trial.cfg, device)
         return cls(p.device, p.amp, p.native_bf16,
                    p.cpu_capability if p.device == "cpu" else None)
 
@@ -204,15 +199,10 @@ def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
         records = [r for d in adopt if Path(d).is_dir() for r in RunRecord.find([d])]
     states: list[TrialState] = []
     own: dict[str, RunRecord] = {}
-    here: dict[tuple[Any, ...], Machine] = {}
     for t in trials:
         own[t.name] = RunRecord.load(Path(out) / t.name)
         state, ran = _state(t, own[t.name], records, device)
-        if ran is not None:
-            state.machine = Machine.of_run(ran)
-        else:
-            key = (t.cfg.device, t.cfg.train.amp, t.cfg.train.channels_last)
-            state.machine = here.get(key) or here.setdefault(key, Machine.here(t, device))
+        state.machine = Machine.of_run(ran) if ran is not None else Machine.here(t, device)
         state.setting = t.setting
         if t.policy is not None and t.policy.until is not None:
             state.policy = f"seeds {t.policy.min}..{t.policy.max} until {t.policy.until}"
@@ -327,29 +317,25 @@ def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
     done = [s for s in states if s.cost is not None]
     if not done:
         return None, 0
-    paced: dict[Machine | None, list[TrialState]] = {}  # the runs at each machine's pace
+    Cost = tuple[float, float]
+    paced: dict[Machine | None, list[tuple[tuple[str, bool], Cost]]] = {}  # (kind, cost)
     total = 0.0
     for s in states:
         if s.state in ("finished", "adopted"):
             continue
-        if s.machine not in paced:
+        if s.machine not in paced:  # the finished runs at this machine's pace
             p = pace(states, s.machine) if s.machine is not None else Pace(1.0, 1.0, 0, 0)
             paced[s.machine] = [
-                d if d.machine == s.machine else TrialState(
-                    d.name, d.state, d.kind, cost=(d.cost[0] * p.train,  # type: ignore[index]
-                                                   d.cost[1] * p.attack))  # type: ignore[index]
+                (d.kind, d.cost if d.machine == s.machine else  # type: ignore[misc]
+                 (d.cost[0] * p.train, d.cost[1] * p.attack))  # type: ignore[index]
                 for d in done]
         runs = paced[s.machine]
-        costs = [d.cost for d in runs if d.kind == s.kind] or \
-            [d.cost for d in runs if d.kind[0] == s.kind[0]] or [d.cost for d in runs]
-        everything = [d.cost for d in runs]
-
-        def mean(cs: list[tuple[float, float] | None], i: int) -> float:
-            return _mean([c[i] for c in cs if c is not None])
-
+        everything = [c for _, c in runs]
+        costs = [c for k, c in runs if k == s.kind] or \
+            [c for k, c in runs if k[0] == s.kind[0]] or everything
         train = s.train_left if s.train_left is not None else \
-            mean(costs, 0) or mean(everything, 0)
-        attack = mean(costs, 1) or mean(everything, 1)
+            _mean([c[0] for c in costs]) or _mean([c[0] for c in everything])
+        attack = _mean([c[1] for c in costs]) or _mean([c[1] for c in everything])
         s.estimate = attack if s.attacks_only else train + attack
         total += s.estimate
     return total / 3600.0, len(done)

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitcem._io import write_json
 from splitcem.config import RunConfig
@@ -41,6 +41,9 @@ from splitcem.errors import ConfigError
 from splitcem.record import TRIAL_FILE, RunRecord, comparable
 from splitcem.study.execute import RESULT_FILES, land, run_trial
 from splitcem.study.grid import SweepSpec, Trial, expand, load_sweep
+
+if TYPE_CHECKING:
+    from splitcem.runtime import NumericPath
 
 __all__ = [
     "RESULT_FILES",
@@ -50,6 +53,7 @@ __all__ = [
     "Job",
     "comparable",
     "find_adoptable",
+    "numeric_path_here",
     "other_paths",
     "path_here",
     "pin_advice",
@@ -90,15 +94,21 @@ def find_adoptable(trial: Trial, dirs: Sequence[Path], *, device: str | None = N
     return trained
 
 
-def path_here(cfg: RunConfig, device: str | None = None) -> str:
-    """The numeric path ``cfg`` trains on here, and why (``float32 + channels-last (auto on
-    cpu (AVX512): no native bf16: float32, channels-last)``)."""
+def numeric_path_here(cfg: RunConfig, device: str | None = None) -> NumericPath:
+    """The numeric path ``cfg`` trains on here (``device``: default its own), resolved
+    without the warning training gives for ``amp: true`` without native bf16."""
     from splitcem.runtime import resolve_device, resolve_numeric_path
 
     dev = resolve_device(device if device is not None else cfg.device)
     with warnings.catch_warnings():  # amp: true without native bf16 warns when it trains
         warnings.simplefilter("ignore")
-        p = resolve_numeric_path(cfg.train.amp, cfg.train.channels_last, dev)
+        return resolve_numeric_path(cfg.train.amp, cfg.train.channels_last, dev)
+
+
+def path_here(cfg: RunConfig, device: str | None = None) -> str:
+    """The numeric path ``cfg`` trains on here, and why (``float32 + channels-last (auto on
+    cpu (AVX512): no native bf16: float32, channels-last)``)."""
+    p = numeric_path_here(cfg, device)
     return f"{p.describe()} ({p.reason})"
 
 
