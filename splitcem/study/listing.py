@@ -45,7 +45,7 @@ import os
 import socket
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -311,12 +311,22 @@ def pace(states: Sequence[TrialState], machine: Machine) -> Pace:
     return Pace(factors[0], factors[1], len(shared), sum(len(v) for v in off.values()))
 
 
-def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
+def _paces(states: Sequence[TrialState]) -> dict[Machine, Pace]:
+    """:func:`pace` for each machine the trials left would run on (in their order)."""
+    left = dict.fromkeys(s.machine for s in states
+                         if s.state not in ("finished", "adopted") and s.machine is not None)
+    return {m: pace(states, m) for m in left if m is not None}
+
+
+def core_hours_left(states: Sequence[TrialState], paces: Mapping[Machine, Pace] | None = None
+                    ) -> tuple[float | None, int]:
     """Estimated core-hours of the trials not finished or adopted (module docstring), and
-    the number of recorded runs the estimate rests on; ``None`` without any."""
+    the number of recorded runs the estimate rests on; ``None`` without any. ``paces``: the
+    :func:`pace` of each machine the trials left run on, if already computed."""
     done = [s for s in states if s.cost is not None]
     if not done:
         return None, 0
+    paces = _paces(states) if paces is None else paces
     Cost = tuple[float, float]
     paced: dict[Machine | None, list[tuple[tuple[str, bool], Cost]]] = {}  # (kind, cost)
     total = 0.0
@@ -324,7 +334,7 @@ def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
         if s.state in ("finished", "adopted"):
             continue
         if s.machine not in paced:  # the finished runs at this machine's pace
-            p = pace(states, s.machine) if s.machine is not None else Pace(1.0, 1.0, 0, 0)
+            p = paces[s.machine] if s.machine is not None else Pace(1.0, 1.0, 0, 0)
             paced[s.machine] = [
                 (d.kind, d.cost if d.machine == s.machine else  # type: ignore[misc]
                  (d.cost[0] * p.train, d.cost[1] * p.attack))  # type: ignore[index]
@@ -341,12 +351,10 @@ def core_hours_left(states: Sequence[TrialState]) -> tuple[float | None, int]:
     return total / 3600.0, len(done)
 
 
-def _pace_lines(states: Sequence[TrialState]) -> list[str]:
+def _pace_lines(paces: Mapping[Machine, Pace]) -> list[str]:
     """One line per machine the trials left would run on, where runs made elsewhere count."""
     lines = []
-    for m in dict.fromkeys(s.machine for s in states
-                           if s.state not in ("finished", "adopted") and s.machine is not None):
-        p = pace(states, m)
+    for m, p in paces.items():
         if not p.elsewhere:
             continue
         if p.settings:
@@ -363,7 +371,8 @@ def _pace_lines(states: Sequence[TrialState]) -> list[str]:
 def format_listing(states: Sequence[TrialState]) -> str:
     """The ``--list`` text: one line per trial, then counts and the core-hours left."""
     width = max((len(s.name) for s in states), default=0)
-    hours, n = core_hours_left(states)
+    paces = _paces(states)
+    hours, n = core_hours_left(states, paces)
     lines = []
     for s in states:
         est = f" ~{s.estimate / 3600:.2f} core-h" if s.estimate is not None else ""
@@ -382,5 +391,5 @@ def format_listing(states: Sequence[TrialState]) -> str:
         lines.append(f"core-hours left: about {hours:.1f} (from the recorded times of {n} "
                      "finished run(s), train + attack seconds x threads, per defense with / "
                      "without CEM where it has finished runs, else per defense)")
-        lines += _pace_lines(states)
+        lines += _pace_lines(paces)
     return "\n".join(lines)
