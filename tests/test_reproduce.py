@@ -349,6 +349,35 @@ def test_runs_made_where_bf16_is_native_are_named_and_kept_on_a_machine_without(
 
 
 # ------------------------------------------------------------------------- paper table
+def test_a_rerun_continues_the_trials_it_started_before_new_ones(tmp_path):
+    """plan_trials puts the trials with work on disk (a killed run's epoch checkpoint, or
+    trained and not attacked) first, each part in the sweep's order, so a re-run (e.g. with
+    trials added to the file) finishes what it started before starting anything new."""
+    from splitcem.record import CHECKPOINT
+    from splitcem.study.grid import SweepSpec
+    from splitcem.study.trials import plan_trials
+
+    spec = SweepSpec(name="s", root=tmp_path, base=None, seeds=[125], grid={},
+                     set={"train.epochs": 2, "train.warmup_epochs": 0,
+                          "defenses": [{"name": "noise", "sigma": 0.1}]},
+                     variants=[{"name": "noise{sigma}",
+                                "grid": {"defenses.0.sigma": [0.1, 0.2, 0.3, 0.4, 0.5]}}])
+    trials = expand(spec)
+    out = tmp_path / "sweep"
+    write_run(out / trials[0].name, trials[0].cfg, 0.8, 0.01)  # finished: skipped
+    killed = RunRecord.begin_training(out / trials[2].name, trials[2].cfg, resume=False,
+                                      device="cpu").record_epoch(1, 60.0)
+    (killed.path / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+    (killed.path / CHECKPOINT).write_bytes(b"epoch 1")
+    write_run(out / trials[4].name, trials[4].cfg, 0.8, 0.01, attacked=False)  # attacks left
+    res, jobs = plan_trials(trials, out, device="cpu")
+    assert res.skipped == [trials[0].name]
+    assert [t.name for t, _, _ in jobs] == [trials[i].name for i in (2, 4, 1, 3)]
+    (killed.path / CHECKPOINT).unlink()  # nothing to continue from: back in its place
+    res, jobs = plan_trials(trials, out, device="cpu")
+    assert [t.name for t, _, _ in jobs] == [trials[i].name for i in (4, 1, 2, 3)]
+
+
 def _curve_fixture(tmp_path: Path) -> dict:
     """Runs of three curves (noise over sigma, topk over ratio, dropout over p; seeds 1, 2)
     and CEM cells at topk 0.3 (seeds 1, 2) and dropout 0.2 (seed 1: exploratory), with

@@ -312,11 +312,18 @@ def _execute_ray(
             ray.shutdown()
 
 
+def _started(rec: RunRecord) -> bool:
+    """Work of this trial is on disk to continue from: an epoch checkpoint, or trained."""
+    return rec.has_checkpoint or rec.status == "trained"
+
+
 def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
                 device: str | None = None) -> tuple[GridResult, list[Job]]:
     """What a sweep has left to do: skip the trials finished in ``out`` (for exactly their
     config), adopt finished runs from ``adopt`` (copied into ``out``), and return the rest
-    as jobs (a run adopted as trained only is a job: its attacks run again)."""
+    as jobs (a run adopted as trained only is a job: its attacks run again). The trials with
+    work on disk (an epoch checkpoint, or trained and not attacked) come first, in their
+    order, then the others: a re-run finishes what it started before it starts anything new."""
     out_dir = Path(out)
     own = [RunRecord.load(out_dir / t.name) for t in trials]
     if mine := other_paths(trials, own, device=device):
@@ -343,6 +350,11 @@ def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
                 result.adopted.append(t.name)
                 continue
         jobs.append((t, path, meta))
+    started = {t.name for t, path, _ in jobs if _started(RunRecord.load(path))}
+    if started:
+        jobs.sort(key=lambda j: j[0].name not in started)  # stable: each part in its order
+        log.info("%d started trial(s) continue first: %s", len(started),
+                 ", ".join(t.name for t, _, _ in jobs[:len(started)]))
     if records and jobs:
         left = [t for t, _, _ in jobs]
         if found := other_paths(left, records, device=device):
