@@ -348,7 +348,6 @@ def test_runs_made_where_bf16_is_native_are_named_and_kept_on_a_machine_without(
     assert "numeric path" not in text
 
 
-# ------------------------------------------------------------------------- paper table
 def test_a_rerun_continues_the_trials_it_started_before_new_ones(tmp_path):
     """plan_trials puts the trials with work on disk (a killed run's epoch checkpoint, or
     trained and not attacked) first, each part in the sweep's order, so a re-run (e.g. with
@@ -378,6 +377,7 @@ def test_a_rerun_continues_the_trials_it_started_before_new_ones(tmp_path):
     assert [t.name for t, _, _ in jobs] == [trials[i].name for i in (4, 1, 2, 3)]
 
 
+# ------------------------------------------------------------------------- paper table
 def _curve_fixture(tmp_path: Path) -> dict:
     """Runs of three curves (noise over sigma, topk over ratio, dropout over p; seeds 1, 2)
     and CEM cells at topk 0.3 (seeds 1, 2) and dropout 0.2 (seed 1: exploratory), with
