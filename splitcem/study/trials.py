@@ -334,6 +334,7 @@ def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
     result = GridResult(out_dir)
     jobs: list[Job] = []
     records = list(RunRecord.find([Path(a) for a in adopt])) if adopt else []  # read once
+    started: set[str] = set()
     for t, rec in zip(trials, own, strict=True):
         path = out_dir / t.name
         meta = {"name": t.name, "variant": t.variant, "values": t.values, "seed": t.seed}
@@ -349,8 +350,9 @@ def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
             if result.statuses[t.name]["status"] == "finished":
                 result.adopted.append(t.name)
                 continue
+        if _started(RunRecord.load(path) if src is not None else rec):  # adopted: copied in
+            started.add(t.name)
         jobs.append((t, path, meta))
-    started = {t.name for t, path, _ in jobs if _started(RunRecord.load(path))}
     if started:
         jobs.sort(key=lambda j: j[0].name not in started)  # stable: each part in its order
         log.info("%d started trial(s) continue first: %s", len(started),
