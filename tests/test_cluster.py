@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,14 +37,35 @@ RAY = Path(sys.executable).with_name("ray")
 HEAD, WORKER = "127.0.0.2", "127.0.0.3"
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("", 0))  # free on every interface: the nodes listen on all of them
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def _free_port_block(n: int) -> list[int]:
+    """``n`` consecutive ports, free on every interface, below the kernel's ephemeral range.
+
+    Not ``bind(("", 0))``: that hands out ephemeral ports, which the head's own outgoing
+    connections (dozens while it starts) may take before the worker node binds its ports, and
+    a worker whose raylet or agent cannot bind never joins (a CI run saw exactly that: no node
+    could take the trials' ``{'CPU': 1.0}``). One block also keeps the two nodes' worker-port
+    ranges apart.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, low - n)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("", port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return list(range(base, base + n))
+    raise RuntimeError(f"no block of {n} free ports below {low}")
 
 
 def _can_unshare() -> bool:
@@ -53,15 +75,47 @@ def _can_unshare() -> bool:
     return probe.returncode == 0
 
 
+WORKER_PORTS = 41  # --min-worker-port .. --max-worker-port: a node's worker processes
+
+
 def _node_args(ip: str, ports: list[int], temp: Path) -> list[str]:
-    nm, om, client, agent_l, agent_g, metrics, renv, wmin = ports
+    """``ray start`` flags that pin every port a node listens on to ``ports`` (7 + 41)."""
+    nm, om, client, agent_l, agent_g, metrics, renv = ports[:7]
+    wmin = ports[7]
+    assert len(ports) == 7 + WORKER_PORTS
     return ["--node-ip-address", ip, "--temp-dir", str(temp),
             "--node-manager-port", str(nm), "--object-manager-port", str(om),
             "--ray-client-server-port", str(client), "--dashboard-agent-listen-port",
             str(agent_l), "--dashboard-agent-grpc-port", str(agent_g),
             "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(renv),
-            "--min-worker-port", str(wmin), "--max-worker-port", str(wmin + 40),
+            "--min-worker-port", str(wmin), "--max-worker-port", str(wmin + WORKER_PORTS - 1),
             "--disable-usage-stats", "--block"]
+
+
+def _tail(log: Path, temp: Path, n: int = 1500) -> str:
+    """The end of a node's ``ray start`` output and of its raylet's logs, for a failure."""
+    parts = []
+    logs = temp / "session_latest" / "logs"
+    for f in [log, *sorted(logs.glob("raylet.*")), *sorted(logs.glob("dashboard_agent.*"))]:
+        if f.is_file():
+            text = f.read_text(errors="replace")[-n:]
+            parts.append(f"--- {f.name}:\n{text}")
+    return "\n".join(parts) or f"(no output under {temp})"
+
+
+def _wait_for_node(proc: subprocess.Popen[bytes], ip: str, port: int, what: str,
+                   log: Path, temp: Path, seconds: float = 120) -> None:
+    """Wait until ``ip:port`` answers (the node's raylet is up), or fail with its logs."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((ip, port)) == 0:
+                return
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} before it was up:\n"
+                        + _tail(log, temp))
+        time.sleep(0.5)
+    pytest.fail(f"{what} not up on {ip}:{port} after {seconds:.0f} s:\n" + _tail(log, temp))
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -105,7 +159,8 @@ def test_sweep_on_two_nodes_without_a_shared_filesystem(tiny_config):
     (tmp / "base.yaml").write_text(yaml.safe_dump(base.to_dict()))
     spec = {"name": "two", "base": str(tmp / "base.yaml"), "seeds": [0],
             "variants": [{"name": "noise{sigma}", "grid": {"defenses.0.sigma": [0.1, 0.3]}}]}
-    gcs, *ports = _free_ports(17)
+    gcs, *ports = _free_port_block(1 + 2 * (7 + WORKER_PORTS))
+    head_ports, worker_ports = ports[:7 + WORKER_PORTS], ports[7 + WORKER_PORTS:]
     # Loopback only. Ray swaps "127.0.0.1" for the machine's network address on a
     # multi-node cluster (and a worker node needs multi-node mode), but keeps other loopback
     # addresses: the head is 127.0.0.2, the worker node 127.0.0.3. (The GCS and raylets
@@ -115,30 +170,34 @@ def test_sweep_on_two_nodes_without_a_shared_filesystem(tiny_config):
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "HOME": str(tmp / "home")}  # no ~/.ray/auth_token of another cluster
     (tmp / "home").mkdir()
-    head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--port", str(gcs), "--num-cpus", "0",
-         "--include-dashboard", "false", *_node_args(HEAD, ports[:8], tmp / "rh")],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head_log, worker_log = tmp / "head.log", tmp / "worker.log"
+    with head_log.open("wb") as f:
+        head = subprocess.Popen(
+            [str(RAY), "start", "--head", "--port", str(gcs), "--num-cpus", "0",
+             "--include-dashboard", "false", *_node_args(HEAD, head_ports, tmp / "rh")],
+            env=env, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
     worker = None
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:  # the head's GCS is up once its port answers
-            with socket.socket() as s:
-                if s.connect_ex((HEAD, gcs)) == 0:
-                    break
-            assert head.poll() is None, "ray start --head exited"
-            time.sleep(0.5)
+        _wait_for_node(head, HEAD, gcs, "the head's GCS", head_log, tmp / "rh")
+        _wait_for_node(head, HEAD, head_ports[0], "the head's raylet", head_log, tmp / "rh")
         inner = (f"mount -t tmpfs tmpfs {sweep_dir} && exec {RAY} start --address "
-                 f"{HEAD}:{gcs} --num-cpus 1 " + " ".join(_node_args(WORKER, ports[8:16],
+                 f"{HEAD}:{gcs} --num-cpus 1 " + " ".join(_node_args(WORKER, worker_ports,
                                                                      tmp / "rw")))
-        worker = subprocess.Popen(["unshare", "-m", "sh", "-c", inner], env=env,
-                                  start_new_session=True, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        out = subprocess.run(
-            [sys.executable, "-c", DRIVER, json.dumps(spec), str(sweep_dir),
-             f"{HEAD}:{gcs}"], env=env, cwd=REPO, capture_output=True, text=True,
-            timeout=400, check=False)
-        assert out.returncode == 0, out.stderr[-3000:]
+        with worker_log.open("wb") as f:
+            worker = subprocess.Popen(["unshare", "-m", "sh", "-c", inner], env=env,
+                                      start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+        _wait_for_node(worker, WORKER, worker_ports[0], "the worker node's raylet", worker_log,
+                       tmp / "rw")
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", DRIVER, json.dumps(spec), str(sweep_dir),
+                 f"{HEAD}:{gcs}"], env=env, cwd=REPO, capture_output=True, text=True,
+                timeout=400, check=False)
+        except subprocess.TimeoutExpired:
+            state = "exited" if worker.poll() is not None else "running"
+            pytest.fail(f"the sweep did not finish in 400 s (worker node {state}):\n"
+                        + _tail(worker_log, tmp / "rw"))
+        assert out.returncode == 0, out.stderr[-3000:] + "\n" + _tail(worker_log, tmp / "rw")
         line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
         assert json.loads(line[7:]) == {"noise0.1_s0": "finished", "noise0.3_s0": "finished"}
         for name in ("noise0.1_s0", "noise0.3_s0"):
