@@ -42,9 +42,10 @@ def _free_port_block(n: int) -> list[int]:
 
     Not ``bind(("", 0))``: that hands out ephemeral ports, which the head's own outgoing
     connections (dozens while it starts) may take before the worker node binds its ports, and
-    a worker whose raylet or agent cannot bind never joins (a CI run saw exactly that: no node
-    could take the trials' ``{'CPU': 1.0}``). One block also keeps the two nodes' worker-port
-    ranges apart.
+    a worker whose raylet cannot bind exits (a held port makes it do so). That is the likely
+    cause of a CI run's worker node that never joined (no node took the trials'
+    ``{'CPU': 1.0}``; its output was not kept then, it is now). One block also keeps the two
+    nodes' worker-port ranges apart.
     """
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
