@@ -77,13 +77,14 @@ def _can_unshare() -> bool:
 
 
 WORKER_PORTS = 41  # --min-worker-port .. --max-worker-port: a node's worker processes
+NODE_PORTS = 7 + WORKER_PORTS  # what one node listens on (see _node_args)
 
 
 def _node_args(ip: str, ports: list[int], temp: Path) -> list[str]:
-    """``ray start`` flags that pin every port a node listens on to ``ports`` (7 + 41)."""
-    nm, om, client, agent_l, agent_g, metrics, renv = ports[:7]
-    wmin = ports[7]
-    assert len(ports) == 7 + WORKER_PORTS
+    """``ray start`` flags that pin every port a node listens on to ``ports`` (7 + the
+    worker range)."""
+    assert len(ports) == NODE_PORTS
+    nm, om, client, agent_l, agent_g, metrics, renv, wmin = ports[:8]
     return ["--node-ip-address", ip, "--temp-dir", str(temp),
             "--node-manager-port", str(nm), "--object-manager-port", str(om),
             "--ray-client-server-port", str(client), "--dashboard-agent-listen-port",
@@ -160,8 +161,8 @@ def test_sweep_on_two_nodes_without_a_shared_filesystem(tiny_config):
     (tmp / "base.yaml").write_text(yaml.safe_dump(base.to_dict()))
     spec = {"name": "two", "base": str(tmp / "base.yaml"), "seeds": [0],
             "variants": [{"name": "noise{sigma}", "grid": {"defenses.0.sigma": [0.1, 0.3]}}]}
-    gcs, *ports = _free_port_block(1 + 2 * (7 + WORKER_PORTS))
-    head_ports, worker_ports = ports[:7 + WORKER_PORTS], ports[7 + WORKER_PORTS:]
+    gcs, *ports = _free_port_block(1 + 2 * NODE_PORTS)
+    head_ports, worker_ports = ports[:NODE_PORTS], ports[NODE_PORTS:]
     # Loopback only. Ray swaps "127.0.0.1" for the machine's network address on a
     # multi-node cluster (and a worker node needs multi-node mode), but keeps other loopback
     # addresses: the head is 127.0.0.2, the worker node 127.0.0.3. (The GCS and raylets
