@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _ports import free_port_block
 
 pytest.importorskip("ray", reason="pip install 'splitcem[sweep]' (make setup does)")
 
@@ -35,38 +35,6 @@ pytestmark = pytest.mark.slow  # two Ray nodes and two tiny trials: about a minu
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
 HEAD, WORKER = "127.0.0.2", "127.0.0.3"
-
-
-def _free_port_block(n: int) -> list[int]:
-    """``n`` consecutive ports, free on every interface, below the kernel's ephemeral range.
-
-    Not ``bind(("", 0))``: that hands out ephemeral ports, which the head's own outgoing
-    connections (dozens while it starts) may take before the worker node binds its ports, and
-    a worker whose raylet cannot bind exits (a held port makes it do so). That is the likely
-    cause of a CI run's worker node that never joined (no node took the trials'
-    ``{'CPU': 1.0}``; its output was not kept then, it is now). One block also keeps the two
-    nodes' worker-port ranges apart.
-    """
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, low - n)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("", port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return list(range(base, base + n))
-    raise RuntimeError(f"no block of {n} free ports below {low}")
 
 
 def _can_unshare() -> bool:
@@ -161,7 +129,7 @@ def test_sweep_on_two_nodes_without_a_shared_filesystem(tiny_config):
     (tmp / "base.yaml").write_text(yaml.safe_dump(base.to_dict()))
     spec = {"name": "two", "base": str(tmp / "base.yaml"), "seeds": [0],
             "variants": [{"name": "noise{sigma}", "grid": {"defenses.0.sigma": [0.1, 0.3]}}]}
-    gcs, *ports = _free_port_block(1 + 2 * NODE_PORTS)
+    gcs, *ports = free_port_block(1 + 2 * NODE_PORTS)
     head_ports, worker_ports = ports[:NODE_PORTS], ports[NODE_PORTS:]
     # Loopback only. Ray swaps "127.0.0.1" for the machine's network address on a
     # multi-node cluster (and a worker node needs multi-node mode), but keeps other loopback

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -19,6 +18,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from _ports import free_port_block
 from _serving_utils import Proc, RecordingProxy, start_server
 from PIL import Image
 
@@ -274,9 +274,7 @@ def test_lens_waits_for_a_server_still_exporting(served_run, tmp_path):
     shutil.copytree(served_run, run, ignore=shutil.ignore_patterns("deploy"))  # not exported
     token_file = tmp_path / "token"
     token_file.write_text("lens-wait-token\n")
-    with socket.socket() as s:  # a free port for the server-to-be
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, = free_port_block(1, "127.0.0.1")  # for the server-to-be (see tests/_ports.py)
     box: dict[str, object] = {}
 
     def start() -> None:
@@ -310,9 +308,7 @@ def test_lens_waits_for_a_server_still_exporting(served_run, tmp_path):
 
 
 def test_lens_gives_up_after_its_wait(served_run, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, = free_port_block(1, "127.0.0.1")  # nothing listens there
     token_file = tmp_path / "token"
     token_file.write_text("x\n")
     import subprocess
