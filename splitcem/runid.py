@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from typing import Any
 
 from splitcem.config import RunConfig
@@ -43,9 +42,7 @@ def resolved_amp(value: Any, device: str, channels_last: Any = "auto") -> tuple[
     """(amp, channels_last) as :func:`splitcem.runtime.resolve_numeric_path` resolves them."""
     from splitcem.runtime import resolve_numeric_path
 
-    with warnings.catch_warnings():  # amp: true without native bf16 warns when it runs
-        warnings.simplefilter("ignore")
-        p = resolve_numeric_path(value, channels_last, device)
+    p = resolve_numeric_path(value, channels_last, device, quiet=True)
     return p.amp, p.channels_last
 
 

@@ -195,13 +195,16 @@ def resolve_numeric_path(
     device: torch.device | str = "cpu",
     *,
     what: str = "train",
+    quiet: bool = False,
 ) -> NumericPath:
     """Pick bf16 autocast and channels-last for ``device``; ``"auto"`` follows the rules in
     the module docstring, ``True`` / ``False`` are kept.
 
     ``amp=True`` where bf16 is not native warns (:class:`RuntimeWarning`) with the expected
     slowdown; on devices without bf16 autocast (MPS) it is switched off with a warning.
-    ``what`` names the settings in messages (``train`` -> ``train.amp``).
+    ``what`` names the settings in messages (``train`` -> ``train.amp``). ``quiet`` resolves
+    the same path without those warnings: for code that asks which path a config would
+    take (run ids, sweep planning), not code about to run it.
 
     Example:
         >>> resolve_numeric_path(False, False, "cpu").describe()
@@ -219,11 +222,12 @@ def resolve_numeric_path(
     else:
         use_amp = bool(amp)
         if use_amp and dev.type not in ("cpu", "cuda"):
-            warnings.warn(f"{what}.amp: true is not supported on {dev.type}; training in "
-                          "float32 (set amp: auto to silence this)", RuntimeWarning,
-                          stacklevel=2)
+            if not quiet:
+                warnings.warn(f"{what}.amp: true is not supported on {dev.type}; training "
+                              "in float32 (set amp: auto to silence this)", RuntimeWarning,
+                              stacklevel=2)
             use_amp = False
-        elif use_amp and not native:
+        elif use_amp and not native and not quiet:
             where = (f"this CPU (capability {cap}) has neither AVX512-BF16 nor AMX"
                      if dev.type == "cpu" else "this GPU has no native bf16 (before Ampere)")
             cost = AMP_SLOWDOWN_AVX512 if dev.type == "cpu" and cap.startswith("AVX512") \

@@ -132,6 +132,18 @@ def test_amp_true_without_native_bf16_warns_how_much_slower(monkeypatch):
         resolve_numeric_path(True, "auto", torch.device("cuda"))
 
 
+def test_quiet_resolves_the_same_path_without_warning(monkeypatch):
+    _cpu(monkeypatch, "AVX512")  # amp: true warns here (no native bf16)
+    with pytest.warns(RuntimeWarning):
+        loud = resolve_numeric_path(True, "auto", "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = resolve_numeric_path(True, "auto", "cpu", quiet=True)
+        on_mps = resolve_numeric_path(True, "auto", "mps", quiet=True)
+    assert quiet == loud and quiet.amp
+    assert not on_mps.amp  # still switched off where bf16 autocast does not exist
+
+
 def test_settings_are_validated():
     assert check_setting("x", "auto") == "auto" and check_setting("x", True) is True
     with pytest.raises(ConfigError, match="true, false or auto"):

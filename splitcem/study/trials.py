@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -100,9 +99,7 @@ def numeric_path_here(cfg: RunConfig, device: str | None = None) -> NumericPath:
     from splitcem.runtime import resolve_device, resolve_numeric_path
 
     dev = resolve_device(device if device is not None else cfg.device)
-    with warnings.catch_warnings():  # amp: true without native bf16 warns when it trains
-        warnings.simplefilter("ignore")
-        return resolve_numeric_path(cfg.train.amp, cfg.train.channels_last, dev)
+    return resolve_numeric_path(cfg.train.amp, cfg.train.channels_last, dev, quiet=True)
 
 
 def path_here(cfg: RunConfig, device: str | None = None) -> str:
