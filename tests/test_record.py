@@ -115,7 +115,7 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
     re-run died during training; the old results must not pass as the new trial's."""
     from splitcem.study.frontier_report import find_runs
     from splitcem.study.grid import Trial
-    from splitcem.study.trials import run_trials, trial_finished
+    from splitcem.study.trials import run_trials
 
     small = {"model": {"client_width": 0.125, "server_width": 0.125},
              "attack": {"attacks": [{"name": "decoder", "epochs": 1, "width": 8, "depth": 1}]}}
@@ -123,7 +123,7 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
                       train={"epochs": 4, "warmup_epochs": 0}, **small)
     res = run_trials([Trial("t", old, 0)], tmp_path / "sweep", engine=LOOP)
     run = tmp_path / "sweep" / "t"
-    assert res.ran == ["t"] and trial_finished(run, old) is not None
+    assert res.ran == ["t"] and RunRecord.load(run).finished(old)
 
     new = tiny_config(name="t", defenses=[{"name": "noise", "sigma": 0.3}],
                       train={"epochs": 4, "warmup_epochs": 0}, **small)  # only sigma differs
@@ -147,7 +147,7 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
     rec = RunRecord.load(run)
     assert rec.status == "training" and rec.config.defenses[0]["sigma"] == 0.3
     assert "attacks" not in rec.metrics  # the old attacks are gone, not relabelled
-    assert trial_finished(run, new) is None and trial_finished(run, old) is None
+    assert not RunRecord.load(run).finished(new) and not RunRecord.load(run).finished(old)
     runs, notes = find_runs([tmp_path / "sweep"])
     assert runs == [] and any("unfinished (training)" in n for n in notes)
     # its checkpointed epochs are recorded: --list shows them, estimates the rest from them

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from splitcem._io import write_json
 from splitcem.config import RunConfig
 from splitcem.errors import ConfigError
-from splitcem.record import TRIAL_FILE, RunRecord, comparable
+from splitcem.record import RunRecord, comparable
 from splitcem.study.execute import RESULT_FILES, land, run_trial
 from splitcem.study.grid import SweepSpec, Trial, expand, load_sweep
 
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RESULT_FILES",
-    "STATUS_FILE",
     "Engine",
     "GridResult",
     "Job",
@@ -61,19 +60,11 @@ __all__ = [
     "run_trial",
     "run_trials",
     "schedule",
-    "trial_finished",
 ]
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = TRIAL_FILE
 INDEX_FILE = "trials.json"
-def trial_finished(run_dir: Path, cfg: RunConfig, *,
-                   device: str | None = None) -> dict[str, Any] | None:
-    """The run's metrics if ``run_dir`` finished exactly ``cfg`` (trained and, if the config
-    has attacks, attacked: hashes compared); else ``None``."""
-    rec = RunRecord.load(run_dir)
-    return rec.metrics if rec.finished(cfg, device=device) else None
 
 
 def find_adoptable(trial: Trial, dirs: Sequence[Path], *, device: str | None = None,
