@@ -177,17 +177,20 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
     own = _own_curves(stems) if baseline is None else {}
     cells = finished_cells(trials, out, device=device, adopt=adopt)
 
-    def busy_free(curve: Sequence[str]) -> bool:
-        return not any(b in busy for b in curve)
     # min is past: what matters now is the baseline (a CEM setting's own curve, else noise
     # alone) and max
     by_policy: dict[tuple[tuple[str, ...], int], list[str]] = defaultdict(list)
+    waiting: list[str] = []  # said, so that a listing does not drop these settings silently
     for s in compared:
         pol = stems[s].policy
-        if s in busy or not busy_free(own.get(s) or base):
+        if pol is None or pol.until != "decided" or not cells.get(s):
             continue
-        if pol is not None and pol.until == "decided" and cells.get(s):
-            by_policy[(tuple(own.get(s) or base), pol.max)].append(s)
+        curve = own.get(s) or base
+        if running := sorted({s, *curve} & set(busy)):
+            waiting.append(f"{s!r}: waits for {', '.join(running)} to finish (running), "
+                           "then its next seed is planned")
+        else:
+            by_policy[(tuple(curve), pol.max)].append(s)
 
     def plan(key: tuple[tuple[str, ...], int], cap: int | None = None) -> SeedPlan:
         curve, most = key
@@ -200,7 +203,7 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
         kept = sorted(r for p in plans.values() for r in p.ranks.values())[:per_round]
         plans = {key: plan(key, sum(r in kept for r in p.ranks.values()))
                  for key, p in plans.items()}
-    notes = [n for p in plans.values() for n in p.notes]
+    notes = [n for p in plans.values() for n in p.notes] + waiting
     # cheapest decisions first: the plan whose best setting is closest to a decision runs
     # first (a round of the zoo is many core-hours; what ends mid-round has decided most)
     order = sorted(plans.values(), key=lambda p: min(p.ranks.values(),
