@@ -129,6 +129,9 @@ def test_sweep_on_two_nodes_without_a_shared_filesystem(tiny_config):
     (tmp / "base.yaml").write_text(yaml.safe_dump(base.to_dict()))
     spec = {"name": "two", "base": str(tmp / "base.yaml"), "seeds": [0],
             "variants": [{"name": "noise{sigma}", "grid": {"defenses.0.sigma": [0.1, 0.3]}}]}
+    # every port either node listens on, from one block below the ephemeral range: a worker
+    # whose raylet cannot bind a port exits, the likely cause of a CI run whose worker node
+    # never joined; one block also keeps the two nodes' worker-port ranges apart
     gcs, *ports = free_port_block(1 + 2 * NODE_PORTS)
     head_ports, worker_ports = ports[:NODE_PORTS], ports[NODE_PORTS:]
     # Loopback only. Ray swaps "127.0.0.1" for the machine's network address on a
