@@ -147,7 +147,7 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
     rec = RunRecord.load(run)
     assert rec.status == "training" and rec.config.defenses[0]["sigma"] == 0.3
     assert "attacks" not in rec.metrics  # the old attacks are gone, not relabelled
-    assert not RunRecord.load(run).finished(new) and not RunRecord.load(run).finished(old)
+    assert not rec.finished(new) and not rec.finished(old)
     runs, notes = find_runs([tmp_path / "sweep"])
     assert runs == [] and any("unfinished (training)" in n for n in notes)
     # its checkpointed epochs are recorded: --list shows them, estimates the rest from them
