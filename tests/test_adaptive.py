@@ -399,6 +399,53 @@ def test_a_round_trial_killed_before_it_finished_is_listed_and_resumed_first(tmp
     assert fake_trials[n] == first.name, fake_trials[n:]
 
 
+def test_list_shows_the_round_a_live_sweep_has_queued(tmp_path, fake_trials, monkeypatch):
+    """A live sweep writes the round it plans into its index before the round's trials
+    start: while one of them runs here, ``--list`` shows the others as pending, queued, and
+    plans the next round with them as busy; once no trial runs, the index is stale and they
+    are not listed (the round is planned again when the sweep restarts)."""
+    import os
+    import socket
+
+    from splitcem.study.listing import list_sweep
+
+    spec = _sweep(tmp_path)
+    trials = expand(load_sweep(spec))
+    out = tmp_path / "out"
+    engine.run_trials(trials, out, engine=LOOP)
+    new, _ = plan_round(trials, out)
+    assert len(new) >= 2, new
+
+    class Killed(Exception):
+        pass
+
+    def starts_then_dies(cfg_dict, run_dir, *, meta=None, **_):  # the sweep, frozen mid-round
+        rec = RunRecord.begin_training(run_dir, load_config(cfg_dict), resume=False,
+                                       device="cpu")
+        rec.write_trial({**(meta or {}), "status": "running", "pid": os.getpid(),
+                         "host": socket.gethostname()})
+        raise Killed
+
+    monkeypatch.setattr(engine, "run_trial", starts_then_dies)
+    with pytest.raises(Killed):
+        engine.run_trials(new, out, engine=LOOP)
+    states, text = list_sweep(load_sweep(spec), out)
+    by_name = {s.name: s for s in states}
+    assert by_name[new[0].name].state == "running", by_name[new[0].name]
+    for t in new[1:]:
+        assert not (out / t.name).exists()
+        assert (by_name[t.name].state, by_name[t.name].note) == \
+            ("pending", "queued by the sweep running here"), by_name.get(t.name)
+    planned = text.split("adds", 1)[1].splitlines()[0]
+    assert not any(t.name in planned for t in new), planned
+
+    # the sweep is gone (pid -1: no process; os.kill(-1, 0) alone would say "alive")
+    RunRecord.load(out / new[0].name).write_trial({"status": "running", "pid": -1,
+                                                  "host": socket.gethostname()})
+    states, _ = list_sweep(load_sweep(spec), out)
+    assert not {t.name for t in new[1:]} & {s.name for s in states}, states
+
+
 @pytest.mark.parametrize("sigmas", [(0.1, 0.2, 0.3), (0.2, 0.3)])
 def test_tune_confirm_seeds_until_decided(tmp_path, fake_trials, sigmas):
     """``splitcem tune --confirm-seeds N``: the recommendation (CEM lambda 3, true gain +25%)

@@ -73,7 +73,8 @@ def _finished_in(adopt: Sequence[RunRecord], cfg: RunConfig, *,
 
 
 def with_earlier_rounds(trials: Sequence[Trial], out: Path, *, device: str | None = None,
-                        adopt: Sequence[RunRecord] = ()) -> list[Trial]:
+                        adopt: Sequence[RunRecord] = (),
+                        queued: Collection[str] = ()) -> list[Trial]:
     """``trials`` and, after them, the trials earlier rounds added: ``OUT/{stem}_s{seed}``
     finished for a setting's config at that seed (an adaptive setting's, or a baseline
     cell's that paired with one), not among ``trials``; with ``adopt`` (the ``--adopt``
@@ -81,12 +82,14 @@ def with_earlier_rounds(trials: Sequence[Trial], out: Path, *, device: str | Non
     the sweep copies instead of training (so a fresh ``--out`` that adopts an earlier sweep's
     runs starts where that sweep stood); and a trial a sweep started in ``out`` for a
     setting's config at another seed but did not finish (killed mid-round: it resumes, and
-    ``--list`` shows it). What a sweep runs, lists and plans from."""
+    ``--list`` shows it); and one named in ``queued`` (a live sweep's round planned but not
+    started: :func:`splitcem.study.trials.queued`, which only ``--list`` passes). What a
+    sweep runs, lists and plans from."""
     have = {t.name for t in trials}
     found: list[Trial] = list(trials)
     if not adaptive(trials):
         return found
-    names = sorted(d.name for d in out.iterdir()) if out.is_dir() else []
+    names = sorted(({d.name for d in out.iterdir()} if out.is_dir() else set()) | set(queued))
     adopted_seeds = sorted({r.config.seed for r in adopt if r.config is not None})
     for stem, t in _stems(trials).items():
         pat = re.compile(re.escape(stem) + r"_s(\d+)")
@@ -98,7 +101,7 @@ def with_earlier_rounds(trials: Sequence[Trial], out: Path, *, device: str | Non
             rec = RunRecord.load(out / extra.name)
             started = bool(rec.trial) and rec.config is not None and \
                 comparable(rec.config.to_dict()) == comparable(extra.cfg.to_dict())
-            if started or rec.finished(extra.cfg, device=device) \
+            if started or extra.name in queued or rec.finished(extra.cfg, device=device) \
                     or _finished_in(adopt, extra.cfg, device=device) is not None:
                 found.append(extra)
                 have.add(extra.name)

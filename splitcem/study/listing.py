@@ -13,9 +13,11 @@ through the run record and gives each trial one state:
   host; another host's claim is shown as pending with that host named, since it cannot be
   checked from here);
 * ``pending``: anything else (not started, interrupted, trained here but not attacked, or
-  adoptable as *trained* only: in those two cases only its attacks are left). A run made
-  for it on another numeric path (``amp: auto`` resolved otherwise where it ran) is named in
-  its note, and the listing ends with the ``--amp`` that would keep that path.
+  adoptable as *trained* only: in those two cases only its attacks are left; or, while a
+  trial runs here, queued by that sweep: a round it planned whose trials have not
+  started). A run made for it on another numeric path (``amp: auto`` resolved otherwise
+  where it ran) is named in its note, and the listing ends with the ``--amp`` that would
+  keep that path.
 
 The cost of a finished run is what it recorded: ``metrics.json``'s training seconds plus its
 attacks' seconds, times the threads it ran with (``numerics.threads``, else ``trial.json``'s
@@ -55,7 +57,7 @@ from splitcem.runid import attack_split, train_hash
 from splitcem.study.adaptive import adaptive, plan_round, with_earlier_rounds
 from splitcem.study.grid import SweepSpec, Trial, expand
 from splitcem.study.paper import defense_of
-from splitcem.study.trials import find_adoptable, numeric_path_here, other_paths, pin_advice
+from splitcem.study.trials import find_adoptable, numeric_path_here, other_paths, pin_advice, queued
 
 __all__ = ["Machine", "Pace", "TrialState", "core_hours_left", "format_listing", "list_sweep",
            "list_trials", "pace", "run_cost"]
@@ -161,14 +163,24 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
                device: str | None = None) -> tuple[list[TrialState], str]:
     """What running ``spec`` into ``out`` would do: the state of each of its trials and of
     the seeds earlier rounds added (:func:`~splitcem.study.adaptive.with_earlier_rounds`),
-    and the listing's text; nothing is run or written. With seeds until decided, the text
-    ends with what the next round would add (:func:`~splitcem.study.adaptive.plan_round`:
-    its notes, one per setting), planned from the runs finished so far here or in ``adopt``
-    (a fresh ``out`` that adopts an earlier sweep's runs plans as that sweep would)."""
+    and the listing's text; nothing is run or written. While one of its trials runs here,
+    the trials the live sweep has queued but not started (its index,
+    :func:`~splitcem.study.trials.queued`) are listed too, pending. With seeds until
+    decided, the text ends with what the next round would add
+    (:func:`~splitcem.study.adaptive.plan_round`: its notes, one per setting), planned from
+    the runs finished so far here or in ``adopt`` (a fresh ``out`` that adopts an earlier
+    sweep's runs plans as that sweep would)."""
     first = expand(spec)
     records = [r for d in adopt if Path(d).is_dir() for r in RunRecord.find([d])]
     trials = with_earlier_rounds(first, out, device=device, adopt=records)
     states = list_trials(trials, out, records=records, device=device)
+    if any(s.state == "running" for s in states):  # a live sweep: the round it has queued
+        have = {t.name for t in trials}
+        later = [t for t in with_earlier_rounds(first, out, device=device, adopt=records,
+                                                queued=queued(out)) if t.name not in have]
+        for s in (more := list_trials(later, out, records=records, device=device)):
+            s.note = s.note or "queued by the sweep running here"
+        trials, states = [*trials, *later], [*states, *more]
     text = format_listing(states)
     if found := {s.name: s.other for s in states if s.other is not None}:
         text += "\n" + pin_advice(trials, found, device=device)
@@ -218,8 +230,9 @@ def list_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Pat
 
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this host (never on Windows, where os.kill would
-    end it: a trial there shows as pending)."""
-    if os.name == "nt":
+    end it: a trial there shows as pending; never for ``pid <= 0``, which os.kill reads as
+    a process group or every process: a corrupt ``trial.json`` shows as pending)."""
+    if os.name == "nt" or pid <= 0:
         return False
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists

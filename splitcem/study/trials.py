@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splitcem._io import write_json
+from splitcem._io import read_json_object, write_json
 from splitcem.config import RunConfig
 from splitcem.errors import ConfigError
 from splitcem.record import RunRecord, comparable
@@ -56,6 +56,7 @@ __all__ = [
     "path_here",
     "pin_advice",
     "plan_trials",
+    "queued",
     "run_grid",
     "run_trial",
     "run_trials",
@@ -471,3 +472,16 @@ def _write_index(out: Path, name: str, source: str, trials: list[Trial],
                      "status": s.get("status"), "error": s.get("error"),
                      "seconds": s.get("seconds"), "adopted_from": s.get("adopted_from")})
     write_json(out / INDEX_FILE, {"sweep": name, "source": source, "trials": rows})
+
+
+def queued(out: str | Path) -> list[str]:
+    """The trials the last sweep into ``out`` planned and had not finished when it last wrote
+    its index (``trials.json``: a round's trials are written there when they are planned,
+    before any of them starts), in its order; ``[]`` without a readable index. Whether that
+    sweep still runs is the caller's question (:mod:`splitcem.study.listing` asks whether
+    one of its trials is running here)."""
+    rows = (read_json_object(Path(out) / INDEX_FILE) or {}).get("trials")
+    if not isinstance(rows, list):
+        return []
+    return [r["name"] for r in rows if isinstance(r, dict) and r.get("status") == "pending"
+            and isinstance(r.get("name"), str)]
