@@ -176,15 +176,16 @@ def test_a_killed_tune_resumes(base, tuned, tmp_path):  # tuned: its reference r
            "--reference", str(base / "first" / "reference")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    try:  # kill it when one trial has finished and the second is running
+    try:  # kill it when one trial has ended (finished, or stopped by the learned rule) and a
+        # later one is running; polled often: a trial the rule stops ends within half a second
         deadline = time.monotonic() + 150
         done: list[str] = []
         while time.monotonic() < deadline and proc.poll() is None:
             names = list(_state(out).get("trials", {}))
-            done = [n for n in names if _trial_status(out, n) == "finished"]
+            done = [n for n in names if _trial_status(out, n) in ("finished", "stopped")]
             if done and len(names) >= 2 and _trial_status(out, names[-1]) == "running":
                 break
-            time.sleep(0.5)
+            time.sleep(0.02)
         assert proc.poll() is None and done, "the tune ended before it could be killed"
     finally:
         _kill_session(proc)  # the CLI, its Ray and the trial in flight
