@@ -245,11 +245,12 @@ def test_a_round_is_planned_while_the_last_trials_run_and_busy_settings_wait(
     assert {"cem3", "noise0.1"} <= free, free
     new, notes = plan_round(trials, tmp_path / "min", busy={"cem3"})
     assert "cem3" not in {t.name.rsplit("_s", 1)[0] for t in new}
-    assert "'cem3': waits for cem3 to finish (running), then its next seed is planned" in notes
+    assert ("'cem3': waits for the trials left of cem3 (running or queued), then its next "
+            "seed is planned") in notes
     assert not any(n.startswith("'cem1': waits") for n in notes)
     new, notes = plan_round(trials, tmp_path / "min", busy={"noise0.2"})
     assert new == []  # and the listing says why, setting by setting
-    assert {n.split(":")[0] for n in notes if "waits for noise0.2 to finish" in n} == \
+    assert {n.split(":")[0] for n in notes if "waits for the trials left of noise0.2 " in n} == \
         {"'cem1'", "'cem3'"}, notes
 
 

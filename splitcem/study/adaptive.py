@@ -190,8 +190,8 @@ def plan_round(trials: Sequence[Trial], out: Path, *, device: str | None = None,
             continue
         curve = own.get(s) or base
         if running := sorted({s, *curve} & set(busy)):
-            waiting.append(f"{s!r}: waits for {', '.join(running)} to finish (running), "
-                           "then its next seed is planned")
+            waiting.append(f"{s!r}: waits for the trials left of {', '.join(running)} "
+                           "(running or queued), then its next seed is planned")
         else:
             by_policy[(tuple(curve), pol.max)].append(s)
 
