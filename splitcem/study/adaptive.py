@@ -255,7 +255,7 @@ def run_until_decided(trials: Sequence[Trial], out: Path,
             return []
         rounds += 1
         log.info("seeds until decided, round %d%s: %s", rounds,
-                 f" (while {', '.join(sorted(busy))} finish)" if busy else "",
+                 f" (while the trials left of {', '.join(sorted(busy))} run)" if busy else "",
                  ", ".join(t.name for t in fresh))
         todo.extend(fresh)
         tried.update(t.name for t in fresh)
