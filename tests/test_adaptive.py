@@ -53,6 +53,10 @@ def _metrics(cfg) -> tuple[float, float]:
             mse * math.exp(_EFFECT[cfg.seed] + 0.08 * rng.normal()))
 
 
+# what each fake trial records it took, one thread: 0.25 core-hours in all
+TRAIN_S, ATTACK_S = 600.0, 300.0
+
+
 @pytest.fixture
 def fake_trials(monkeypatch):
     """The engine's trial function, replaced by one that writes a finished record."""
@@ -65,10 +69,11 @@ def fake_trials(monkeypatch):
         rec = RunRecord.begin_training(run_dir, cfg, resume=False, device="cpu")
         acc, mse = _metrics(cfg)
         rec = rec.finish_training({**rec.metrics, "train": {"epochs": cfg.train.epochs,
-                                                             "test_accuracy": acc}})
+                                                             "test_accuracy": acc,
+                                                             "seconds": TRAIN_S}})
         rec.record_attacks({"attacks": {"decoder": {"metrics": {"mse": mse}}},
-                            "worst": {"mse": {"value": mse, "attack": "decoder"}}},
-                           cfg, device="cpu")
+                            "worst": {"mse": {"value": mse, "attack": "decoder"}},
+                            "seconds": ATTACK_S}, cfg, device="cpu")
         status = {**(meta or {}), "status": "finished", "accuracy": acc}
         rec.write_trial(status)
         return status
@@ -355,8 +360,10 @@ def test_a_fresh_out_that_adopts_an_earlier_sweep_starts_where_it_stood(tmp_path
     states, text = list_sweep(load_sweep(spec), new, adopt=[old])
     assert {s.name for s in states} == {t.name for t in [*trials, *round1]}
     assert {s.state for s in states} == {"adopted"}
-    assert f"adds {len(round2)} trial(s)" + (
-        f": {', '.join(t.name for t in round2)}" if round2 else "") in text, text
+    # the next round's trials at the finished ones' recorded cost (all runs alike here)
+    assert f"adds {len(round2)} trial(s) (about {len(round2) * 0.25:.1f} core-hours, " \
+        "estimated as above)" + (f": {', '.join(t.name for t in round2)}" if round2 else "") \
+        in text, text
     assert text.endswith("\n".join(f"  {n}" for n in notes2))
     assert not new.exists()  # the listing writes nothing
 
@@ -651,7 +658,8 @@ def test_per_round_caps_a_round_and_changes_the_order_not_the_outcome(tmp_path, 
 
     text = list_sweep(load_sweep({**spec, "per_round": 1}), tmp_path / "one")[1]
     assert f"at most 1 setting(s) per round; the next round, planned from the runs finished " \
-        f"so far (here or to adopt), adds {len(new)} trial(s): " \
+        f"so far (here or to adopt), adds {len(new)} trial(s) (about " \
+        f"{len(new) * 0.25:.1f} core-hours, estimated as above): " \
         f"{', '.join(t.name for t in new)}\n" in text, text
     assert text.endswith("\n".join(f"  {n}" for n in notes))
     first = len(trials)

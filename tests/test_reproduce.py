@@ -135,6 +135,9 @@ def test_list_says_finished_adopted_failed_pending_and_the_core_hours_left(tmp_p
     # the recorded cost: (train, attack) seconds x threads
     recorded = {n: (c[0] * c[2], c[1] * c[2]) for n, c in costs.items()}
     assert run_cost(RunRecord.load(out / "done")) == recorded["done"]
+    # per epoch (pace() compares runs by it): the trials' configs train 2 epochs
+    assert states["done"].epoch_cost == recorded["done"][0] / 2
+    assert states["adopt"].epoch_cost == recorded["adopt"][0] / 2
 
     from splitcem.study.listing import core_hours_left
 
@@ -169,7 +172,7 @@ def test_runs_made_elsewhere_are_put_on_this_machines_pace(tmp_path):
     left = [TrialState("b_s2", "pending", topk, setting="b", machine=slow),
             TrialState("c_s1", "pending", ("topk", True), setting="c", machine=slow)]
     states = finished + left
-    assert pace(states, slow) == pytest.approx(Pace(4.0, 3.0, 1, 2))
+    assert pace(states, slow) == pytest.approx(Pace(4.0, 3.0, 1, 2, 0, 1))
     hours, n = core_hours_left(states)
     assert n == 3
     # b's one run (made on the fast machine) at the slow one's pace; c has no run of its
@@ -188,6 +191,27 @@ def test_runs_made_elsewhere_are_put_on_this_machines_pace(tmp_path):
     assert left[0].estimate == pytest.approx(260.0)
     assert "2 run(s) made elsewhere (or not saying where) count at their own pace: no " \
         "setting has finished on cpu (AVX512), bf16 autocast emulated yet" in format_listing(alone)
+
+    # a trial training on the slow machine now: its last epoch against its setting's runs
+    # elsewhere per epoch (b: 200 s per epoch there, 1000 here) sets training's pace before
+    # any run has finished here; the attacks, unmeasured here, stay at their own pace
+    flying = TrialState("b_s3", "running", topk, setting="b", machine=slow, epoch_cost=1000.0,
+                        train_left=3000.0)
+    assert pace([*alone, flying], slow) == pytest.approx(Pace(5.0, 1.0, 0, 2, 1, 1))
+    core_hours_left([*alone, flying])
+    assert left[0].estimate == pytest.approx(200 * 5 + 60)
+    assert flying.estimate == pytest.approx(3000 + 60)  # its own epochs left, then attacks
+    assert "train x5.00 (per epoch, from 1 trial(s) training here on 1 setting(s)); attacks " \
+        "at their own pace" in format_listing([*alone, flying])
+    # beside a setting finished both ways: training's factor over both settings
+    assert pace([*states, flying], slow) == pytest.approx(Pace(math.sqrt(4 * 5), 3.0, 1, 2, 1, 2))
+    assert "(the ratio on 1 setting(s) run both ways; training per epoch also from 1 trial(s) " \
+        "training here)" in format_listing([*states, flying])
+    # a killed trial's epoch (maybe another machine's) and one on another machine count not
+    assert pace([*alone, TrialState("b_s3", "pending", topk, setting="b", machine=slow,
+                                    epoch_cost=1000.0)], slow) == Pace(1.0, 1.0, 0, 2)
+    assert pace([*alone, TrialState("b_s3", "running", topk, setting="b", machine=fast,
+                                    epoch_cost=1000.0)], slow) == Pace(1.0, 1.0, 0, 2)
 
     # list_trials reads where a finished run trained from its record, and places a trial
     # left to do on this machine
@@ -244,6 +268,7 @@ def test_list_shows_a_trial_a_live_process_runs_as_running(tmp_path):
     assert states["live"].note == \
         f"training, epoch 1/2 done (2.0 min): pid {os.getpid()} since 2026-12-06T00:33:20"
     assert states["live"].train_left == 120.0  # one epoch left at its last epoch's pace
+    assert states["live"].epoch_cost == 120.0  # this machine's pace (pace() compares it)
     assert states["killed"].train_left is None  # no epoch recorded
     assert "training" in states["killed"].note and "pid" not in states["killed"].note
     assert "-other" in states["elsewhere"].note and "not checked" in states["elsewhere"].note

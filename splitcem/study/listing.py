@@ -37,8 +37,12 @@ on this machine's (:class:`Machine`). bf16 autocast emulated on a CPU without na
 runs about 4x slower than where it is native, so the runs made elsewhere are put on this
 machine's pace before averaging: their train and attack seconds are multiplied by the
 geometric mean, over the settings that have finished runs both here-like and elsewhere, of
-the ratio of the two (:func:`pace`). Where no setting has both yet, they count as they are,
-and the listing says so.
+the ratio of the two (:func:`pace`). Training's factor also counts the trials training
+here now: their last epoch's seconds against the finished runs' seconds per epoch of the
+same setting elsewhere, so a machine slower than the ones that made the runs shows in the
+estimate after the first epoch of its first trial, not only after a whole trial has
+finished. Where no setting has both yet, the runs count as they are, and the listing says so.
+With seeds until decided, the next round's trials are estimated the same way.
 """
 
 from __future__ import annotations
@@ -103,8 +107,12 @@ class Pace(NamedTuple):
 
     train: float  # factor on their training seconds
     attack: float  # factor on their attack seconds
-    settings: int  # settings the factors rest on (0: none, factors 1)
+    settings: int  # settings finished both ways, the factors rest on (0: none)
     elsewhere: int  # finished runs made on other machines (or not saying where)
+    #: trials training here now whose last epoch the training factor also rests on, and
+    #: the settings it rests on in all (``settings`` plus theirs not finished here)
+    training: int = 0
+    train_settings: int = 0
 
 
 @dataclass
@@ -133,6 +141,9 @@ class TrialState:
     #: finished / adopted: where its run trained (``None``: not recorded); else where it
     #: would train here
     machine: Machine | None = None
+    #: finished / adopted: its training's core-seconds per epoch; running here and training
+    #: with an epoch recorded: that epoch's core-seconds (what :func:`pace` compares)
+    epoch_cost: float | None = None
 
 
 def run_cost(rec: RunRecord) -> tuple[float, float]:
@@ -195,9 +206,15 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
         new = [t for t in new if t.name not in listed]
         cap = "every undecided setting" if spec.per_round is None else \
             f"at most {spec.per_round} setting(s)"
+        cost = ""
+        if new:  # as the listing above (pending, they leave its paces as they are)
+            more = list_trials(new, out, records=records, device=device)
+            if core_hours_left([*states, *more])[0] is not None:
+                cost = f" (about {sum(s.estimate or 0.0 for s in more) / 3600:.1f} " \
+                       "core-hours, estimated as above)"
         text += (f"\nthen seeds until decided, {cap} per round; the next round, planned from "
                  f"the runs finished so far (here or to adopt), adds {len(new)} trial(s)"
-                 + (f": {', '.join(t.name for t in new)}" if new else "")
+                 + cost + (f": {', '.join(t.name for t in new)}" if new else "")
                  + "".join(f"\n  {n}" for n in notes))
     return states, text
 
@@ -262,30 +279,36 @@ def _state(t: Trial, rec: RunRecord, records: Sequence[RunRecord],
     """One trial's state (module docstring), from its own record ``rec`` in the sweep
     folder, and the finished run behind it (``None`` unless finished or adopted)."""
     kind = _kind(t)
+    epochs = max(t.cfg.train.epochs, 1)
     if rec.finished(t.cfg, device=device):
-        return TrialState(t.name, "finished", kind, cost=run_cost(rec)), rec
+        cost = run_cost(rec)
+        return TrialState(t.name, "finished", kind, cost=cost,
+                          epoch_cost=cost[0] / epochs), rec
     src = find_adoptable(t, [], device=device, records=records) if records else None
     if src is not None:
         found = RunRecord.load(src)
         if found.finished(t.cfg, device=device):
-            return TrialState(t.name, "adopted", kind, f"from {src}",
-                              cost=run_cost(found)), found
+            cost = run_cost(found)
+            return TrialState(t.name, "adopted", kind, f"from {src}", cost=cost,
+                              epoch_cost=cost[0] / epochs), found
     if rec.trial.get("status") == "failed" or rec.metrics.get("status") == "failed":
         err = rec.trial.get("error") or rec.metrics.get("error") or "see trial.json"
         return TrialState(t.name, "failed", kind, str(err).splitlines()[0]), None
     running, where = _running(rec)
     trained = rec.config is not None and rec.trained_for(t.cfg, device=device)
     prog = rec.progress if rec.config_hash == train_hash(t.cfg, device=device) else None
-    left, done = None, ""
+    left, done, per_epoch = None, "", None
     if prog is not None:  # training's last checkpointed epoch: what is left of it
-        threads = rec.trial.get("threads") or 1
-        left = max(prog["of"] - prog["epoch"], 0) * float(prog["epoch_seconds"]) * threads
+        per_epoch = float(prog["epoch_seconds"]) * (rec.trial.get("threads") or 1)
+        left = max(prog["of"] - prog["epoch"], 0) * per_epoch
         done = f"epoch {prog['epoch']}/{prog['of']} done ({prog['epoch_seconds'] / 60:.1f} min)"
     if running:
         phase = "attacking" if trained else \
             "training" if rec.metrics.get("status") == "training" else "starting"
+        # only a live process's epoch is this machine's pace (a killed one's may be another's)
         return TrialState(t.name, "running", kind, ", ".join(n for n in (phase, done) if n)
-                          + f": {where}", attacks_only=trained, train_left=left), None
+                          + f": {where}", attacks_only=trained, train_left=left,
+                          epoch_cost=per_epoch), None
     if trained:
         note = "trained here, attacks left"
     elif src is not None:
@@ -309,19 +332,38 @@ def _mean(xs: Sequence[float]) -> float:
 def pace(states: Sequence[TrialState], machine: Machine) -> Pace:
     """The factors that put the finished runs made elsewhere on ``machine``'s pace (module
     docstring): per part (train, attack), the geometric mean over the settings with finished
-    runs both on ``machine`` and elsewhere of (mean seconds on it / mean seconds elsewhere)."""
+    runs both on ``machine`` and elsewhere of (mean seconds on it / mean seconds elsewhere);
+    training per epoch, counting the trials running on ``machine`` with an epoch recorded
+    as runs on it."""
     done = [s for s in states if s.cost is not None]
     on: dict[str, list[tuple[float, float]]] = defaultdict(list)
     off: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    epochs_on: dict[str, list[float]] = defaultdict(list)
+    epochs_off: dict[str, list[float]] = defaultdict(list)
     for s in done:
-        (on if s.machine == machine else off)[s.setting].append(s.cost)  # type: ignore[arg-type]
+        here = s.machine == machine
+        (on if here else off)[s.setting].append(s.cost)  # type: ignore[arg-type]
+        (epochs_on if here else epochs_off)[s.setting].append(
+            s.epoch_cost if s.epoch_cost is not None else s.cost[0])  # type: ignore[index]
+    training = [s for s in states if s.state == "running" and s.epoch_cost is not None
+                and s.machine == machine]
+    for s in training:
+        epochs_on[s.setting].append(s.epoch_cost)  # type: ignore[arg-type]
     shared = sorted(set(on) & set(off))
-    factors: list[float] = []
-    for i in (0, 1):
-        ratios = [a / b for a, b in ((_mean([c[i] for c in on[k]]), _mean([c[i] for c in off[k]]))
-                                     for k in shared) if a > 0 and b > 0]
-        factors.append(statistics.geometric_mean(ratios) if ratios else 1.0)
-    return Pace(factors[0], factors[1], len(shared), sum(len(v) for v in off.values()))
+    train_shared = sorted(set(epochs_on) & set(epochs_off))
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if a > 0 and b > 0 else None
+
+    def factor(rs: Sequence[float | None]) -> float:
+        got = [r for r in rs if r is not None]
+        return statistics.geometric_mean(got) if got else 1.0
+
+    train = factor([ratio(_mean(epochs_on[k]), _mean(epochs_off[k])) for k in train_shared])
+    attack = factor([ratio(_mean([c[1] for c in on[k]]), _mean([c[1] for c in off[k]]))
+                     for k in shared])
+    return Pace(train, attack, len(shared), sum(len(v) for v in off.values()),
+                sum(s.setting in epochs_off for s in training), len(train_shared))
 
 
 def _paces(states: Sequence[TrialState]) -> dict[Machine, Pace]:
@@ -370,10 +412,17 @@ def _pace_lines(paces: Mapping[Machine, Pace]) -> list[str]:
     for m, p in paces.items():
         if not p.elsewhere:
             continue
+        flight = f"; training per epoch also from {p.training} trial(s) training here" \
+            if p.training else ""
         if p.settings:
             lines.append(f"  {p.elsewhere} run(s) made elsewhere put on the pace of {m.describe()}"
                          f": train x{p.train:.2f}, attacks x{p.attack:.2f} (the ratio on "
-                         f"{p.settings} setting(s) run both ways)")
+                         f"{p.settings} setting(s) run both ways{flight})")
+        elif p.train_settings:
+            lines.append(f"  {p.elsewhere} run(s) made elsewhere put on the pace of {m.describe()}"
+                         f": train x{p.train:.2f} (per epoch, from {p.training} trial(s) "
+                         f"training here on {p.train_settings} setting(s)); attacks at their "
+                         "own pace: no setting has finished here yet to compare them by")
         else:
             lines.append(f"  {p.elsewhere} run(s) made elsewhere (or not saying where) count at "
                          f"their own pace: no setting has finished on {m.describe()} yet to "
