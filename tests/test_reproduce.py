@@ -228,6 +228,42 @@ def test_runs_made_elsewhere_are_put_on_this_machines_pace(tmp_path):
     assert [s.setting for s in got] == ["r", "old", "new"]
 
 
+def test_runs_from_two_other_machines_are_paced_each_by_its_own_ratio():
+    """Runs made on a fast and on a middling machine, both paced to a slow one: each by the
+    ratio on the settings it shares with the slow one (8x and 2x), not by one pooled factor
+    between the two (4x, which would halve the fast runs' estimate and double the others');
+    a machine sharing no setting takes the pooled factor, and the listing says which."""
+    fast, mid = Machine("cpu", True, True, "AVX512"), Machine("cpu", True, False, "AVX512")
+    slow, odd = Machine("cpu", True, False, "AVX2"), Machine("cuda", True, True, None)
+    kinds = {"a": ("noise", False), "b": ("noise", False), "c": ("topk", False),
+             "d": ("dropout", False), "e": ("ldp", False)}  # c, d, e: one run of their kind
+
+    def st(name: str, machine: Machine, cost: tuple[float, float] | None = None,
+           state: str = "finished") -> TrialState:
+        return TrialState(name, state, kinds[name[0]], cost=cost, setting=name.split("_")[0],
+                          machine=machine)
+
+    states = [st("a_s1", fast, (100.0, 10.0)), st("a_s2", slow, (800.0, 80.0)),
+              st("b_s1", mid, (400.0, 40.0)), st("b_s2", slow, (800.0, 80.0)),
+              st("c_s1", fast, (100.0, 10.0)), st("d_s1", mid, (400.0, 40.0)),
+              st("e_s1", odd, (50.0, 5.0))]
+    left = [st(f"{k}_s9", slow, state="pending") for k in "cde"]
+    assert pace([*states, *left], slow) == pytest.approx(Pace(4.0, 4.0, 2, 5, 0, 2))
+    core_hours_left([*states, *left])
+    # each from the one run of its kind: c's (fast) x8, d's (middling) x2, e's (on a machine
+    # sharing no setting) at the pooled x4
+    assert [s.estimate for s in left] == pytest.approx([880.0, 880.0, 55 * 4.0])
+    text = format_listing([*states, *left])
+    assert "5 run(s) made elsewhere put on the pace of cpu (AVX2), bf16 autocast emulated: " \
+        "train x4.00, attacks x4.00 (the ratio on 2 setting(s) run both ways)" in text
+    assert "    of them 2 made on cpu (AVX512), bf16 autocast native: train x8.00, attacks " \
+        "x8.00 (on 1 setting(s) shared with it)" in text
+    assert "    of them 2 made on cpu (AVX512), bf16 autocast emulated: train x2.00, attacks " \
+        "x2.00 (on 1 setting(s) shared with it)" in text
+    assert "    of them 1 made on cuda, bf16 autocast native: as above (no setting shared " \
+        "with it)" in text
+
+
 def test_list_shows_a_trial_a_live_process_runs_as_running(tmp_path):
     """A trial whose trial.json names a live process on this host is ``running``; one whose
     process is gone (a killed sweep) is ``pending``; another host's claim is only reported."""

@@ -42,6 +42,9 @@ here now: their last epoch's seconds against the finished runs' seconds per epoc
 same setting elsewhere, so a machine slower than the ones that made the runs shows in the
 estimate after the first epoch of its first trial, not only after a whole trial has
 finished. Where no setting has both yet, the runs count as they are, and the listing says so.
+Runs made on several other machines are paced per machine where it shares a setting with
+this one (:class:`Paces`): runs from a native-bf16 machine and from one that emulates it are
+then not put at one pace between the two.
 With seeds until decided, the next round's trials are estimated the same way.
 """
 
@@ -63,8 +66,8 @@ from splitcem.study.grid import SweepSpec, Trial, expand
 from splitcem.study.paper import defense_of
 from splitcem.study.trials import find_adoptable, numeric_path_here, other_paths, pin_advice, queued
 
-__all__ = ["Machine", "Pace", "TrialState", "core_hours_left", "format_listing", "list_sweep",
-           "list_trials", "pace", "run_cost"]
+__all__ = ["Machine", "Pace", "Paces", "TrialState", "core_hours_left", "format_listing",
+           "list_sweep", "list_trials", "machine_paces", "pace", "run_cost"]
 
 
 class Machine(NamedTuple):
@@ -366,18 +369,46 @@ def pace(states: Sequence[TrialState], machine: Machine) -> Pace:
                 sum(s.setting in epochs_off for s in training), len(train_shared))
 
 
-def _paces(states: Sequence[TrialState]) -> dict[Machine, Pace]:
-    """:func:`pace` for each machine the trials left would run on (in their order)."""
+@dataclass(frozen=True)
+class Paces:
+    """How one machine puts the finished runs made elsewhere on its pace: :func:`pace`
+    against all of them (``pooled``) and against the runs of each machine they were made on
+    alone (``by_origin``; key ``None``: runs not saying where). A run takes its own
+    machine's factor for a part (train, attack) where that machine shares a setting with
+    this one for it, else the pooled factor: pooling a fast and a slow machine's runs would
+    put both at one pace between them."""
+
+    pooled: Pace
+    by_origin: dict[Machine | None, Pace]
+
+    def factors(self, origin: Machine | None) -> tuple[float, float]:
+        """(train, attack) factors for a run made on ``origin``."""
+        own = self.by_origin.get(origin)
+        return (own.train if own is not None and own.train_settings else self.pooled.train,
+                own.attack if own is not None and own.settings else self.pooled.attack)
+
+
+def machine_paces(states: Sequence[TrialState], machine: Machine) -> Paces:
+    """:class:`Paces` of ``machine``: :func:`pace` against all other machines' runs, and
+    against each of them alone."""
+    origins = dict.fromkeys(s.machine for s in states
+                            if s.cost is not None and s.machine != machine)
+    return Paces(pace(states, machine), {
+        o: pace([s for s in states if s.machine in (machine, o)], machine) for o in origins})
+
+
+def _paces(states: Sequence[TrialState]) -> dict[Machine, Paces]:
+    """:func:`machine_paces` for each machine the trials left would run on (in their order)."""
     left = dict.fromkeys(s.machine for s in states
                          if s.state not in ("finished", "adopted") and s.machine is not None)
-    return {m: pace(states, m) for m in left if m is not None}
+    return {m: machine_paces(states, m) for m in left if m is not None}
 
 
-def core_hours_left(states: Sequence[TrialState], paces: Mapping[Machine, Pace] | None = None
+def core_hours_left(states: Sequence[TrialState], paces: Mapping[Machine, Paces] | None = None
                     ) -> tuple[float | None, int]:
     """Estimated core-hours of the trials not finished or adopted (module docstring), and
     the number of recorded runs the estimate rests on; ``None`` without any. ``paces``: the
-    :func:`pace` of each machine the trials left run on, if already computed."""
+    :func:`machine_paces` of each machine the trials left run on, if already computed."""
     done = [s for s in states if s.cost is not None]
     if not done:
         return None, 0
@@ -389,11 +420,13 @@ def core_hours_left(states: Sequence[TrialState], paces: Mapping[Machine, Pace] 
         if s.state in ("finished", "adopted"):
             continue
         if s.machine not in paced:  # the finished runs at this machine's pace
-            p = paces[s.machine] if s.machine is not None else Pace(1.0, 1.0, 0, 0)
-            paced[s.machine] = [
-                (d.kind, d.cost if d.machine == s.machine else  # type: ignore[misc]
-                 (d.cost[0] * p.train, d.cost[1] * p.attack))  # type: ignore[index]
-                for d in done]
+            p = paces.get(s.machine) if s.machine is not None else None
+            paced[s.machine] = []
+            for d in done:
+                assert d.cost is not None
+                train, attack = (1.0, 1.0) if p is None or d.machine == s.machine else \
+                    p.factors(d.machine)
+                paced[s.machine].append((d.kind, (d.cost[0] * train, d.cost[1] * attack)))
         runs = paced[s.machine]
         everything = [c for _, c in runs]
         costs = [c for k, c in runs if k == s.kind] or \
@@ -406,10 +439,12 @@ def core_hours_left(states: Sequence[TrialState], paces: Mapping[Machine, Pace] 
     return total / 3600.0, len(done)
 
 
-def _pace_lines(paces: Mapping[Machine, Pace]) -> list[str]:
-    """One line per machine the trials left would run on, where runs made elsewhere count."""
+def _pace_lines(paces: Mapping[Machine, Paces]) -> list[str]:
+    """One line per machine the trials left would run on, where runs made elsewhere count,
+    then one per machine they were made on that shares a setting with it."""
     lines = []
-    for m, p in paces.items():
+    for m, ps in paces.items():
+        p = ps.pooled
         if not p.elsewhere:
             continue
         flight = f"; training per epoch also from {p.training} trial(s) training here" \
@@ -427,6 +462,19 @@ def _pace_lines(paces: Mapping[Machine, Pace]) -> list[str]:
             lines.append(f"  {p.elsewhere} run(s) made elsewhere (or not saying where) count at "
                          f"their own pace: no setting has finished on {m.describe()} yet to "
                          "compare them by")
+            continue
+        if len(ps.by_origin) < 2:
+            continue  # one other machine: the line above is its own
+        for o, q in ps.by_origin.items():
+            where = o.describe() if o is not None else "a machine not saying which"
+            if q.train_settings or q.settings:
+                attack = f"attacks x{q.attack:.2f}" if q.settings else "attacks as above"
+                lines.append(f"    of them {q.elsewhere} made on {where}: train "
+                             f"x{ps.factors(o)[0]:.2f}, {attack} (on {q.train_settings} "
+                             "setting(s) shared with it)")
+            else:
+                lines.append(f"    of them {q.elsewhere} made on {where}: as above (no "
+                             "setting shared with it)")
     return lines
 
 
