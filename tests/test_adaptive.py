@@ -53,8 +53,9 @@ def _metrics(cfg) -> tuple[float, float]:
             mse * math.exp(_EFFECT[cfg.seed] + 0.08 * rng.normal()))
 
 
-# what each fake trial records it took, one thread: 0.25 core-hours in all
+# what each fake trial records it took, one thread
 TRAIN_S, ATTACK_S = 600.0, 300.0
+TRIAL_H = (TRAIN_S + ATTACK_S) / 3600  # core-hours
 
 
 @pytest.fixture
@@ -361,7 +362,7 @@ def test_a_fresh_out_that_adopts_an_earlier_sweep_starts_where_it_stood(tmp_path
     assert {s.name for s in states} == {t.name for t in [*trials, *round1]}
     assert {s.state for s in states} == {"adopted"}
     # the next round's trials at the finished ones' recorded cost (all runs alike here)
-    assert f"adds {len(round2)} trial(s) (about {len(round2) * 0.25:.1f} core-hours, " \
+    assert f"adds {len(round2)} trial(s) (about {len(round2) * TRIAL_H:.1f} core-hours, " \
         "estimated as above)" + (f": {', '.join(t.name for t in round2)}" if round2 else "") \
         in text, text
     assert text.endswith("\n".join(f"  {n}" for n in notes2))
@@ -659,7 +660,7 @@ def test_per_round_caps_a_round_and_changes_the_order_not_the_outcome(tmp_path, 
     text = list_sweep(load_sweep({**spec, "per_round": 1}), tmp_path / "one")[1]
     assert f"at most 1 setting(s) per round; the next round, planned from the runs finished " \
         f"so far (here or to adopt), adds {len(new)} trial(s) (about " \
-        f"{len(new) * 0.25:.1f} core-hours, estimated as above): " \
+        f"{len(new) * TRIAL_H:.1f} core-hours, estimated as above): " \
         f"{', '.join(t.name for t in new)}\n" in text, text
     assert text.endswith("\n".join(f"  {n}" for n in notes))
     first = len(trials)

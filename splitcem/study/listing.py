@@ -339,20 +339,22 @@ def pace(states: Sequence[TrialState], machine: Machine) -> Pace:
     training per epoch, counting the trials running on ``machine`` with an epoch recorded
     as runs on it."""
     done = [s for s in states if s.cost is not None]
-    on: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    off: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    # per setting: attack seconds, and training seconds per epoch, on ``machine`` and off it
+    attacks_on: dict[str, list[float]] = defaultdict(list)
+    attacks_off: dict[str, list[float]] = defaultdict(list)
     epochs_on: dict[str, list[float]] = defaultdict(list)
     epochs_off: dict[str, list[float]] = defaultdict(list)
     for s in done:
+        assert s.cost is not None
         here = s.machine == machine
-        (on if here else off)[s.setting].append(s.cost)  # type: ignore[arg-type]
+        (attacks_on if here else attacks_off)[s.setting].append(s.cost[1])
         (epochs_on if here else epochs_off)[s.setting].append(
-            s.epoch_cost if s.epoch_cost is not None else s.cost[0])  # type: ignore[index]
+            s.epoch_cost if s.epoch_cost is not None else s.cost[0])
     training = [s for s in states if s.state == "running" and s.epoch_cost is not None
                 and s.machine == machine]
     for s in training:
         epochs_on[s.setting].append(s.epoch_cost)  # type: ignore[arg-type]
-    shared = sorted(set(on) & set(off))
+    shared = sorted(set(attacks_on) & set(attacks_off))
     train_shared = sorted(set(epochs_on) & set(epochs_off))
 
     def ratio(a: float, b: float) -> float | None:
@@ -363,9 +365,8 @@ def pace(states: Sequence[TrialState], machine: Machine) -> Pace:
         return statistics.geometric_mean(got) if got else 1.0
 
     train = factor([ratio(_mean(epochs_on[k]), _mean(epochs_off[k])) for k in train_shared])
-    attack = factor([ratio(_mean([c[1] for c in on[k]]), _mean([c[1] for c in off[k]]))
-                     for k in shared])
-    return Pace(train, attack, len(shared), sum(len(v) for v in off.values()),
+    attack = factor([ratio(_mean(attacks_on[k]), _mean(attacks_off[k])) for k in shared])
+    return Pace(train, attack, len(shared), sum(len(v) for v in attacks_off.values()),
                 sum(s.setting in epochs_off for s in training), len(train_shared))
 
 
@@ -470,7 +471,7 @@ def _pace_lines(paces: Mapping[Machine, Paces]) -> list[str]:
             if q.train_settings or q.settings:
                 attack = f"attacks x{q.attack:.2f}" if q.settings else "attacks as above"
                 lines.append(f"    of them {q.elsewhere} made on {where}: train "
-                             f"x{ps.factors(o)[0]:.2f}, {attack} (on {q.train_settings} "
+                             f"x{q.train:.2f}, {attack} (on {q.train_settings} "
                              "setting(s) shared with it)")
             else:
                 lines.append(f"    of them {q.elsewhere} made on {where}: as above (no "
