@@ -4,6 +4,7 @@ Every run lives in one directory::
 
     RUN_DIR/config.yaml            the fully resolved config
     RUN_DIR/checkpoints/last.pt    written atomically each epoch (resume with --resume)
+    RUN_DIR/checkpoints/partial.pt written within an epoch every 10 minutes (gone at its end)
     RUN_DIR/metrics.json           training history, test accuracy, attack metrics, CEM bounds
     RUN_DIR/reconstructions.png    originals (top row) against each attack's reconstructions
     RUN_DIR/attack_decoder.*       the strongest decoder attack's decoder (safetensors + JSON)
@@ -130,13 +131,13 @@ def _tensorboard() -> Any:
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
-    ckpt = run_dir / "checkpoints" / LAST
-    if ckpt.exists() and not (resume or overwrite):
-        raise ConfigError(
-            f"{run_dir} already holds a run (checkpoint {ckpt}); pass --resume to continue "
-            "it, --overwrite to start again there, or --out to use another directory"
-        )
     old = RunRecord.load(run_dir)
+    if old.can_resume and not (resume or overwrite):
+        raise ConfigError(
+            f"{run_dir} already holds a run (checkpoints in {run_dir / 'checkpoints'}); pass "
+            "--resume to continue it, --overwrite to start again there, or --out to use "
+            "another directory"
+        )
     if resume and (run_dir / CONFIG_FILE).is_file():
         if old.config is None:
             raise ConfigError(f"--resume: {run_dir / CONFIG_FILE}: {old.config_error}")

@@ -67,6 +67,8 @@ TRIAL_FILE = "trial.json"
 #: that process dies): a resumed sweep never writes beside a worker of a killed one
 LOCK_FILE = ".trial.lock"
 CHECKPOINT = "checkpoints/last.pt"
+#: the checkpoint written within an epoch (splitcem.train.PARTIAL), gone at the epoch's end
+PARTIAL_CHECKPOINT = "checkpoints/partial.pt"
 #: files a run's attacks leave behind (removed when training starts again)
 ATTACK_FILES = ("reconstructions.png", "reconstructions.npz", "attack_decoder.safetensors",
                 "attack_decoder.json", "summary.md")
@@ -213,7 +215,13 @@ class RunRecord:
 
     @property
     def has_checkpoint(self) -> bool:
+        """An epoch's end is checkpointed (the weights to attack once training is done)."""
         return (self.path / CHECKPOINT).is_file()
+
+    @property
+    def can_resume(self) -> bool:
+        """Training left a checkpoint to continue from: an epoch's end or one within it."""
+        return self.has_checkpoint or (self.path / PARTIAL_CHECKPOINT).is_file()
 
     def unfinished(self) -> str | None:
         """Why this run is not a finished (trained and attacked) result; ``None`` if it is."""

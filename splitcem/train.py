@@ -6,11 +6,16 @@ exactly one loop for all of them (no per-defense copies):
     z_clean = client(x); z_sent = stack.transform(z_clean); logits = server(z_sent)
     loss = CE(logits, y) + stack.loss(ctx)          # L = L_task + L_D + lambda * L_C
 
-Checkpoints are written atomically at the end of every epoch and hold everything needed to
-continue bit-for-bit: weights, optimizer, defense state, RNG states and history. The data
-order and augmentation of epoch e are a pure function of (seed, e) (see
-:class:`splitcem.data.BatchLoader`), so ``resume=True`` after a kill gives the same final
-weights as an uninterrupted run.
+Checkpoints are written atomically at the end of every epoch (``checkpoints/last.pt``) and
+hold everything needed to continue bit-for-bit: weights, optimizer, defense state, RNG
+states and history. The data order and augmentation of epoch e are a pure function of
+(seed, e) (see :class:`splitcem.data.BatchLoader`), so ``resume=True`` after a kill gives
+the same final weights as an uninterrupted run. Within an epoch a checkpoint is also written
+every ``checkpoint_every`` seconds (``checkpoints/partial.pt``, removed at the epoch's end)
+with the epoch's batches done, its running sums and what the defenses banked
+(:meth:`~splitcem.defenses.Defense.epoch_state`), so that a kill loses minutes, not the
+epoch (an epoch of the CPU protocol is 1.5 hours on a CPU without native bfloat16); the
+resume is bit-for-bit too.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LAST = "last.pt"
+#: the checkpoint written within an epoch; resumed from when it is further on than ``LAST``
+PARTIAL = "partial.pt"
+#: default seconds between checkpoints within an epoch
+CHECKPOINT_EVERY_S = 600.0
 #: training settings that change no result (a checkpoint resumes across them)
 _NOT_RESULTS = {"tensorboard"}
 
@@ -127,6 +136,9 @@ class Trainer:
             server stay float32.
         seed: Seeds weights' RNG use during training, data order and augmentation.
         run_dir: Where ``checkpoints/last.pt`` is written each epoch (None: no checkpoints).
+        checkpoint_every: Seconds between checkpoints within an epoch
+            (``checkpoints/partial.pt``; None: epoch ends only). Only written for a defense
+            stack whose every defense is ``mid_epoch_resumable``.
         progress: Show progress: bars on a terminal, one log line per epoch otherwise.
         on_epoch_end: Optional callback ``(epoch_record) -> None`` (e.g. to stop early in tests).
     """
@@ -145,6 +157,7 @@ class Trainer:
         augment: bool | Augment = True,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         meta: dict[str, Any] | None = None,
+        checkpoint_every: float | None = CHECKPOINT_EVERY_S,
     ) -> None:
         self.model = model.to(device)
         self.stack = stack.to(device)
@@ -156,6 +169,10 @@ class Trainer:
         self.progress = progress
         self.callback = on_epoch_end
         self.meta = meta or {}
+        self.checkpoint_every = checkpoint_every
+        self._last_save = time.perf_counter()
+        #: the epoch in flight as a mid-epoch checkpoint left it (batches done, sums, ...)
+        self._in_epoch: dict[str, Any] | None = None
         self.loader = BatchLoader(
             splits.train, batch_size=cfg.batch_size, shuffle=True, augment=augment,
             device=device, seed=seed, drop_last=len(splits.train) > cfg.batch_size,
@@ -185,6 +202,11 @@ class Trainer:
     @property
     def checkpoint_path(self) -> Path | None:
         return self.run_dir / "checkpoints" / LAST if self.run_dir else None
+
+    @property
+    def partial_path(self) -> Path | None:
+        """Where the checkpoint within an epoch is written (None: no run directory)."""
+        return self.run_dir / "checkpoints" / PARTIAL if self.run_dir else None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -231,10 +253,50 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if state.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self._in_epoch = state.get("in_epoch")
+        if self._in_epoch is not None:
+            self.stack.load_epoch_state(self._in_epoch["defenses"])
 
     def save(self) -> None:
-        if self.checkpoint_path is not None:
+        """Checkpoint the end of an epoch (``last.pt``); the epoch's partial one goes."""
+        if self.checkpoint_path is not None and self.partial_path is not None:
             save_checkpoint(self.checkpoint_path, self.state_dict())
+            self.partial_path.unlink(missing_ok=True)  # after: a kill between keeps last.pt
+        self._last_save = time.perf_counter()
+
+    def _partial_due(self) -> bool:
+        return (self.partial_path is not None and self.checkpoint_every is not None
+                and self.stack.mid_epoch_resumable
+                and time.perf_counter() - self._last_save >= self.checkpoint_every)
+
+    def _save_partial(self, progress: dict[str, Any]) -> None:
+        """Checkpoint the epoch in flight: ``progress`` holds its batches done and sums."""
+        assert self.partial_path is not None  # _partial_due checked it
+        state = self.state_dict()
+        state["in_epoch"] = {**progress, "defenses": self.stack.epoch_state()}
+        save_checkpoint(self.partial_path, state)
+        self._last_save = time.perf_counter()
+
+    def _furthest_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint to resume from: ``last.pt`` or, when further on (the epoch after
+        it, part-done), ``partial.pt``; an unreadable partial one is passed over."""
+        last, partial = self.checkpoint_path, self.partial_path
+        if last is None or partial is None or not (last.is_file() or partial.is_file()):
+            raise CheckpointError(f"--resume: no checkpoint at {last or '(no run directory)'}; "
+                                  "start without --resume")
+        states = [load_checkpoint(last, self.device)] if last.is_file() else []
+        if partial.is_file():
+            try:
+                states.append(load_checkpoint(partial, self.device))
+            except CheckpointError as e:
+                if not states:
+                    raise
+                log.warning("resuming from the epoch's start: %s", e)
+
+        def progress(st: dict[str, Any]) -> tuple[int, int]:
+            return int(st["epoch"]), int((st.get("in_epoch") or {}).get("batch", 0))
+
+        return max(states, key=progress)
 
     # ----------------------------------------------------------------- loop
     def _set_lr(self) -> float:
@@ -254,17 +316,23 @@ class Trainer:
         model, stack, opt = self.model, self.stack, self.optimizer
         model.train()
         stack.train()
-        self.loader.set_epoch(self.epoch)
+        # a run resumed mid-epoch carries on with the epoch's batches and sums as saved
+        done, self._in_epoch = self._in_epoch or {}, None
+        start = int(done.get("batch", 0))
+        self.loader.set_epoch(self.epoch, start=start)
         autocast = self.numerics.autocast()  # re-entered twice per step: reusable
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        extra_sums: dict[str, Tensor] = {}
-        seen = 0
+        zero = torch.zeros((), device=self.device)
+        loss_sum = done.get("loss_sum", zero).to(self.device).clone()
+        correct = done.get("correct", zero).to(self.device).clone()
+        extra_sums: dict[str, Tensor] = dict(done.get("extra_sums", {}))
+        seen = int(done.get("seen", 0))
+        carried = float(done.get("train_seconds", 0.0))
         t0 = time.perf_counter()
-        bar = progress_bar(self.loader, progress=self.progress, leave=False,
+        bar = progress_bar(self.loader, progress=self.progress, leave=False, initial=start,
+                           total=len(self.loader),
                            desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}")
         lr = self._set_lr()
-        for i, (x, y) in enumerate(bar):
+        for i, (x, y) in enumerate(bar, start=start):
             lr = self._set_lr()
             x = x.contiguous(memory_format=self.numerics.memory_format)
             with autocast:
@@ -299,8 +367,14 @@ class Trainer:
                     )
                 bar.set_postfix(loss=f"{avg:.3f}", acc=f"{correct.item() / seen:.3f}",
                                 lr=f"{lr:.3g}")
+                if i + 1 < len(self.loader) and self._partial_due():
+                    self._save_partial({
+                        "batch": i + 1, "seen": seen, "loss_sum": loss_sum,
+                        "correct": correct, "extra_sums": extra_sums,
+                        "train_seconds": carried + time.perf_counter() - t0,
+                    })
         bar.close()
-        train_s = time.perf_counter() - t0
+        train_s = carried + time.perf_counter() - t0
         record: dict[str, Any] = {
             "epoch": self.epoch + 1,
             "lr": lr,
@@ -309,6 +383,8 @@ class Trainer:
             "train_seconds": train_s,
             "images_per_second": seen / train_s,
         }
+        if start:
+            record["resumed_at_batch"] = start  # the batches before ran in an earlier process
         for k, v in extra_sums.items():
             record[f"loss/{k}"] = float(v) / seen
         t1 = time.perf_counter()
@@ -322,17 +398,19 @@ class Trainer:
     def fit(self, *, resume: bool = False) -> TrainResult:
         """Train for ``cfg.epochs`` epochs (continuing a checkpoint when ``resume``)."""
         if resume:
-            if self.checkpoint_path is None or not self.checkpoint_path.is_file():
-                where = self.checkpoint_path or "(no run directory)"
-                raise CheckpointError(f"--resume: no checkpoint at {where}; start without --resume")
-            self.load_state_dict(load_checkpoint(self.checkpoint_path, self.device))
-            log.info("resumed from %s at epoch %d", self.checkpoint_path, self.epoch)
+            self.load_state_dict(self._furthest_checkpoint())
+            log.info("resumed at epoch %d%s", self.epoch + 1,
+                     f", batch {self._in_epoch['batch'] + 1}" if self._in_epoch else "")
+        elif self.partial_path is not None:
+            self.partial_path.unlink(missing_ok=True)  # a fresh start: an old run's is stale
+        self._last_save = time.perf_counter()
         outer = progress_bar(total=self.cfg.epochs, initial=self.epoch, desc="training",
                              progress=self.progress)
         log.info("training %d epochs on %s: %s (%s)", self.cfg.epochs - self.epoch,
                  self.device, self.numerics.describe(), self.numerics.reason)
         while self.epoch < self.cfg.epochs:
-            t_epoch = time.perf_counter()
+            # an epoch resumed mid-way counts the seconds its earlier process trained it
+            t_epoch = time.perf_counter() - float((self._in_epoch or {}).get("train_seconds", 0))
             record = self.train_epoch()
             last = self.epoch + 1 == self.cfg.epochs
             if last or (self.epoch + 1) % self.cfg.eval_every == 0:

@@ -599,6 +599,24 @@ def test_loader_epoch_determinism():
     assert sorted(torch.cat([y for _, y in e3]).tolist()) == sorted(ds.labels.tolist())
 
 
+def test_loader_started_mid_epoch_yields_the_full_pass_rest():
+    """set_epoch(e, start=k): the batches from the k-th on, each as in a full pass (the
+    skipped ones' augmentation draws are made all the same); the next pass is whole."""
+    ds = tiny_ds(n=30)
+    loader = BatchLoader(ds, batch_size=8, shuffle=True, augment=True, device="cpu", seed=7)
+    full = _batches(loader, 2)
+    loader.set_epoch(2, start=2)
+    rest = list(loader)
+    assert len(rest) == len(full) - 2
+    for (xa, ya), (xb, yb) in zip(full[2:], rest, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(next(iter(loader))[0], _batches(loader, 3)[0][0])  # start is one-shot
+    loader.set_epoch(2, start=len(loader))
+    assert list(loader) == []
+    with pytest.raises(ValueError, match="start must be in"):
+        loader.set_epoch(0, start=len(loader) + 1)
+
+
 def test_loader_augmentation_changes_images_in_range():
     ds = tiny_ds(n=16, size=16)
     plain = _batches(BatchLoader(ds, batch_size=16, shuffle=False, augment=False,

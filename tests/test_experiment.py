@@ -52,6 +52,13 @@ def test_existing_run_needs_resume_or_overwrite(tiny_config, tmp_path):
         run_experiment(other, tmp_path, resume=True, progress=False)
     rec = run_experiment(cfg, tmp_path, resume=True, progress=False)  # finished: no-op
     assert rec["train"]["epochs"] == 2
+    # a run killed in its first epoch has only the checkpoint written within it: it too is
+    # a run to resume (or overwrite), not to start over silently
+    ck = tmp_path / "checkpoints"
+    (ck / "last.pt").rename(ck / "partial.pt")
+    with pytest.raises(ConfigError, match="--resume"):
+        run_experiment(cfg, tmp_path, progress=False)
+    assert run_experiment(cfg, tmp_path, resume=True, progress=False)["train"]["epochs"] == 2
 
 
 def test_bad_attack_config_fails_before_training(tiny_config, tmp_path):

@@ -126,6 +126,94 @@ def test_resume_after_crash_matches_uninterrupted(tiny_config, tmp_path):
         assert torch.equal(a, b), k
 
 
+# defense stacks whose every defense carries what it gathers within an epoch
+_MID_EPOCH_STACKS = {
+    "noise": {"defenses": [{"name": "noise", "sigma": 0.1}]},
+    # CEM banks the epoch's features for its refit; crashed in epoch 1, where L_C is on
+    "noise+cem": {"defenses": [{"name": "noise", "sigma": 0.1}],
+                  "cem": {"lambda": 1.0, "clusters": 2}},
+    # the simulated attacker's decoder and Adam state, and its epoch statistics
+    "adversarial+noise": {"defenses": [{"name": "adversarial", "strength": 1.0,
+                                        "pretrain_epochs": 0, "width": 8},
+                                       {"name": "noise", "sigma": 0.1}]},
+}
+_TIMES = {"train_seconds", "images_per_second", "epoch_end_seconds", "wall_seconds",
+          "cem/refit_ms", "resumed_at_batch"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", list(_MID_EPOCH_STACKS))
+def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, stack):
+    """Killed after a checkpoint written within epoch 2 of 2 (batch 25 of 32), resumed from
+    it: the same final weights, defense state and epoch records as an uninterrupted run."""
+    cfg = tiny_config(train={"epochs": 2, "milestones": [1], "batch_size": 8},
+                      **_MID_EPOCH_STACKS[stack])
+    full = _trainer(cfg)
+    full.fit()
+
+    crashed = _trainer(cfg, run_dir=tmp_path, checkpoint_every=0.0)  # at every host sync
+    assert crashed.stack.mid_epoch_resumable
+    save_partial = crashed._save_partial
+
+    def save_then_crash(progress):
+        save_partial(progress)
+        if crashed.epoch == 1:
+            raise _Crash
+
+    crashed._save_partial = save_then_crash
+    with pytest.raises(_Crash):
+        crashed.fit()
+    partial = load_checkpoint(tmp_path / "checkpoints" / "partial.pt")
+    assert partial["epoch"] == 1 and partial["in_epoch"]["batch"] == 25
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+
+    torch.manual_seed(999)  # the RNG state at resume time must not matter
+    resumed = _trainer(cfg, run_dir=tmp_path)
+    res = resumed.fit(resume=True)
+    assert not (tmp_path / "checkpoints" / "partial.pt").exists()  # gone at the epoch's end
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+    for (k, a), b in zip(full.stack.state_dict().items(), resumed.stack.state_dict().values(),
+                         strict=True):
+        assert not isinstance(a, torch.Tensor) or torch.equal(a, b), k
+    assert res.history[1]["resumed_at_batch"] == 25
+    # every figure of both epochs is the same; the resumed epoch's time counts both processes
+    for a, b in zip(full.history, res.history, strict=True):
+        assert {k: v for k, v in a.items() if k not in _TIMES} == \
+            {k: v for k, v in b.items() if k not in _TIMES}
+    assert res.history[1]["train_seconds"] > partial["in_epoch"]["train_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_mid_epoch_checkpoints_only_for_stacks_that_can_resume_them(tiny_config, tmp_path):
+    """A defense that has not said it carries its in-epoch state keeps the checkpoints at
+    epoch ends; a fresh start removes an old run's checkpoint within an epoch; an unreadable
+    one is passed over for the epoch's end."""
+
+    class Gathers(Defense):  # no mid_epoch_resumable: the safe default
+        name = "gathers"
+
+    cfg = tiny_config(train={"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "milestones": [1]})
+    tr = _trainer(cfg, run_dir=tmp_path, stack=DefenseStack([Gathers()]), checkpoint_every=0.0)
+    assert not tr.stack.mid_epoch_resumable
+    saved = []
+    tr._save_partial = saved.append
+    tr.fit()
+    assert saved == [] and (tmp_path / "checkpoints" / "last.pt").is_file()
+
+    stale = tmp_path / "checkpoints" / "partial.pt"
+    stale.write_bytes(b"not a checkpoint")
+    _trainer(cfg, run_dir=tmp_path, checkpoint_every=None).fit()  # a fresh start
+    assert not stale.exists()
+    stale.write_bytes(b"not a checkpoint")
+    done = _trainer(cfg, run_dir=tmp_path).fit(resume=True)  # last.pt: epoch 1 of 1
+    assert len(done.history) == 1
+    (tmp_path / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        _trainer(cfg, run_dir=tmp_path).fit(resume=True)
+
+
 @pytest.mark.slow
 def test_resume_errors(tiny_config, tmp_path):
     cfg = tiny_config()

@@ -29,8 +29,10 @@ class BatchLoader:
     """Yields ``(x, y)``: normalised float32 (B, C, H, W) and int64 (B,) on ``device``.
 
     Order and augmentation depend only on ``(seed, epoch)``: call ``set_epoch(e)`` before
-    iterating epoch ``e`` (a resumed run then sees the same batches). Each full iteration
-    also advances the epoch by one, so forgetting ``set_epoch`` does not repeat epoch 0.
+    iterating epoch ``e`` (a resumed run then sees the same batches); ``set_epoch(e,
+    start=k)`` yields that epoch's batches from the k-th on, each the same as in a full pass
+    (a run resumed mid-epoch). Each iteration also advances the epoch by one, so forgetting
+    ``set_epoch`` does not repeat epoch 0.
 
     Args:
         ds: The dataset; its images are copied to ``device`` once.
@@ -68,6 +70,7 @@ class BatchLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
+        self._start = 0  # the first batch the next iteration yields (set_epoch's start)
         # (N, H, W, C) uint8, moved once; on the CPU this shares the array's memory (no copy),
         # so building a loader per evaluation is free. Batches are made channels-first below.
         arr = np.ascontiguousarray(ds.images)
@@ -79,9 +82,12 @@ class BatchLoader:
         self._scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)  # uint8 -> normalised in one FMA
         self._shift = (-mean / std).view(1, -1, 1, 1)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration produces."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, *, start: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration produces, and
+        the batch it starts from (``0 <= start <= len(self)``; the ones before are skipped)."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start must be in [0, {len(self)}], got {start}")
+        self.epoch, self._start = int(epoch), int(start)
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -89,15 +95,20 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         g = epoch_generator(self.seed, self.epoch)
+        start, self._start = self._start, 0
         self.epoch += 1
         n = len(self.dataset)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         order = order.to(self.device)
+        aug = self.augment if self.augment is not None and self.augment.active else None
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if i < start:  # skipped: draw its augmentation all the same (the stream stays)
+                if aug is not None:
+                    aug.sample(len(idx), g)
+                continue
             x = self._images.index_select(0, idx).permute(0, 3, 1, 2).to(
                 torch.float32, memory_format=torch.contiguous_format)  # (B, C, H, W), 0..255
-            if self.augment is not None and self.augment.active:
-                params = self.augment.sample(len(idx), g)
-                x = self.augment.apply(x.mul_(1.0 / 255.0), params).mul_(255.0)
+            if aug is not None:
+                x = aug.apply(x.mul_(1.0 / 255.0), aug.sample(len(idx), g)).mul_(255.0)
             yield torch.addcmul(self._shift, x, self._scale), self._labels.index_select(0, idx)

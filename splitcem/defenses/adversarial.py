@@ -79,6 +79,7 @@ class AdversarialTraining(Defense):
     """
 
     strength_param = "strength"
+    mid_epoch_resumable = True  # the epoch's statistics travel in epoch_state
 
     def __init__(
         self,
@@ -240,6 +241,14 @@ class AdversarialTraining(Defense):
         # epoch statistics stay on the device (no host sync per step)
         self._stats += torch.stack([s_report, pen_val, s_report.new_ones(())])
         return penalty if penalty is not None else z.new_zeros(())
+
+    def epoch_state(self) -> dict[str, Any]:
+        return {"stats": None if self._stats is None else self._stats.clone()}
+
+    def load_epoch_state(self, state: dict[str, Any]) -> None:
+        stats = state.get("stats")
+        if stats is not None and self._stats is not None:
+            self._stats.copy_(stats)
 
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         if self._stats is None:

@@ -11,6 +11,12 @@ A defense may do three things, each optional:
   weight (lambda, strength, ...) inside :meth:`Defense.loss`.
 * act at **epoch end** (CEM refits its mixture; PATROL prunes channels).
 
+What a defense accumulates *within* an epoch for its epoch end (CEM's bank of the epoch's
+features, running statistics) is not in its state dict: it travels in :meth:`Defense.epoch_state`,
+so that a checkpoint written mid-epoch resumes it exactly. A defense sets
+``mid_epoch_resumable = True`` once that holds (nothing to carry, or ``epoch_state`` carries
+it); a stack with any other defense is checkpointed at epoch ends only.
+
 Defenses are ``nn.Module`` s so that their parameters and buffers (a simulated decoder,
 k-means centroids, pruning masks) are saved in checkpoints with the model. State that is
 not a tensor (an optimizer of their own) goes into ``get_extra_state`` / ``set_extra_state``.
@@ -160,6 +166,10 @@ class Defense(nn.Module):
     #: why the I(x; z) mixture bound does not hold for a stack with this defense (None: it
     #: does): the bound models clean features plus Gaussian noise, nothing else
     no_leakage_bound: ClassVar[str | None] = None
+    #: whether a checkpoint written mid-epoch resumes this defense exactly: its state dict
+    #: and :meth:`epoch_state` hold all it keeps (False, the safe default for a defense that
+    #: has not said so: the trainer then checkpoints at epoch ends only)
+    mid_epoch_resumable: ClassVar[bool] = False
 
     def noise_entropy(self) -> float | None:
         """Differential entropy (nats per feature) of the noise this defense adds, or
@@ -197,6 +207,15 @@ class Defense(nn.Module):
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """Act at the end of an epoch; returns metrics to log (names without prefix)."""
         return {}
+
+    def epoch_state(self) -> dict[str, Any]:
+        """What this defense has accumulated since its epoch began for :meth:`on_epoch_end`
+        (tensors it owns, copied), for a checkpoint written mid-epoch. Default: nothing."""
+        return {}
+
+    def load_epoch_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`epoch_state` when a run resumes mid-epoch (after ``setup`` and
+        ``load_state_dict``)."""
 
     def forward(self, z: Tensor) -> Tensor:
         return self.transform(z)
@@ -329,6 +348,23 @@ class DefenseStack(nn.Module):
             for k, v in d.on_epoch_end(ctx).items():
                 out[f"{label}/{k}"] = float(v)
         return out
+
+    @property
+    def mid_epoch_resumable(self) -> bool:
+        """Whether every defense resumes exactly from a checkpoint written mid-epoch."""
+        return all(d.mid_epoch_resumable for d in self)
+
+    def epoch_state(self) -> list[dict[str, Any]]:
+        """Each defense's :meth:`Defense.epoch_state`, in order."""
+        return [d.epoch_state() for d in self]
+
+    def load_epoch_state(self, states: list[dict[str, Any]]) -> None:
+        """Give each defense its part of :meth:`epoch_state`."""
+        if len(states) != len(self):
+            raise ValueError(f"epoch state of {len(states)} defense(s) for a stack of "
+                             f"{len(self)}")
+        for d, st in zip(self, states, strict=True):
+            d.load_epoch_state(st)
 
     def describe(self) -> str:
         """One line: ``noise(sigma=0.1) + topk(ratio=0.2)``, or ``none``."""

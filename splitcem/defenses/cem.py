@@ -97,6 +97,8 @@ class CEM(Defense):
         seed: Seed of the k-means++ seeding (per epoch ``seed + epoch``: resume-exact).
     """
 
+    #: the epoch's feature bank and finiteness watch travel in epoch_state
+    mid_epoch_resumable = True
     # the fitted mixture (persistent buffers, registered in __init__)
     centroids: Tensor  # (C, K, D)
     pi: Tensor  # (C, K)
@@ -272,6 +274,19 @@ class CEM(Defense):
         )  # host sync, rare
 
     # ------------------------------------------------------------------ epoch end
+    def epoch_state(self) -> dict[str, Any]:
+        """The features banked so far this epoch (copied) and the watch's first bad step."""
+        rows = self._bank.rows()
+        return {"bank": None if rows is None else (rows[0].clone(), rows[1].clone()),
+                "watch": self._watch.state()}
+
+    def load_epoch_state(self, state: dict[str, Any]) -> None:
+        self._bank.clear()
+        if state.get("bank") is not None:
+            z, y = state["bank"]
+            self._bank.add(z, y)
+        self._watch.load(state.get("watch"))
+
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """Refit the per-class mixture (warm-started) and report the bounds."""
         if not self._enabled:

@@ -101,6 +101,14 @@ class FiniteWatch:
         assert self._first_bad_step is not None
         self._first_bad_step.masked_fill_(bad & (self._first_bad_step < 0), step)
 
+    def state(self) -> Tensor | None:
+        """The first bad step recorded so far (a copy; -1: none), for a mid-epoch checkpoint."""
+        return None if self._first_bad_step is None else self._first_bad_step.clone()
+
+    def load(self, state: Tensor | None) -> None:
+        """Restore :meth:`state`."""
+        self._first_bad_step = state
+
     def raise_if_bad(self, epoch: int) -> None:
         """Raise for the first bad step recorded on an accelerator (one host sync)."""
         if self._first_bad_step is not None and int(self._first_bad_step) >= 0:

@@ -39,6 +39,7 @@ class FeatureDropout(Defense):
     """
 
     strength_param = "p"
+    mid_epoch_resumable = True  # nothing accumulates within an epoch
     no_leakage_bound = ("what is sent is dropout(z) + noise, which the clean-feature mixture "
                         "does not model")
 
@@ -116,6 +117,7 @@ class TopK(Defense):
     """
 
     strength_param = "ratio"
+    mid_epoch_resumable = True  # nothing accumulates within an epoch
     no_leakage_bound = ("what is sent is topk(z) + noise, which the clean-feature mixture "
                         "does not model")
 

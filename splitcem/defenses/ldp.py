@@ -137,6 +137,7 @@ class LocalDP(Defense):
     """
 
     strength_param = "epsilon"
+    mid_epoch_resumable = True  # nothing accumulates within an epoch
 
     def __init__(
         self,

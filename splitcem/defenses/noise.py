@@ -21,6 +21,7 @@ class GaussianNoise(Defense):
     """
 
     strength_param = "sigma"
+    mid_epoch_resumable = True  # nothing accumulates within an epoch
 
     def __init__(self, *, sigma: float = 0.1) -> None:
         super().__init__()

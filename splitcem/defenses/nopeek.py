@@ -80,6 +80,7 @@ class NoPeek(Defense):
     """
 
     strength_param = "weight"
+    mid_epoch_resumable = True  # nothing accumulates within an epoch
 
     def __init__(self, *, weight: float = 0.3) -> None:
         super().__init__()

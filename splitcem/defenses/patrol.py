@@ -90,6 +90,7 @@ class PatrolPruning(Defense):
     pruned: Tensor  # () bool buffer: whether the pruning epoch has passed
 
     strength_param = "ratio"
+    mid_epoch_resumable = True  # nothing accumulates within an epoch
 
     def __init__(
         self,

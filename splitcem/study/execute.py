@@ -120,7 +120,7 @@ def _run_locked(path: Path, cfg_dict: dict[str, Any], *, threads: int | None,
     try:
         with _threads(threads):
             cfg = load_config(cfg_dict)
-            resume = run.has_checkpoint and run.config is not None and (
+            resume = run.can_resume and run.config is not None and (
                 run.config.to_dict() == cfg.to_dict())
             status["resumed"] = resume
             rec = train_run(cfg, path, resume=resume, overwrite=not resume, progress=progress,

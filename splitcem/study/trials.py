@@ -302,8 +302,8 @@ def _execute_ray(
 
 
 def _started(rec: RunRecord) -> bool:
-    """Work of this trial is on disk to continue from: an epoch checkpoint, or trained."""
-    return rec.has_checkpoint or rec.status == "trained"
+    """Work of this trial is on disk to continue from: a checkpoint, or trained."""
+    return rec.can_resume or rec.status == "trained"
 
 
 def plan_trials(trials: Sequence[Trial], out: Path, *, adopt: Sequence[str | Path] = (),
