@@ -185,10 +185,14 @@ def train_run(
         if on_epoch_end is not None:
             on_epoch_end(rec)
 
+    def log_partial(done: dict[str, Any]) -> None:  # how far the epoch in flight is
+        nonlocal run
+        run = run.record_within_epoch(done["batch"], done["batches"], done["train_seconds"])
+
     trainer = Trainer(
         p.model, p.stack, p.splits, cfg.train, device=p.device, seed=cfg.seed,
         run_dir=run_dir, progress=progress, augment=augmentation(cfg),
-        meta={"name": cfg.name}, on_epoch_end=log_epoch,
+        meta={"name": cfg.name}, on_epoch_end=log_epoch, on_partial=log_partial,
     )
     try:
         result = trainer.fit(resume=resume)

@@ -49,6 +49,7 @@ __all__ = [
     "CHECKPOINT",
     "CONFIG_FILE",
     "METRICS_FILE",
+    "PARTIAL_CHECKPOINT",
     "TRIAL_FILE",
     "RunRecord",
     "Status",
@@ -320,6 +321,18 @@ class RunRecord:
         return self.save({**self.metrics, "progress": {
             "epoch": int(epoch), "of": self.config.train.epochs,
             "epoch_seconds": round(float(seconds), 3), "at": _now()}})
+
+    def record_within_epoch(self, batch: int, batches: int, seconds: float) -> RunRecord:
+        """Record a checkpoint within the epoch after the last recorded one: ``batch`` of
+        its ``batches`` done, in ``seconds`` of training (``progress``'s ``batch``,
+        ``batches`` and ``seconds``; the next :meth:`record_epoch` drops them)."""
+        assert self.config is not None
+        prog = self.metrics.get("progress")
+        prog = dict(prog) if isinstance(prog, dict) else {
+            "epoch": 0, "of": self.config.train.epochs}
+        prog.update(batch=int(batch), batches=int(batches), seconds=round(float(seconds), 3),
+                    at=_now())
+        return self.save({**self.metrics, "progress": prog})
 
     @property
     def progress(self) -> dict[str, Any] | None:

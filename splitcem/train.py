@@ -141,6 +141,8 @@ class Trainer:
             stack whose every defense is ``mid_epoch_resumable``.
         progress: Show progress: bars on a terminal, one log line per epoch otherwise.
         on_epoch_end: Optional callback ``(epoch_record) -> None`` (e.g. to stop early in tests).
+        on_partial: Optional callback after each checkpoint within an epoch, with the
+            epoch's ``batch`` (done) and ``batches`` and its ``train_seconds`` so far.
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class Trainer:
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
         meta: dict[str, Any] | None = None,
         checkpoint_every: float | None = CHECKPOINT_EVERY_S,
+        on_partial: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.model = model.to(device)
         self.stack = stack.to(device)
@@ -170,6 +173,7 @@ class Trainer:
         self.callback = on_epoch_end
         self.meta = meta or {}
         self.checkpoint_every = checkpoint_every
+        self.on_partial = on_partial
         self._last_save = time.perf_counter()
         #: the epoch in flight as a mid-epoch checkpoint left it (batches done, sums, ...)
         self._in_epoch: dict[str, Any] | None = None
@@ -276,6 +280,9 @@ class Trainer:
         state["in_epoch"] = {**progress, "defenses": self.stack.epoch_state()}
         save_checkpoint(self.partial_path, state)
         self._last_save = time.perf_counter()
+        if self.on_partial is not None:
+            self.on_partial({"batch": progress["batch"], "batches": len(self.loader),
+                             "train_seconds": progress["train_seconds"]})
 
     def _furthest_checkpoint(self) -> dict[str, Any]:
         """The checkpoint to resume from: ``last.pt`` or, when further on (the epoch after

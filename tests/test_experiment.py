@@ -61,6 +61,35 @@ def test_existing_run_needs_resume_or_overwrite(tiny_config, tmp_path):
     assert run_experiment(cfg, tmp_path, resume=True, progress=False)["train"]["epochs"] == 2
 
 
+@pytest.mark.slow
+def test_train_run_records_the_epoch_in_flight(tiny_config, tmp_path, monkeypatch):
+    """Each checkpoint within an epoch records how far the epoch is (``progress``'s batch,
+    batches and seconds: what --list shows of a trial in flight); an epoch's end drops them."""
+    import functools
+
+    from splitcem import experiment
+    from splitcem.record import RunRecord
+    from splitcem.train import Trainer
+
+    monkeypatch.setattr(experiment, "Trainer", functools.partial(Trainer, checkpoint_every=0.0))
+    seen = []
+    record_within_epoch = RunRecord.record_within_epoch
+
+    def spy(self, batch, batches, seconds):
+        rec = record_within_epoch(self, batch, batches, seconds)
+        seen.append(RunRecord.load(self.path).progress)  # as metrics.json has it
+        return rec
+
+    monkeypatch.setattr(RunRecord, "record_within_epoch", spy)
+    cfg = tiny_config(train={"epochs": 2, "batch_size": 8, "milestones": [1]},
+                      defenses=[{"name": "noise", "sigma": 0.1}], attack={"attacks": []})
+    experiment.train_run(cfg, tmp_path, progress=False)
+    assert [(p["epoch"], p["batch"], p["batches"]) for p in seen] == [(0, 25, 32), (1, 25, 32)]
+    assert "epoch_seconds" not in seen[0] and seen[1]["epoch_seconds"] > 0
+    assert all(p["seconds"] > 0 for p in seen)
+    assert RunRecord.load(tmp_path).progress is None  # trained: no epoch in flight
+
+
 def test_bad_attack_config_fails_before_training(tiny_config, tmp_path):
     cfg = tiny_config(attack={"threat": "setting:inference"})
     with pytest.raises(ConfigError, match="threat setting"):

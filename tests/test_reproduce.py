@@ -280,7 +280,8 @@ def test_list_shows_a_trial_a_live_process_runs_as_running(tmp_path):
     here = socket.gethostname()
     claims = {"live": (os.getpid(), here), "killed": (gone.pid, here),
               "elsewhere": (os.getpid(), here + "-other"), "attacking": (os.getpid(), here),
-              "trained": (gone.pid, here)}
+              "trained": (gone.pid, here), "midway": (os.getpid(), here),
+              "first": (os.getpid(), here)}
     trials = []
     for name, (pid, host) in claims.items():
         t = Trial(name, _cfg(name, 125, noise), 125)
@@ -288,15 +289,19 @@ def test_list_shows_a_trial_a_live_process_runs_as_running(tmp_path):
             rec = write_run(tmp_path / name, t.cfg, 0.8, 0.01, attacked=False)
         else:
             rec = RunRecord.begin_training(tmp_path / name, t.cfg, resume=False, device="cpu")
-        if name == "live":  # its first epoch checkpointed, in two minutes
+        if name in ("live", "midway"):  # its first epoch checkpointed, in two minutes
             rec = rec.record_epoch(1, 120.0)
+        if name == "midway":  # and a quarter of its second, in a checkpoint within it
+            rec = rec.record_within_epoch(25, 100, 31.0)
+        if name == "first":  # half its first epoch, in one minute
+            rec = rec.record_within_epoch(50, 100, 60.0)
         rec.write_trial({"name": name, "status": "running", "pid": pid, "host": host,
                          "started": "2026-12-06T00:33:20"})
         trials.append(t)
     states = {s.name: s for s in list_trials(trials, tmp_path, device="cpu")}
     assert {n: s.state for n, s in states.items()} == {
         "live": "running", "killed": "pending", "elsewhere": "pending", "attacking": "running",
-        "trained": "pending"}
+        "trained": "pending", "midway": "running", "first": "running"}
     # only the attacks are left of a trained run: its estimate is the attacks' cost
     assert [n for n, s in states.items() if s.attacks_only] == ["attacking", "trained"]
     assert states["attacking"].note.startswith("attacking: pid")
@@ -308,7 +313,15 @@ def test_list_shows_a_trial_a_live_process_runs_as_running(tmp_path):
     assert states["killed"].train_left is None  # no epoch recorded
     assert "training" in states["killed"].note and "pid" not in states["killed"].note
     assert "-other" in states["elsewhere"].note and "not checked" in states["elsewhere"].note
-    assert "2 running, 3 pending" in format_listing(list(states.values()))
+    # a checkpoint within an epoch: the share done is not left; the last epoch sets the pace
+    assert states["midway"].note.startswith("training, epoch 1/2 done (2.0 min), 25% of epoch 2")
+    assert states["midway"].train_left == pytest.approx(90.0)
+    assert states["midway"].epoch_cost == 120.0
+    # before a first epoch ends, the share done sets the pace
+    assert states["first"].note.startswith("training, 50% of epoch 1: pid")
+    assert states["first"].train_left == pytest.approx(180.0)
+    assert states["first"].epoch_cost == pytest.approx(120.0)
+    assert "4 running, 3 pending" in format_listing(list(states.values()))
 
 def test_list_says_why_a_trained_run_under_adopt_is_not_the_trials_result(tmp_path):
     """A run trained for the trial but attacked otherwise (other attacks, or another aux /
@@ -413,7 +426,7 @@ def test_a_rerun_continues_the_trials_it_started_before_new_ones(tmp_path):
     """plan_trials puts the trials with work on disk (a killed run's epoch checkpoint, or
     trained and not attacked) first, each part in the sweep's order, so a re-run (e.g. with
     trials added to the file) finishes what it started before starting anything new."""
-    from splitcem.record import CHECKPOINT
+    from splitcem.record import CHECKPOINT, PARTIAL_CHECKPOINT
     from splitcem.study.grid import SweepSpec
     from splitcem.study.trials import plan_trials
 
@@ -436,6 +449,10 @@ def test_a_rerun_continues_the_trials_it_started_before_new_ones(tmp_path):
     (killed.path / CHECKPOINT).unlink()  # nothing to continue from: back in its place
     res, jobs = plan_trials(trials, out, device="cpu")
     assert [t.name for t, _, _ in jobs] == [trials[i].name for i in (4, 1, 2, 3)]
+    # killed within its first epoch: a checkpoint within it is work to continue too
+    (killed.path / PARTIAL_CHECKPOINT).write_bytes(b"epoch 1, batch 25")
+    res, jobs = plan_trials(trials, out, device="cpu")
+    assert [t.name for t, _, _ in jobs] == [trials[i].name for i in (2, 4, 1, 3)]
 
 
 # ------------------------------------------------------------------------- paper table

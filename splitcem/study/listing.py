@@ -28,8 +28,9 @@ dropout: an all-runs mean would understate it), else of all finished runs; the t
 attack parts are averaged separately, so a trial adoptable as trained costs its attacks only.
 A trial whose training recorded epochs (running, or killed and resuming from its checkpoint:
 ``metrics.json``'s ``progress``) shows them, and its training is estimated as the epochs left
-times its last epoch's seconds: measured on the machine running it, not on the machines that
-made the finished runs.
+(less the share of the epoch in flight that a checkpoint within it recorded) times its last
+epoch's seconds (before a first epoch ends: that share's pace): measured on the machine
+running it, not on the machines that made the finished runs.
 
 Finished runs may come from other machines: a run records its device, CPU capability,
 numeric path and whether bf16 was native (``numerics``), and a trial left to do would run
@@ -301,10 +302,16 @@ def _state(t: Trial, rec: RunRecord, records: Sequence[RunRecord],
     trained = rec.config is not None and rec.trained_for(t.cfg, device=device)
     prog = rec.progress if rec.config_hash == train_hash(t.cfg, device=device) else None
     left, done, per_epoch = None, "", None
-    if prog is not None:  # training's last checkpointed epoch: what is left of it
-        per_epoch = float(prog["epoch_seconds"]) * (rec.trial.get("threads") or 1)
-        left = max(prog["of"] - prog["epoch"], 0) * per_epoch
-        done = f"epoch {prog['epoch']}/{prog['of']} done ({prog['epoch_seconds'] / 60:.1f} min)"
+    if prog is not None:  # training's last checkpoint: what is left of it
+        part = prog["batch"] / prog["batches"] if prog.get("batches") else 0.0
+        seconds = prog.get("epoch_seconds") or (prog["seconds"] / part if part else None)
+        if seconds is not None:
+            per_epoch = float(seconds) * (rec.trial.get("threads") or 1)
+            left = max(prog["of"] - prog["epoch"] - part, 0) * per_epoch
+        done = ", ".join(n for n in (
+            f"epoch {prog['epoch']}/{prog['of']} done ({prog['epoch_seconds'] / 60:.1f} min)"
+            if prog.get("epoch_seconds") else "",
+            f"{100 * part:.0f}% of epoch {prog['epoch'] + 1}" if part else "") if n)
     if running:
         phase = "attacking" if trained else \
             "training" if rec.metrics.get("status") == "training" else "starting"
