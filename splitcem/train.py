@@ -137,8 +137,9 @@ class Trainer:
         seed: Seeds weights' RNG use during training, data order and augmentation.
         run_dir: Where ``checkpoints/last.pt`` is written each epoch (None: no checkpoints).
         checkpoint_every: Seconds between checkpoints within an epoch
-            (``checkpoints/partial.pt``; None: epoch ends only). Only written for a defense
-            stack whose every defense is ``mid_epoch_resumable``.
+            (``checkpoints/partial.pt``, written at the first of the every-25-steps host
+            syncs after that long; None: epoch ends only). Only written for a defense stack
+            whose every defense is ``mid_epoch_resumable``.
         progress: Show progress: bars on a terminal, one log line per epoch otherwise.
         on_epoch_end: Optional callback ``(epoch_record) -> None`` (e.g. to stop early in tests).
         on_partial: Optional callback after each checkpoint within an epoch, with the
