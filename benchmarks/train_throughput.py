@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: $SPLITCEM_THREADS, else the free cores)")
     ap.add_argument("--all-paths", action="store_true",
-                    help="also time bf16 where it is not native (about 10x slower there)")
+                    help="also time bf16 where it is not native (float32 kernels on bf16-rounded "
+                         "operands there: splitcem/_bf16.py)")
     ap.add_argument("--quick", action="store_true",
                     help="a short proof that it works: 512 images, 1 repeat")
     args = ap.parse_args()

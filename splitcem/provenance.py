@@ -70,17 +70,20 @@ def _accelerator(device: str) -> str | None:
 
 def made_by(phase: str, device: str) -> dict[str, Any]:
     """One provenance entry: ``phase`` (``train``, ``resume`` or ``attacks``), when, the
-    splitcem version and commit, torch and Python versions, the CPU and (on CUDA) the GPU.
+    splitcem version and commit, torch and Python versions, the CPU, (on CUDA) the GPU, and
+    what runs bf16 autocast's convolutions there (:func:`splitcem.runtime.bf16_kernels`: the
+    phases of one run may differ, e.g. a run resumed by a newer splitcem).
 
     >>> e = made_by("train", "cpu")
     >>> sorted(e)
-    ['at', 'commit', 'cpu', 'gpu', 'phase', 'python', 'splitcem', 'torch']
+    ['at', 'bf16', 'commit', 'cpu', 'gpu', 'phase', 'python', 'splitcem', 'torch']
     """
     import torch
 
     import splitcem
+    from splitcem.runtime import bf16_kernels
 
     return {"phase": phase, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "splitcem": splitcem.__version__, "commit": _commit(),
             "torch": str(torch.__version__), "python": platform.python_version(),
-            "cpu": _cpu(), "gpu": _accelerator(device)}
+            "cpu": _cpu(), "gpu": _accelerator(device), "bf16": bf16_kernels(device)}

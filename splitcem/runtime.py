@@ -2,9 +2,13 @@
 
 Why one module, decided at run time: the fastest path depends on the machine, not on the
 experiment. bfloat16 autocast roughly halves a training step where the hardware has bf16
-units (CUDA GPUs from compute capability 8.0, CPUs with AVX512-BF16 or AMX) and makes it
-about 10x *slower* where it is emulated (measured on AVX2, see ``AMP_SLOWDOWN``), so configs
-say ``auto`` and :func:`resolve_numeric_path` decides. Explicit ``true`` / ``false`` win.
+units (CUDA GPUs from compute capability 8.0, CPUs with AVX512-BF16 or AMX) and buys no speed
+where it has not, only rounding, so configs say ``auto`` and :func:`resolve_numeric_path`
+decides. Explicit ``true`` / ``false`` win. ``true`` on a CPU without bf16 units (a sweep that
+keeps the path of runs made where bf16 is native) runs bf16 autocast's convolutions and
+matmuls as float32 kernels on bf16-rounded operands (:mod:`splitcem._bf16`): the same
+arithmetic as a bf16 kernel, at float32's speed, where PyTorch's own bf16 kernels there are
+2.7x (AVX512) to about 12x (AVX2) slower than float32.
 
 Channels-last rule (measured, not calibrated per run): with PyTorch's oneDNN convolutions on
 x86 CPUs it was faster in every case measured (the CPU protocol's model, the demo's model
@@ -37,14 +41,14 @@ from typing import Any, Literal
 
 import torch
 
+from splitcem._bf16 import bf16_autocast
 from splitcem.errors import ConfigError
 
 __all__ = [
-    "AMP_SLOWDOWN",
-    "AMP_SLOWDOWN_AVX512",
     "ENV_THREADS",
     "NumericPath",
     "Setting",
+    "bf16_kernels",
     "check_setting",
     "cpu_capability",
     "default_threads",
@@ -63,15 +67,6 @@ log = logging.getLogger(__name__)
 Setting = bool | Literal["auto"]
 
 ENV_THREADS = "SPLITCEM_THREADS"
-
-#: What bf16 autocast costs on a CPU without native bf16 (AVX2 with oneDNN limited to it, one
-#: thread, a training step of batch 128; float32 = 1): 8x-18x, depending on the model/layout.
-AMP_SLOWDOWN = "about 10x slower than float32 (8x to 18x measured on AVX2)"
-#: The same on an AVX512 CPU without AVX512-BF16 / AMX, where oneDNN emulates bf16 with
-#: AVX512 (benchmarks/train_throughput.py --all-paths --threads 1, the CPU protocol's model:
-#: 176 images/s bf16 against 482 float32, both channels-last)
-AMP_SLOWDOWN_AVX512 = "about 2.7x slower than float32 (measured on AVX512 without BF16)"
-
 
 def check_setting(name: str, value: Any) -> Setting:
     """``True`` / ``False`` / ``"auto"``, or a :class:`ConfigError` naming ``name``."""
@@ -126,6 +121,17 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+def bf16_kernels(device: torch.device | str) -> str:
+    """What runs bf16 autocast's convolutions and matmuls on ``device`` here, as runs record
+    it per phase (:func:`splitcem.provenance.made_by`): ``native`` (bf16 units),
+    ``float32 kernels`` (a CPU without them: :mod:`splitcem._bf16`) or ``emulated by torch``
+    (a GPU without them)."""
+    device = torch.device(device)
+    if native_bf16(device):
+        return "native"
+    return "float32 kernels" if device.type == "cpu" else "emulated by torch"
+
+
 def _channels_last_fast(device: torch.device, amp: bool) -> bool:
     if device.type == "cpu":
         return torch.backends.mkldnn.is_available() and cpu_capability().startswith("AVX")
@@ -162,6 +168,9 @@ class NumericPath:
         native_bf16: Whether the device has bf16 in hardware.
         cpu_capability: torch's CPU kernel level (recorded with every run).
         reason: One line: why this path (``auto: ...`` or ``set in the config``).
+        bf16_via_float32: bf16 autocast's convolutions and matmuls run as float32 kernels
+            on bf16-rounded operands (:mod:`splitcem._bf16`): set for ``amp`` on a CPU
+            without bf16 units.
     """
 
     device: str
@@ -170,6 +179,7 @@ class NumericPath:
     native_bf16: bool
     cpu_capability: str
     reason: str
+    bf16_via_float32: bool = False
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -179,7 +189,7 @@ class NumericPath:
         """The autocast context (a reusable object; a no-op for float32)."""
         if not self.amp:
             return contextlib.nullcontext()
-        return torch.autocast(self.device, dtype=torch.bfloat16)
+        return bf16_autocast(self.device, via_float32=self.bf16_via_float32)
 
     def describe(self) -> str:
         """``bf16 autocast + channels-last`` and the like (:func:`describe_path`)."""
@@ -200,8 +210,9 @@ def resolve_numeric_path(
     """Pick bf16 autocast and channels-last for ``device``; ``"auto"`` follows the rules in
     the module docstring, ``True`` / ``False`` are kept.
 
-    ``amp=True`` where bf16 is not native warns (:class:`RuntimeWarning`) with the expected
-    slowdown; on devices without bf16 autocast (MPS) it is switched off with a warning.
+    ``amp=True`` on a CPU without bf16 units takes float32 kernels on bf16-rounded operands
+    (``bf16_via_float32``); on a GPU without it, it warns (:class:`RuntimeWarning`) that it
+    is slower; on devices without bf16 autocast (MPS) it is switched off with a warning.
     ``what`` names the settings in messages (``train`` -> ``train.amp``). ``quiet`` resolves
     the same path without those warnings: for code that asks which path a config would
     take (run ids, sweep planning), not code about to run it.
@@ -227,14 +238,11 @@ def resolve_numeric_path(
                               "in float32 (set amp: auto to silence this)", RuntimeWarning,
                               stacklevel=2)
             use_amp = False
-        elif use_amp and not native and not quiet:
-            where = (f"this CPU (capability {cap}) has neither AVX512-BF16 nor AMX"
-                     if dev.type == "cpu" else "this GPU has no native bf16 (before Ampere)")
-            cost = AMP_SLOWDOWN_AVX512 if dev.type == "cpu" and cap.startswith("AVX512") \
-                else AMP_SLOWDOWN
-            warnings.warn(f"{what}.amp: true asks for bfloat16 autocast, but {where}: expect "
-                          f"it to run {cost}; use amp: auto (or false) unless runs made "
-                          "with native bf16 must be matched", RuntimeWarning, stacklevel=2)
+        elif use_amp and not native and dev.type == "cuda" and not quiet:
+            warnings.warn(f"{what}.amp: true asks for bfloat16 autocast, but this GPU has no "
+                          "native bf16 (before Ampere): expect it to run slower than float32; "
+                          "use amp: auto (or false) unless runs made with native bf16 must be "
+                          "matched", RuntimeWarning, stacklevel=2)
     if channels_last == "auto":
         use_cl = _channels_last_fast(dev, use_amp)
         why.append("channels-last" if use_cl else "default layout")
@@ -246,7 +254,8 @@ def resolve_numeric_path(
         reason = f"auto on {dev.type}" + (f" ({cap})" if dev.type == "cpu" else "") + ": " + \
             ", ".join(why)
     return NumericPath(device=dev.type, amp=use_amp, channels_last=use_cl, native_bf16=native,
-                       cpu_capability=cap, reason=reason)
+                       cpu_capability=cap, reason=reason,
+                       bf16_via_float32=use_amp and dev.type == "cpu" and not native)
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

@@ -1,0 +1,94 @@
+"""bf16 autocast where the CPU has no bf16 units: float32 kernels on bf16-rounded operands.
+
+What bf16 autocast computes for a convolution or a matmul: its floating operands (input,
+weight, bias) rounded to bfloat16, products summed in float32, the result rounded to
+bfloat16. Where the CPU has AVX512-BF16 or AMX, oneDNN does exactly that in hardware. Where
+it has not (AVX2, AVX512 without BF16), PyTorch's own bf16 kernels are a slow fallback:
+a training step of the CPU protocol's model took 8.9 s against 0.75 s in float32 on an AVX2
+AMD EPYC (one thread, batch 128, channels-last).
+
+:class:`Bf16ViaFloat32` computes the same thing another way: it rounds the operands to
+bfloat16, runs the float32 kernel on them (a product of two bf16 numbers is exact in
+float32, and the sum is float32, as in hardware), and rounds the result to bfloat16. The
+gradients come out rounded to bfloat16 too, through the casts' own backward. Only the order
+of the float32 sums differs from a bf16 kernel, as it differs between any two bf16 kernels;
+``tests/test_bf16.py`` compares it with PyTorch's bf16 kernels (an oracle test) and
+``benchmarks/bf16_emulation.py`` measures both.
+
+It covers the ops bf16 autocast lowers that splitcem's models, decoders and losses call
+(:data:`EMULATED`); any other op falls through to autocast unchanged, so coverage changes
+speed only, never what is computed. It acts only while CPU autocast to bfloat16 is on, so
+code that switches autocast off inside (the adversarial defense's float32 decoder) runs
+float32 as before.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["EMULATED", "Bf16ViaFloat32", "bf16_autocast"]
+
+#: The ops bf16 autocast runs in bfloat16 that :class:`Bf16ViaFloat32` runs as float32
+#: kernels on bf16-rounded operands (functions and the tensor methods that reach them).
+EMULATED: frozenset[Any] = frozenset({
+    F.conv1d, F.conv2d, F.conv3d,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    F.linear, torch.matmul, torch.mm, torch.bmm,
+    torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm, torch.Tensor.bmm,
+})
+
+
+def _round(x: Any) -> Any:
+    """A floating tensor rounded to bfloat16 and held as float32; anything else as it is."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.to(torch.bfloat16).float()
+    return x
+
+
+class Bf16ViaFloat32(TorchFunctionMode):
+    """While CPU autocast to bfloat16 is on, run :data:`EMULATED` ops as float32 kernels on
+    bf16-rounded operands and round their results to bfloat16 (the module docstring says
+    why this is bf16 autocast's arithmetic)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in EMULATED and torch.is_autocast_enabled("cpu") \
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            args = tuple(_round(a) for a in args)
+            kwargs = {k: _round(v) for k, v in kwargs.items()}
+            with torch.autocast("cpu", enabled=False):
+                return func(*args, **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+class _Bf16Autocast:
+    """CPU bf16 autocast with :class:`Bf16ViaFloat32` inside; reusable like
+    :class:`torch.autocast` (entered again after each exit, not nested in itself)."""
+
+    def __init__(self) -> None:
+        self._autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        self._mode = Bf16ViaFloat32()
+
+    def __enter__(self) -> None:
+        self._autocast.__enter__()
+        self._mode.__enter__()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._mode.__exit__(kind, exc, tb)
+        self._autocast.__exit__(kind, exc, tb)
+
+
+def bf16_autocast(device: str, *, via_float32: bool) -> AbstractContextManager[Any]:
+    """bf16 autocast on ``device``; with ``via_float32`` (CPU only) its convolutions and
+    matmuls run as :class:`Bf16ViaFloat32` computes them."""
+    if via_float32 and device == "cpu":
+        return _Bf16Autocast()
+    return torch.autocast(device, dtype=torch.bfloat16)
