@@ -56,7 +56,8 @@ def write_run(path: Path, cfg: RunConfig, acc: float, mse: float, *, train_s: fl
     amp, cl = resolved_amp(cfg.train.amp, "cpu", cfg.train.channels_last)
     where = {} if machine is None else {"device": machine.device, "native_bf16":
                                         machine.native_bf16,
-                                        "cpu_capability": machine.cpu_capability}
+                                        "cpu_capability": machine.cpu_capability,
+                                        "bf16_via_float32": machine.bf16_via_float32}
     rec = rec.finish_training({**rec.metrics, "numerics": {"amp": amp, "channels_last": cl,
                                                            "threads": threads, **where},
                                "train": {"test_accuracy": acc, "seconds": train_s,
@@ -226,6 +227,31 @@ def test_runs_made_elsewhere_are_put_on_this_machines_pace(tmp_path):
     assert [s.machine for s in got[:2]] == [Machine("cpu", ran_amp, True, "AVX512"), None]
     assert got[2].machine == Machine.here(Trial("new", cfg, 126), "cpu")
     assert [s.setting for s in got] == ["r", "old", "new"]
+
+
+def test_bf16_via_float32_kernels_is_a_machine_of_its_own(tmp_path):
+    """Runs whose bf16 ran through float32 kernels (about float32's pace) are not paced with
+    those that ran PyTorch's emulation (about 10x slower); a run whose phases ran on both
+    (resumed by a newer splitcem) sets no pace: it says nothing where it trained."""
+    old = Machine("cpu", True, False, "AVX2")
+    via = Machine("cpu", True, False, "AVX2", bf16_via_float32=True)
+    assert via != old and via.describe() == "cpu (AVX2), bf16 autocast via float32 kernels"
+    cfg = _cfg("n", 125, [{"name": "noise", "sigma": 0.1}])
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": True})})
+
+    def run(name: str, machine: Machine, kernels: list[str | None]) -> Machine | None:
+        rec = write_run(tmp_path / name, cfg, 0.8, 0.01, machine=machine)
+        # made_by as the phases recorded it (None: before splitcem recorded the kernels)
+        rec.metrics["made_by"] = [{"phase": ph, **({"bf16": k} if k else {})}
+                                  for ph, k in zip(("train", "resume", "attacks"), kernels,
+                                                   strict=False)]
+        return Machine.of_run(rec)
+
+    assert run("old", old, [None, None]) == old
+    assert run("new", via, ["float32 kernels", "float32 kernels", "float32 kernels"]) == via
+    assert run("mixed", via, [None, "float32 kernels", "float32 kernels"]) is None
+    flag = run("native", Machine("cpu", True, True, "AVX512", bf16_via_float32=True), ["native"])
+    assert flag == Machine("cpu", True, True, "AVX512")  # native: the flag says nothing
 
 
 def test_runs_from_two_other_machines_are_paced_each_by_its_own_ratio():

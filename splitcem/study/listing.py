@@ -34,11 +34,12 @@ running it, not on the machines that made the finished runs.
 
 Finished runs may come from other machines: a run records its device, CPU capability,
 numeric path and whether bf16 was native (``numerics``), and a trial left to do would run
-on this machine's (:class:`Machine`). bf16 autocast emulated on a CPU without native bf16
-runs about 4x slower than where it is native, so the runs made elsewhere are put on this
-machine's pace before averaging: their train and attack seconds are multiplied by the
-geometric mean, over the settings that have finished runs both here-like and elsewhere, of
-the ratio of the two (:func:`pace`). Training's factor also counts the trials training
+on this machine's (:class:`Machine`). bf16 autocast emulated by PyTorch's kernels on a CPU
+without native bf16 ran about 4x slower than where it is native (splitcem now runs it through
+float32 kernels there, :mod:`splitcem._bf16`: another machine for this purpose), so the runs
+made elsewhere are put on this machine's pace before averaging: their train and attack
+seconds are multiplied by the geometric mean, over the settings that have finished runs both
+here-like and elsewhere, of the ratio of the two (:func:`pace`). Training's factor also counts the trials training
 here now: their last epoch's seconds against the finished runs' seconds per epoch of the
 same setting elsewhere, so a machine slower than the ones that made the runs shows in the
 estimate after the first epoch of its first trial, not only after a whole trial has
@@ -73,37 +74,50 @@ __all__ = ["Machine", "Pace", "Paces", "TrialState", "core_hours_left", "format_
 
 class Machine(NamedTuple):
     """What sets a trial's pace: the device, bf16 autocast or not, whether bf16 is native
-    there, and the CPU's kernel level (CPU runs only)."""
+    there, the CPU's kernel level (CPU runs only) and, where bf16 is not native on a CPU,
+    whether it ran through float32 kernels (:mod:`splitcem._bf16`, about float32's pace)
+    or PyTorch's own (runs made before splitcem had the former: about 10x slower)."""
 
     device: str
     amp: bool
     native_bf16: bool
     cpu_capability: str | None
+    bf16_via_float32: bool = False
 
     def describe(self) -> str:
         """``cpu (AVX512), bf16 autocast emulated`` and the like."""
         where = f"{self.device} ({self.cpu_capability})" if self.cpu_capability else self.device
-        how = ("bf16 autocast " + ("native" if self.native_bf16 else "emulated")) \
-            if self.amp else "float32"
+        how = "float32"
+        if self.amp:
+            how = "bf16 autocast " + ("native" if self.native_bf16 else
+                                      "via float32 kernels" if self.bf16_via_float32
+                                      else "emulated")
         return f"{where}, {how}"
 
     @classmethod
     def of_run(cls, rec: RunRecord) -> Machine | None:
         """Where a finished run trained, from its ``numerics``; ``None`` for runs that did
-        not record it."""
+        not record it, and for runs whose phases ran bf16 on different kernels (a run
+        resumed by a splitcem that emulates bf16 otherwise: its seconds are of neither)."""
         num = rec.numerics
         if "native_bf16" not in num or "amp" not in num:
             return None
         device = str(num.get("device") or "cpu")
-        return cls(device, bool(num["amp"]), bool(num["native_bf16"]),
-                   num.get("cpu_capability") if device == "cpu" else None)
+        amp, native = bool(num["amp"]), bool(num["native_bf16"])
+        if amp and not native:
+            kernels = {e.get("bf16", "emulated by torch")
+                       for e in rec.metrics.get("made_by") or [] if isinstance(e, dict)}
+            if len(kernels) > 1:
+                return None
+        return cls(device, amp, native, num.get("cpu_capability") if device == "cpu" else None,
+                   amp and not native and bool(num.get("bf16_via_float32")))
 
     @classmethod
     def here(cls, trial: Trial, device: str | None = None) -> Machine:
         """Where ``trial`` would train on this machine (``device``: default its own)."""
         p = numeric_path_here(trial.cfg, device)
         return cls(p.device, p.amp, p.native_bf16,
-                   p.cpu_capability if p.device == "cpu" else None)
+                   p.cpu_capability if p.device == "cpu" else None, p.bf16_via_float32)
 
 
 class Pace(NamedTuple):
