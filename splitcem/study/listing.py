@@ -33,20 +33,20 @@ epoch's seconds (before a first epoch ends: that share's pace): measured on the 
 running it, not on the machines that made the finished runs.
 
 Finished runs may come from other machines: a run records its device, CPU capability,
-numeric path and whether bf16 was native (``numerics``), and a trial left to do would run
-on this machine's (:class:`Machine`). bf16 autocast emulated by PyTorch's kernels on a CPU
-without native bf16 ran about 4x slower than where it is native (splitcem now runs it through
-float32 kernels there, :mod:`splitcem._bf16`: another machine for this purpose), so the runs
-made elsewhere are put on this machine's pace before averaging: their train and attack
-seconds are multiplied by the geometric mean, over the settings that have finished runs both
-here-like and elsewhere, of the ratio of the two (:func:`pace`). Training's factor also counts the trials training
-here now: their last epoch's seconds against the finished runs' seconds per epoch of the
-same setting elsewhere, so a machine slower than the ones that made the runs shows in the
-estimate after the first epoch of its first trial, not only after a whole trial has
-finished. Where no setting has both yet, the runs count as they are, and the listing says so.
-Runs made on several other machines are paced per machine where it shares a setting with
-this one (:class:`Paces`): runs from a native-bf16 machine and from one that emulates it are
-then not put at one pace between the two.
+numeric path and whether bf16 was native (``numerics``), and a trial left to do would run on
+this machine's (:class:`Machine`). bf16 autocast emulated by PyTorch's kernels on a CPU
+without native bf16 ran about 4x slower than where it is native (splitcem now runs it
+through float32 kernels there, :mod:`splitcem._bf16`: another machine for this purpose), so
+the runs made elsewhere are put on this machine's pace before averaging: their train and
+attack seconds are multiplied by the geometric mean, over the settings that have finished
+runs both here-like and elsewhere, of the ratio of the two (:func:`pace`). Training's factor
+also counts the trials training here now: their last epoch's seconds against the finished
+runs' seconds per epoch of the same setting elsewhere, so a machine slower than the ones
+that made the runs shows in the estimate after the first epoch of its first trial, not only
+after a whole trial has finished. Where no setting has both yet, the runs count as they are,
+and the listing says so. Runs made on several other machines are paced per machine where it
+shares a setting with this one (:class:`Paces`): runs from a native-bf16 machine and from
+one that emulates it are then not put at one pace between the two.
 With seeds until decided, the next round's trials are estimated the same way.
 """
 
