@@ -24,7 +24,7 @@ AmpOpt = Annotated[str | None, typer.Option(
     "--amp", help="Pin every trial's numeric path, training and attacks: true (bf16 autocast), "
     "false (float32) or auto (each machine's fastest; the default). Runs adopt and pool only "
     "with runs on the same path, so continue a sweep made where bf16 is native with --amp "
-    "true on a machine without it (slower there)")]
+    "true on a machine without it (a CPU there runs bf16 through float32 kernels)")]
 Adopt = Annotated[list[Path] | None, typer.Option(
     help="Folder of existing runs: a trial whose config matches a finished run there copies "
          "it instead of training (the folder is only read); repeatable")]

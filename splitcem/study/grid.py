@@ -230,8 +230,9 @@ def pin_amp(raw: dict[str, Any], amp: Setting) -> dict[str, Any]:
     Why: ``auto`` resolves per machine (bf16 autocast where bf16 is native, else float32),
     and a run's hashes hold the path as it resolved, so a sweep continued on a machine
     without native bf16 neither adopts nor pools the runs made where it is native; pinning
-    ``true`` there keeps their numeric path (slower: bf16 is emulated), ``false`` pins
-    float32 everywhere.
+    ``true`` there keeps their numeric path (a CPU without bf16 units runs it through float32
+    kernels on bf16-rounded operands, :mod:`splitcem._bf16`), ``false`` pins float32
+    everywhere.
     """
     import inspect
 
