@@ -101,7 +101,9 @@ def write_summary(run_dir: str | Path, record: dict[str, Any], cfg: RunConfig) -
             f"{e.get('phase')} {(e.get('commit') or 'no git commit')[:12]}"
             f"{'+dirty' if str(e.get('commit')).endswith('+dirty') else ''} "
             f"(splitcem {e.get('splitcem')}, torch {e.get('torch')}, {e.get('cpu')}"
-            f"{', ' + e['gpu'] if e.get('gpu') else ''}, {e.get('at')})" for e in made))
+            f"{', ' + e['gpu'] if e.get('gpu') else ''}"
+            f"{', bf16 ' + str(e['bf16']) if e.get('bf16') and num.get('amp') else ''}, "
+            f"{e.get('at')})" for e in made))
     lines += [
         f"- **test accuracy (under the deployed defense): "
         f"{_fmt(100 * tr.get('test_accuracy', float('nan')), 2)}%**",

@@ -324,6 +324,13 @@ def test_a_run_records_the_code_and_machine_behind_each_phase(tmp_path, monkeypa
     write_summary(tmp_path / "p", rec.metrics, cfg)
     assert f"- made by: train {str(train['commit'])[:12]}" in \
         (tmp_path / "p" / "summary.md").read_text()
+    from splitcem.runtime import bf16_kernels
+
+    assert train["bf16"] == attacks["bf16"] == bf16_kernels("cpu")
+    # the kernels bf16 ran on show in the summary for a bf16 run, not for a float32 one
+    assert f"bf16 {train['bf16']}" not in (tmp_path / "p" / "summary.md").read_text()
+    write_summary(tmp_path / "p", {**rec.metrics, "numerics": {"amp": True}}, cfg)
+    assert f"bf16 {train['bf16']}, " in (tmp_path / "p" / "summary.md").read_text()
 
     again = RunRecord.begin_training(tmp_path / "p", cfg, resume=True, device="cpu")
     assert [e["phase"] for e in again.metrics["made_by"]] == ["train", "attacks", "resume"]
