@@ -2,18 +2,21 @@
 
 What bf16 autocast computes for a convolution or a matmul: its floating operands (input,
 weight, bias) rounded to bfloat16, products summed in float32, the result rounded to
-bfloat16. Where the CPU has AVX512-BF16 or AMX, oneDNN does exactly that in hardware. Where
-it has not (AVX2, AVX512 without BF16), PyTorch's own bf16 kernels are a slow fallback:
-a training step of the CPU protocol's model took 8.9 s against 0.75 s in float32 on an AVX2
-AMD EPYC (one thread, batch 128, channels-last).
+bfloat16. Where the CPU has AVX512-BF16 or AMX, oneDNN's bf16 kernels sum in float32
+accumulators (``tests/test_bf16.py`` checks them against the oracle below where it runs on
+such a CPU). Where it has not, PyTorch's own bf16 kernels are a slow fallback: on an AVX2 AMD
+EPYC a training step of the zoo's bottleneck model took 9.19 s against 0.73 s in float32 (one
+thread, batch 128, channels-last: ``benchmarks/bf16_emulation.py``), and they round partial
+sums to bf16 in a convolution's gradients.
 
-:class:`Bf16ViaFloat32` computes the same thing another way: it rounds the operands to
-bfloat16, runs the float32 kernel on them (a product of two bf16 numbers is exact in
-float32, and the sum is float32, as in hardware), and rounds the result to bfloat16. The
-gradients come out rounded to bfloat16 too, through the casts' own backward. Only the order
-of the float32 sums differs from a bf16 kernel, as it differs between any two bf16 kernels;
-``tests/test_bf16.py`` compares it with PyTorch's bf16 kernels (an oracle test) and
-``benchmarks/bf16_emulation.py`` measures both.
+:class:`Bf16ViaFloat32` computes it another way: it rounds the operands to bfloat16, runs
+the float32 kernel on them (a product of two bf16 numbers is exact in float32, and the sum is
+float32), and rounds the result to bfloat16; the gradients come out rounded to bfloat16 too,
+through the casts' own backward. ``tests/test_bf16.py`` holds it (and PyTorch's kernels) to
+an oracle: exact arithmetic on the bf16-rounded operands, rounded once. It meets it on all
+but the rare element where float32 sums in another order round to the neighbouring bf16
+number; PyTorch's fallback on AVX2 meets it on about half the elements of a convolution's
+gradients.
 
 It covers the ops bf16 autocast lowers that splitcem's models, decoders and losses call
 (:data:`EMULATED`); any other op falls through to autocast unchanged, so coverage changes

@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from splitcem._bf16 import EMULATED, Bf16ViaFloat32, bf16_autocast
 from splitcem.runtime import bf16_kernels, native_bf16, resolve_numeric_path
@@ -117,6 +118,42 @@ def test_matmul_forms_are_emulated():
     for got in forms:
         assert got.dtype == BF16 and (got == want).float().mean().item() > 0.99
     assert len(seen) == len(forms) and all(f in EMULATED for f in seen)  # `@` included
+
+
+_CALLS = {  # one small call per emulated op: (function, arguments)
+    F.conv1d: (torch.randn(2, 4, 9), torch.randn(6, 4, 3)),
+    F.conv2d: (torch.randn(2, 4, 7, 7), torch.randn(6, 4, 3, 3)),
+    F.conv3d: (torch.randn(1, 2, 5, 5, 5), torch.randn(3, 2, 3, 3, 3)),
+    F.conv_transpose1d: (torch.randn(2, 4, 9), torch.randn(4, 6, 3)),
+    F.conv_transpose2d: (torch.randn(2, 4, 7, 7), torch.randn(4, 6, 3, 3)),
+    F.conv_transpose3d: (torch.randn(1, 2, 5, 5, 5), torch.randn(2, 3, 3, 3, 3)),
+    F.linear: (torch.randn(5, 8), torch.randn(3, 8)),
+    torch.mm: (torch.randn(5, 8), torch.randn(8, 3)),
+    torch.Tensor.mm: (torch.randn(5, 8), torch.randn(8, 3)),
+    torch.matmul: (torch.randn(5, 8), torch.randn(8, 3)),
+    torch.Tensor.matmul: (torch.randn(5, 8), torch.randn(8, 3)),
+    torch.Tensor.__matmul__: (torch.randn(5, 8), torch.randn(8, 3)),
+    torch.bmm: (torch.randn(2, 5, 8), torch.randn(2, 8, 3)),
+    torch.Tensor.bmm: (torch.randn(2, 5, 8), torch.randn(2, 8, 3)),
+}
+
+
+def test_each_emulated_op_is_checked_below():
+    assert set(_CALLS) == EMULATED
+
+
+@pytest.mark.parametrize("func", list(_CALLS), ids=lambda f: getattr(f, "__qualname__", ""))
+def test_every_emulated_op_is_one_autocast_lowers(func):
+    """Emulating an op that autocast keeps in float32 would round what it does not: each op
+    in EMULATED comes out bf16 under PyTorch's own autocast too, and close to ours (equal
+    but for rounding: PyTorch's transposed convolutions round partial sums here)."""
+    args = _CALLS[func]
+    with torch.autocast("cpu", dtype=BF16):
+        want = func(*args)
+    with bf16_autocast("cpu", via_float32=True):
+        got = func(*args)
+    assert want.dtype == got.dtype == BF16
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
 
 def test_reusable_like_torch_autocast():
