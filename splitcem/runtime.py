@@ -6,9 +6,9 @@ units (CUDA GPUs from compute capability 8.0, CPUs with AVX512-BF16 or AMX) and 
 where it has not, only rounding, so configs say ``auto`` and :func:`resolve_numeric_path`
 decides. Explicit ``true`` / ``false`` win. ``true`` on a CPU without bf16 units (a sweep that
 keeps the path of runs made where bf16 is native) runs bf16 autocast's convolutions and
-matmuls as float32 kernels on bf16-rounded operands (:mod:`splitcem._bf16`): the same
-arithmetic as a bf16 kernel, at float32's speed, where PyTorch's own bf16 kernels there are
-2.7x (AVX512) to about 12x (AVX2) slower than float32.
+matmuls as float32 kernels on bf16-rounded operands (:mod:`splitcem._bf16`): the arithmetic
+bf16 autocast defines, at float32's speed, where PyTorch's own bf16 kernels there measured
+2.7x (AVX512) and 12.6x (AVX2) slower than float32.
 
 Channels-last rule (measured, not calibrated per run): with PyTorch's oneDNN convolutions on
 x86 CPUs it was faster in every case measured (the CPU protocol's model, the demo's model
