@@ -127,9 +127,16 @@ def bf16_kernels(device: torch.device | str) -> str:
     ``float32 kernels`` (a CPU without them: :mod:`splitcem._bf16`) or ``emulated by torch``
     (a GPU without them)."""
     device = torch.device(device)
-    if native_bf16(device):
+    native = native_bf16(device)
+    if native:
         return "native"
-    return "float32 kernels" if device.type == "cpu" else "emulated by torch"
+    return "float32 kernels" if _via_float32(device, native) else "emulated by torch"
+
+
+def _via_float32(device: torch.device, native: bool) -> bool:
+    """Whether bf16 on ``device`` runs through float32 kernels (:mod:`splitcem._bf16`): a
+    CPU without bf16 units."""
+    return device.type == "cpu" and not native
 
 
 def _channels_last_fast(device: torch.device, amp: bool) -> bool:
@@ -255,7 +262,7 @@ def resolve_numeric_path(
             ", ".join(why)
     return NumericPath(device=dev.type, amp=use_amp, channels_last=use_cl, native_bf16=native,
                        cpu_capability=cap, reason=reason,
-                       bf16_via_float32=use_amp and dev.type == "cpu" and not native)
+                       bf16_via_float32=use_amp and _via_float32(dev, native))
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
