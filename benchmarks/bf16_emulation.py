@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import splitcem
+from splitcem._bf16 import exact_bf16
 from splitcem.config import load_config
 from splitcem.data import BatchLoader, make_splits
 from splitcem.experiment import build_model
@@ -60,17 +61,11 @@ def _agreement(conv: nn.Conv2d, x: torch.Tensor, path: NumericPath) -> dict[str,
         y = conv(xx)
     y.retain_grad()
     (y.float() ** 2).mean().backward()
-    exact = copy.deepcopy(conv).double()
-    for p in exact.parameters():
-        p.data, p.grad = p.data.to(BF16).double(), None
-    xe = x.to(BF16).double().requires_grad_()
-    ye = exact(xe)
     assert y.grad is not None and xx.grad is not None and conv.weight.grad is not None
-    ye.backward(y.grad.double())
-    assert xe.grad is not None and exact.weight.grad is not None
-    pairs = {"output": (y, ye.to(BF16)), "grad_input": (xx.grad, xe.grad.to(BF16).float()),
-             "grad_weight": (conv.weight.grad, exact.weight.grad.to(BF16).float())}
-    return {k: round((a == b).float().mean().item(), 5) for k, (a, b) in pairs.items()}
+    want = exact_bf16(conv, x, y.grad)
+    got = (y.detach(), xx.grad, conv.weight.grad)
+    return {k: round((a == b).float().mean().item(), 5)
+            for k, a, b in zip(("output", "grad_input", "grad_weight"), got, want, strict=True)}
 
 
 def main() -> None:

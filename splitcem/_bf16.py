@@ -13,10 +13,10 @@ sums to bf16 in a convolution's gradients.
 the float32 kernel on them (a product of two bf16 numbers is exact in float32, and the sum is
 float32), and rounds the result to bfloat16; the gradients come out rounded to bfloat16 too,
 through the casts' own backward. ``tests/test_bf16.py`` holds it (and PyTorch's kernels) to
-an oracle: exact arithmetic on the bf16-rounded operands, rounded once. It meets it on all
-but the rare element where float32 sums in another order round to the neighbouring bf16
-number; PyTorch's fallback on AVX2 meets it on about half the elements of a convolution's
-gradients.
+an oracle, :func:`exact_bf16`: exact arithmetic on the bf16-rounded operands, rounded
+once. It meets it on all but the rare element where float32 sums in another order round to
+the neighbouring bf16 number; PyTorch's fallback on AVX2 meets it on about half the elements
+of a convolution's gradients.
 
 It covers the ops bf16 autocast lowers that splitcem's models, decoders and losses call
 (:data:`EMULATED`); any other op falls through to autocast unchanged, so coverage changes
@@ -27,15 +27,17 @@ float32 as before.
 
 from __future__ import annotations
 
+import copy
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["EMULATED", "Bf16ViaFloat32", "bf16_autocast"]
+__all__ = ["EMULATED", "Bf16ViaFloat32", "bf16_autocast", "exact_bf16"]
 
 #: The ops bf16 autocast runs in bfloat16 that :class:`Bf16ViaFloat32` runs as float32
 #: kernels on bf16-rounded operands (functions and the tensor methods that reach them).
@@ -95,3 +97,22 @@ def bf16_autocast(device: str, *, via_float32: bool) -> AbstractContextManager[A
     if via_float32 and device == "cpu":
         return _Bf16Autocast()
     return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def exact_bf16(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The oracle bf16 autocast is held to: ``layer``'s output, input gradient and weight
+    gradient in exact (float64) arithmetic on bf16-rounded input and parameters, each
+    rounded to bfloat16 once (``upstream``: the output's gradient as the backward pass under
+    autocast gets it). ``layer`` is left as it was; gradients come back as float32."""
+    exact = copy.deepcopy(layer).double()
+    for p in exact.parameters():
+        p.data, p.grad = p.data.to(torch.bfloat16).double(), None
+    xx = x.detach().to(torch.bfloat16).double().requires_grad_()
+    y = exact(xx)
+    y.backward(upstream.double())
+    weight = getattr(exact, "weight", None)
+    if xx.grad is None or not isinstance(weight, torch.Tensor) or weight.grad is None:
+        raise ValueError(f"{type(layer).__name__} has no weight gradient to compare")
+    return (y.detach().to(torch.bfloat16), xx.grad.to(torch.bfloat16).float(),
+            weight.grad.to(torch.bfloat16).float())

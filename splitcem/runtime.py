@@ -45,6 +45,7 @@ from splitcem._bf16 import bf16_autocast
 from splitcem.errors import ConfigError
 
 __all__ = [
+    "BF16_KERNELS",
     "ENV_THREADS",
     "NumericPath",
     "Setting",
@@ -121,16 +122,22 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
+#: What can run bf16 autocast's convolutions and matmuls, as runs record it per phase
+#: (:func:`bf16_kernels`): bf16 units, float32 kernels on a CPU without them
+#: (:mod:`splitcem._bf16`), or PyTorch's own kernels without bf16 units (a pre-Ampere GPU;
+#: on a CPU, runs made before splitcem had the float32 kernels, which recorded nothing).
+BF16_KERNELS: tuple[str, str, str] = ("native", "float32 kernels", "emulated by torch")
+
+
 def bf16_kernels(device: torch.device | str) -> str:
-    """What runs bf16 autocast's convolutions and matmuls on ``device`` here, as runs record
-    it per phase (:func:`splitcem.provenance.made_by`): ``native`` (bf16 units),
-    ``float32 kernels`` (a CPU without them: :mod:`splitcem._bf16`) or ``emulated by torch``
-    (a GPU without them)."""
+    """What runs bf16 autocast's convolutions and matmuls on ``device`` here: one of
+    :data:`BF16_KERNELS`, as runs record it per phase (:func:`splitcem.provenance.made_by`)."""
     device = torch.device(device)
     native = native_bf16(device)
+    native_, float32_, torch_ = BF16_KERNELS
     if native:
-        return "native"
-    return "float32 kernels" if _via_float32(device, native) else "emulated by torch"
+        return native_
+    return float32_ if _via_float32(device, native) else torch_
 
 
 def _via_float32(device: torch.device, native: bool) -> bool:

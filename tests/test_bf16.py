@@ -12,14 +12,13 @@ torch that stops doing it is noticed rather than silently compared against).
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from splitcem._bf16 import EMULATED, Bf16ViaFloat32, bf16_autocast
+from splitcem._bf16 import EMULATED, Bf16ViaFloat32, bf16_autocast, exact_bf16
 from splitcem.runtime import bf16_kernels, native_bf16, resolve_numeric_path
 
 BF16 = torch.bfloat16
@@ -35,20 +34,6 @@ def _layers() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a == b).float().mean().item()
-
-
-def _oracle(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Output, input gradient and weight gradient in exact arithmetic on bf16 operands,
-    each rounded to bf16 once (``upstream``: the output's gradient, bf16 as autocast has it)."""
-    exact = copy.deepcopy(layer).double()
-    for p in exact.parameters():
-        p.data = p.data.to(BF16).double()
-    xx = x.to(BF16).double().requires_grad_()
-    y = exact(xx)
-    y.backward(upstream.double())
-    assert xx.grad is not None and exact.weight.grad is not None
-    return y.to(BF16), xx.grad.to(BF16).float(), exact.weight.grad.to(BF16).float()
 
 
 def _run(layer: nn.Module, x: torch.Tensor, ctx: contextlib.AbstractContextManager[object]
@@ -72,7 +57,7 @@ def test_matches_exact_arithmetic_on_bf16_operands(name):
     assert y.dtype == up.dtype == BF16
     for g in (gx, gw):  # float32 tensors holding bf16 numbers, as autocast's casts leave them
         assert g.dtype == torch.float32 and torch.equal(g, g.to(BF16).float())
-    want = _oracle(layer, x, up)
+    want = exact_bf16(layer, x, up)
     for got, exact in zip((y, gx, gw), want, strict=True):
         assert _same(got, exact) > 0.999
     # the mutant this guards against: float32 on the raw operands, rounded at the end
@@ -87,7 +72,7 @@ def test_torch_bf16_kernels_here_round_partial_sums():
         pytest.skip("this CPU has bf16 units: torch's kernels are the native ones here")
     layer, x = _layers()["conv2d"]
     _, up, gx, gw = _run(layer, x, torch.autocast("cpu", dtype=BF16))
-    _, ex, ew = _oracle(layer, x, up)
+    _, ex, ew = exact_bf16(layer, x, up)
     assert _same(gx, ex) < 0.9 and _same(gw, ew) < 0.9
 
 
@@ -189,5 +174,5 @@ def test_native_bf16_kernels_match_the_same_oracle(name):
     runs made there used: they meet the oracle that ours meet."""
     layer, x = _layers()[name]
     y, up, gx, gw = _run(layer, x, torch.autocast("cpu", dtype=BF16))
-    for got, exact in zip((y, gx, gw), _oracle(layer, x, up), strict=True):
+    for got, exact in zip((y, gx, gw), exact_bf16(layer, x, up), strict=True):
         assert _same(got, exact) > 0.99

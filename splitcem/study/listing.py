@@ -63,6 +63,7 @@ from typing import Any, NamedTuple
 
 from splitcem.record import RunRecord
 from splitcem.runid import attack_split, train_hash
+from splitcem.runtime import BF16_KERNELS
 from splitcem.study.adaptive import adaptive, plan_round, with_earlier_rounds
 from splitcem.study.grid import SweepSpec, Trial, expand
 from splitcem.study.paper import defense_of
@@ -105,7 +106,7 @@ class Machine(NamedTuple):
         device = str(num.get("device") or "cpu")
         amp, native = bool(num["amp"]), bool(num["native_bf16"])
         if amp and not native:
-            kernels = {e.get("bf16", "emulated by torch")
+            kernels = {e.get("bf16", BF16_KERNELS[2])
                        for e in rec.metrics.get("made_by") or [] if isinstance(e, dict)}
             if len(kernels) > 1:
                 return None
