@@ -66,3 +66,22 @@ def test_shipped_configs_validate(path):
     cfg = load_config(path)
     build_defenses(cfg)
     parse_specs(cfg.attack.attacks)  # the suite's own validation (labels, init_from, params)
+
+
+def test_the_fast_yaml_loader_reads_what_the_python_one_reads():
+    """``load_config`` reads files with libyaml's loader where PyYAML has it: every shipped
+    config and committed run config comes out as PyYAML's pure-Python ``SafeLoader`` reads
+    it (the oracle), and the override copy leaves the caller's dict alone."""
+    import yaml
+
+    import splitcem.config as config
+
+    files = sorted([*(REPO / "configs").rglob("*.yaml"),
+                    *(REPO / "results").rglob("config.yaml")])
+    assert len(files) > 50
+    for f in files:
+        text = f.read_text()
+        assert yaml.load(text, Loader=config._SAFE_LOADER) == yaml.safe_load(text), f
+    raw = {"defenses": [{"name": "noise", "sigma": 0.1}]}
+    load_config(raw, ["defenses.0.sigma=0.2"])
+    assert raw == {"defenses": [{"name": "noise", "sigma": 0.1}]}
