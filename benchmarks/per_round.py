@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from splitcem.config import RunConfig, load_config
+from splitcem.config import RunConfig
 from splitcem.record import RunRecord
 from splitcem.study.adaptive import plan_round, run_until_decided
 from splitcem.study.grid import Trial, expand, load_sweep
@@ -89,7 +89,7 @@ def _metrics(cfg: RunConfig, gains: list[float], study: int) -> tuple[float, flo
 
 def _finish(t: Trial, out: Path, gains: list[float], study: int) -> None:
     """Write ``t``'s finished run record with its synthetic metrics."""
-    cfg = load_config(t.cfg.to_dict())
+    cfg = t.cfg
     rec = RunRecord.begin_training(out / t.name, cfg, resume=False, device="cpu")
     acc, mse = _metrics(cfg, gains, study)
     rec = rec.finish_training({**rec.metrics, "train": {"epochs": 1, "test_accuracy": acc,
