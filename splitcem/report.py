@@ -29,8 +29,10 @@ __all__ = [
     "comparison_table",
     "leakage_cell",
     "markdown_table",
+    "mean_sd",
     "plot_curves",
     "plot_frontier",
+    "plot_panels",
     "save_image_grid",
     "save_reconstructions",
     "write_summary",
@@ -276,6 +278,40 @@ class CurvePoint:
     ssim: float
     ssim_sd: float
 
+    @classmethod
+    def of(cls, label: str | None, accuracy: Sequence[float], mse: Sequence[float],
+           ssim: Sequence[float]) -> CurvePoint:
+        """A setting's point from its seeds' values (:func:`mean_sd` of each)."""
+        return cls(label, *mean_sd(accuracy), *mean_sd(mse), *mean_sd(ssim))
+
+
+def mean_sd(xs: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and sample sd of the finite values in ``xs`` (sd 0 for one value; both NaN for
+    none)."""
+    a = np.asarray([x for x in xs if x is not None and not math.isnan(x)], dtype=float)
+    if not len(a):
+        return float("nan"), float("nan")
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def _draw(ax: Any, metric: str, points: Sequence[CurvePoint], *, color: Any, marker: str,
+          baseline: bool, label: str) -> None:
+    """One series on ``ax``: test accuracy (%) against ``metric``, mean ± sd error bars,
+    points annotated with their labels; a baseline solid and thicker, others dashed."""
+    xs = [getattr(p, metric) for p in points]
+    ys = [100 * p.accuracy for p in points]
+    ax.errorbar(xs, ys, xerr=[getattr(p, f"{metric}_sd") for p in points],
+                yerr=[100 * p.accuracy_sd for p in points],
+                fmt=marker + ("-" if baseline else "--"), color=color, capsize=3,
+                lw=2 if baseline else 1.2, label=label)
+    for x, y, p in zip(xs, ys, points, strict=True):
+        if p.label is not None:
+            ax.annotate(p.label, (x, y), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points", color=color)
+
+
+_MSE_AXIS = "worst-case attack MSE (higher = more private)"
+
 
 def plot_curves(series: dict[str, list[CurvePoint]], path: str | Path, *,
                 baseline: str | None = None, title: str | None = None) -> Path:
@@ -300,19 +336,9 @@ def plot_curves(series: dict[str, list[CurvePoint]], path: str | Path, *,
         color = "black" if g == baseline else cmap(gi % cmap.N)
         marker = "o" if g == baseline else "osD^v"[(gi // cmap.N) % 5]
         for ax, metric in zip(axes, ("mse", "ssim"), strict=True):
-            xs = [getattr(p, metric) for p in points]
-            xe = [getattr(p, f"{metric}_sd") for p in points]
-            ys = [100 * p.accuracy for p in points]
-            ye = [100 * p.accuracy_sd for p in points]
-            style = "-" if g == baseline else "--"
-            ax.errorbar(xs, ys, xerr=xe, yerr=ye, fmt=marker + style, color=color, capsize=3,
-                        lw=2 if g == baseline else 1.2, label=g + (" (baseline)" if g == baseline
-                                                               else ""))
-            for x, y, p in zip(xs, ys, points, strict=True):
-                if p.label is not None:
-                    ax.annotate(p.label, (x, y), fontsize=7, xytext=(4, 3),
-                                textcoords="offset points", color=color)
-    axes[0].set_xlabel("worst-case attack MSE (higher = more private)")
+            _draw(ax, metric, points, color=color, marker=marker, baseline=g == baseline,
+                  label=g + (" (baseline)" if g == baseline else ""))
+    axes[0].set_xlabel(_MSE_AXIS)
     axes[1].set_xlabel("worst-case attack SSIM (lower = more private)")
     for ax in axes:
         ax.set_ylabel("test accuracy (%)")
@@ -324,6 +350,45 @@ def plot_curves(series: dict[str, list[CurvePoint]], path: str | Path, *,
     fig.suptitle(head if not title else f"{head}\n{title}")
     fig.tight_layout(rect=(0.0, legend_in / (5 + legend_in), 1.0, 1.0))
     return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+
+
+def plot_panels(panels: dict[str, dict[str, list[CurvePoint]]], path: str | Path, *,
+                baseline: str, title: str, ncols: int = 3) -> Path:
+    """Small multiples: one axes per panel (titled by its key), test accuracy against
+    worst-case attack MSE, each with its own series (mean ± sd over seeds, points labelled)
+    and legend. In every panel the series named ``baseline`` is drawn solid and black and
+    the others take tab10's colours in their order, so the n-th series of each panel has one
+    colour; all axes share their scales, so panels compare at a glance. ``splitcem
+    reproduce``'s ``defenses.png``: each defense without and with CEM against noise alone."""
+    from matplotlib import colormaps
+
+    if not panels:
+        raise ValueError("plot_panels: no panels to draw")
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig = _figure(figsize=(4.6 * ncols, 3.7 * nrows + 0.5))
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel()
+    cmap = colormaps["tab10"]
+    for ax, (name, series) in zip(axes, panels.items(), strict=False):
+        others = [g for g in series if g != baseline]
+        for g, points in series.items():
+            color = "black" if g == baseline else cmap(others.index(g) % cmap.N)
+            _draw(ax, "mse", points, color=color, marker="o", baseline=g == baseline, label=g)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best", framealpha=0.8)
+    n = len(panels)
+    for i, ax in enumerate(axes[:n]):
+        if i + ncols >= n:  # the lowest panel of its column: its x axis labelled
+            ax.set_xlabel(_MSE_AXIS, fontsize=8)
+            ax.tick_params(labelbottom=True)
+        if i % ncols == 0:
+            ax.set_ylabel("test accuracy (%)")
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
 
 
 def plot_frontier(records: Sequence[dict[str, Any]], path: str | Path) -> Path:

@@ -35,3 +35,5 @@ def test_the_committed_paper_table_and_the_readme_are_what_the_committed_runs_sa
         assert part in readme, (
             f"the README's {what} is not the committed one: copy it from "
             "results/frontier/cifar10_cpu/paper_table.md")
+    assert (REPORT.parent / "defenses.png").is_file(), (
+        "paper_table.md shows defenses.png, which is not committed: regenerate the report")

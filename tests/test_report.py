@@ -3,6 +3,7 @@ alone (a notebook user keeps theirs)."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import matplotlib
@@ -181,3 +182,60 @@ def test_plot_curves_gives_every_series_its_own_colour_and_keeps_the_legend_off_
     assert len(drawn) == 2 * 12 and len(set(colours.values())) == 12
     assert colours["s03 (baseline)"] == "#000000"
     assert len(legends) == 1
+
+
+def test_plot_panels_draws_the_baseline_black_and_gives_the_nth_series_one_colour(
+        tmp_path, monkeypatch):
+    """Five panels on a 3-column grid: every series drawn in its own panel with its legend,
+    the baseline black wherever it is, the n-th other series one colour in every panel, the
+    unused sixth axes hidden; no panels is an error."""
+    from matplotlib.axes import Axes
+    from matplotlib.colors import to_hex
+
+    from splitcem.report import CurvePoint, plot_panels
+
+    drawn: list[tuple[int, str, str]] = []
+    hidden: list[int] = []
+    real, real_visible = Axes.errorbar, Axes.set_visible
+
+    def errorbar(self, *a, **kw):
+        drawn.append((id(self), kw["label"], to_hex(kw["color"])))
+        return real(self, *a, **kw)
+
+    def set_visible(self, b):
+        if not b:
+            hidden.append(id(self))
+        return real_visible(self, b)
+
+    monkeypatch.setattr(Axes, "errorbar", errorbar)
+    monkeypatch.setattr(Axes, "set_visible", set_visible)
+
+    def pts(shift: float) -> list[CurvePoint]:
+        return [CurvePoint.of(str(k), [0.8 - 0.02 * k], [0.01 + shift + 0.002 * k], [0.6])
+                for k in range(3)]
+
+    panels = {f"p{i}": {"base": pts(0.0), **{f"s{j}": pts(0.001 * (i + j + 1))
+                                              for j in range(i % 3 + 1)}} for i in range(5)}
+    path = plot_panels(panels, tmp_path / "p.png", baseline="base", title="t")
+    assert path.is_file() and Image.open(path).size[0] > 3 * 4 * 100
+    axes = list(dict.fromkeys(a for a, _, _ in drawn))
+    assert len(axes) == 5 and len(drawn) == sum(len(s) for s in panels.values())
+    colour = {(axes.index(a), lab): c for a, lab, c in drawn}
+    assert all(colour[(i, "base")] == "#000000" for i in range(5))
+    for j in range(3):
+        seen = {c for (i, lab), c in colour.items() if lab == f"s{j}"}
+        assert len(seen) == 1 and "#000000" not in seen
+    assert len({colour[(4, f"s{j}")] for j in range(2)}) == 2
+    assert len(hidden) == 1 and hidden[0] not in axes
+    with pytest.raises(ValueError, match="no panels"):
+        plot_panels({}, tmp_path / "q.png", baseline="base", title="t")
+
+
+def test_curve_point_of_seeds_is_their_mean_and_sample_sd():
+    from splitcem.report import CurvePoint, mean_sd
+
+    p = CurvePoint.of("x", [0.7, 0.8], [0.01, 0.03, float("nan")], [0.5])
+    assert (p.accuracy, p.mse, p.ssim) == pytest.approx((0.75, 0.02, 0.5))
+    assert p.accuracy_sd == pytest.approx(0.0707107, rel=1e-5)
+    assert p.mse_sd == pytest.approx(0.0141421, rel=1e-5) and p.ssim_sd == 0.0
+    assert all(math.isnan(v) for v in mean_sd([None, float("nan")]))

@@ -580,6 +580,55 @@ def test_curve_table_places_every_defense_point_against_noise_alone(tmp_path):
     written = json.loads((tmp_path / "report" / "defense_curves.json").read_text())
     assert [w["defense"] for w in written] == [r["defense"] for r in rows]
 
+def test_write_paper_draws_each_defense_against_noise_alone_and_its_own_curve(
+        tmp_path, monkeypatch):
+    """defenses.png: one panel per defense (noise first), each with the noise-only curve, the
+    defense without CEM and its CEM settings, every point the seed mean of its cell; a CEM
+    setting at one strength labelled with the table's matched gain against its own curve;
+    the picture shown in paper_table.md. The drawn panels are checked, not the pixels."""
+    from splitcem.study import paper
+
+    cells = _curve_fixture(tmp_path)
+    drawn: dict = {}
+    real = paper.plot_panels
+
+    def spy(panels, path, **kw):
+        drawn.update(panels=panels, path=path, **kw)
+        return real(panels, path, **kw)
+
+    monkeypatch.setattr(paper, "plot_panels", spy)
+    res = write_paper([tmp_path], tmp_path / "report")
+    panels = drawn["panels"]
+    assert list(panels) == ["noise (over sigma)", "dropout (over p)", "topk (over ratio)"]
+    assert drawn["baseline"] == paper.NOISE_SERIES and drawn["path"].is_file()
+    assert list(panels["noise (over sigma)"]) == [paper.NOISE_SERIES]  # no noise CEM here
+
+    def means(cell: dict) -> tuple[float, float]:
+        return (np.mean([a for a, _ in cell.values()]), np.mean([m for _, m in cell.values()]))
+
+    by_row = {r["defense_name"]: r for r in res["rows"]}
+    for name, lam in (("topk", 3.0), ("dropout", 1.0)):
+        series = panels[f"{name} (over {'ratio' if name == 'topk' else 'p'})"]
+        noise_pts, own_pts, cem_pts = series.values()
+        for pts, cell in ((noise_pts, cells[("noise", 0.0)]), (own_pts, cells[(name, 0.0)]),
+                          (cem_pts, cells[(name, lam)])):
+            assert [p.label for p in pts] == [f"{v:g}" for v in sorted(cell)]
+            for p, v in zip(pts, sorted(cell), strict=True):
+                assert (p.accuracy, p.mse) == pytest.approx(means(cell[v]))
+        label = list(series)[2]
+        row = by_row[name]
+        assert label.startswith(f"CEM lambda={lam:g}: {100 * row['vs_own']['gain']:+.1f}%")
+        assert row["vs_own"]["verdict"] in label and f"(n={row['vs_own']['n_seeds']})" in label
+    md = (tmp_path / "report" / "paper_table.md").read_text()
+    assert f"]({paper.PANELS_FILE})" in md
+    # no finished run of any defense: no picture, and no stale one left behind
+    empty = tmp_path / "none"
+    empty.mkdir()
+    write_paper([empty], tmp_path / "report")
+    assert not (tmp_path / "report" / paper.PANELS_FILE).exists()
+    assert paper.PANELS_FILE not in (tmp_path / "report" / "paper_table.md").read_text()
+
+
 def test_the_bottleneck_is_a_defense_over_its_channels(bundled):
     trials = [t for t in bundled if t.name.startswith("bottleneck")]
     assert trials and all(defense_of(t.cfg)[:2] == ("bottleneck", "model.bottleneck_channels")

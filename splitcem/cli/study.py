@@ -141,8 +141,8 @@ def frontier(
         "over all looks")] = 1,
     paper: Annotated[bool, typer.Option(
         help="Also write paper_table.md / .json (per defense: CEM against its own curve and "
-        "against noise alone; each defense's curve against noise alone; what `reproduce` "
-        "writes)")] = False,
+        "against noise alone; each defense's curve against noise alone) and defenses.png "
+        "(one panel per defense); what `reproduce` writes")] = False,
     device: Device = None,
 ) -> None:
     """Accuracy vs worst-case attack MSE per defense family; MSE at matched accuracy."""

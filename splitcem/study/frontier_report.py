@@ -32,6 +32,7 @@ from splitcem.report import (
     CurvePoint,
     leakage_cell,
     markdown_table,
+    mean_sd,
     plot_curves,
 )
 from splitcem.study.frontier_plan import sequential_level
@@ -56,13 +57,6 @@ __all__ = ["FrontierRun", "family", "find_runs", "group_runs", "write_frontier"]
 log = logging.getLogger(__name__)
 
 
-def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
-    a = np.asarray([x for x in xs if x is not None and not math.isnan(x)], dtype=float)
-    if not len(a):
-        return float("nan"), float("nan")
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
 def _leakage(r: FrontierRun) -> None:
     """The held-out estimate the run recorded, if any (a report computes nothing)."""
     lk = r.record.get("leakage") or {}
@@ -76,10 +70,9 @@ def _plot(groups: dict[str, list[FrontierRun]], baseline: str | None, path: Path
         cells: dict[Any, list[FrontierRun]] = defaultdict(list)
         for r in runs:
             cells[r.strength].append(r)
-        series[g] = [CurvePoint(
-            None if k is None else _fmt(k), *_mean_sd([r.accuracy for r in cells[k]]),
-            *_mean_sd([r.metric("mse") for r in cells[k]]),
-            *_mean_sd([r.metric("ssim") for r in cells[k]]))
+        series[g] = [CurvePoint.of(
+            None if k is None else _fmt(k), [r.accuracy for r in cells[k]],
+            [r.metric("mse") for r in cells[k]], [r.metric("ssim") for r in cells[k]])
             for k in sorted(cells, key=lambda k: (k is None, k))]
     return plot_curves(series, path, baseline=baseline)
 
@@ -194,15 +187,15 @@ def write_frontier(
             by[r.strength].append(r)
         for k in sorted(by, key=lambda k: (k is None, k)):
             cr = by[k]
-            acc = _mean_sd([r.accuracy for r in cr])
+            acc = mean_sd([r.accuracy for r in cr])
             cells_out.append({
                 "group": g, "strength_key": cr[0].strength_key, "strength": k,
                 "seeds": sorted(r.cfg.seed for r in cr), "runs": [r.name for r in cr],
                 "split_seeds": {str(r.cfg.seed): split_seed(r) for r in cr},
                 "accuracy": acc[0], "accuracy_sd": acc[1],
-                **{m: _mean_sd([r.metric(m) for r in cr])[0] for m in ("mse", "ssim", "psnr")},
-                **{f"{m}_sd": _mean_sd([r.metric(m) for r in cr])[1] for m in ("mse", "ssim")},
-                "leakage_heldout_bits": _mean_sd([r.leakage_bits for r in cr
+                **{m: mean_sd([r.metric(m) for r in cr])[0] for m in ("mse", "ssim", "psnr")},
+                **{f"{m}_sd": mean_sd([r.metric(m) for r in cr])[1] for m in ("mse", "ssim")},
+                "leakage_heldout_bits": mean_sd([r.leakage_bits for r in cr
                                                   if r.leakage_bits is not None])[0],
             })
     comparisons, base_dropped = compare_groups(groups, baseline, level=level) \

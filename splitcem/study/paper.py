@@ -22,6 +22,8 @@ is its runs without CEM whose configs agree up to seed, CEM and the strength. Th
 a setting is compared with agrees with it up to seed, defenses, CEM and the model bottleneck.
 
 A row whose CEM cell has one seed has no interval: it is marked *exploratory*.
+
+:func:`_defense_panels` draws the same runs, one panel per defense (``defenses.png``).
 """
 
 from __future__ import annotations
@@ -36,16 +38,19 @@ from typing import Any
 
 from splitcem._io import write_json, write_text
 from splitcem.config import ModelConfig, RunConfig
-from splitcem.report import markdown_table
+from splitcem.report import CurvePoint, markdown_table, plot_panels
 from splitcem.runid import comparable
 from splitcem.study.frontier import Comparison, compare
 from splitcem.study.frontier_plan import sequential_level
 from splitcem.study.grid import format_value
 from splitcem.study.groups import FrontierRun, as_ran, family, find_runs
 
-__all__ = ["PAPER_GAINS", "average_gain", "cem_lambda", "curve_key", "curve_rows", "curve_table",
-           "defense_of", "paper_rows", "paper_table", "write_paper"]
+__all__ = ["NOISE_SERIES", "PANELS_FILE", "PAPER_GAINS", "average_gain", "cem_lambda",
+           "curve_key", "curve_rows", "curve_table", "defense_of",
+           "paper_rows", "paper_table", "write_paper"]
 
+#: the per-defense small multiples :func:`write_paper` draws beside its table
+PANELS_FILE = "defenses.png"
 #: the paper's average same-strength gains over defenses (CVPR 2025 CEM paper, abstract)
 PAPER_GAINS = (0.129, 0.482)
 _METRICS = ("mse", "ssim", "psnr")
@@ -186,9 +191,13 @@ def paper_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict
     """One row per (defense, strength, lambda > 0): see the module docstring; the matched
     comparisons' intervals at ``level`` (a study seeded until decided: its
     :func:`~splitcem.study.frontier_plan.sequential_level`)."""
-    g = _group(runs)
+    return [row for _, row in _keyed_rows(_group(runs), level)]
+
+
+def _keyed_rows(g: _Grouped, level: float) -> list[tuple[tuple[str, Any, float], dict[str, Any]]]:
+    """:func:`paper_rows` of grouped runs, each with its CEM cell's (curve, strength, lambda)."""
     own, noise, labels = g.own, g.noise, g.labels
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[tuple[str, Any, float], dict[str, Any]]] = []
     for (curve, val, lam), with_cem in g.cem.items():
         name, skey = labels[curve]
         base = own.get(curve, {}).get(val, [])
@@ -209,9 +218,9 @@ def paper_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict
         row["vs_noise"] = vs_noise.to_dict() if vs_noise is not None else None
         row["own_strengths"] = sorted(own.get(curve, {}), key=str)
         row["exploratory"] = len(with_cem) < 2
-        rows.append(row)
-    rows.sort(key=lambda w: (w["defense_name"] != "noise", w["defense_name"], str(w["strength"]),
-                             w["lambda"]))
+        rows.append(((curve, val, lam), row))
+    rows.sort(key=lambda kw: (kw[1]["defense_name"] != "noise", kw[1]["defense_name"],
+                              str(kw[1]["strength"]), kw[1]["lambda"]))
     return rows
 
 
@@ -253,6 +262,10 @@ def paper_table(runs: Sequence[FrontierRun], *, level: float = 0.95
                 ) -> tuple[str, list[dict[str, Any]]]:
     """The per-defense table (markdown) and its rows (:func:`paper_rows`, at ``level``)."""
     rows = paper_rows(runs, level=level)
+    return _table(rows), rows
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> str:
     header = ["defense", "CEM lambda", "seeds (w/o, w/)", "accuracy % w/o", "w/", "MSE w/o",
               "w/", "SSIM w/o", "w/", "PSNR w/o", "w/", "same-strength gain",
               "matched vs own curve", "matched vs noise", "note"]
@@ -274,7 +287,64 @@ def paper_table(runs: Sequence[FrontierRun], *, level: float = 0.95
              f"({', '.join(names) or 'none'}; each defense's rows averaged first): "
              f"{_pct(avg)}; the paper reports {_pct(PAPER_GAINS[0])} to "
              f"{_pct(PAPER_GAINS[1])}."]
-    return "\n".join(lines), rows
+    return "\n".join(lines)
+
+
+#: the series each panel of ``defenses.png`` draws solid and black
+NOISE_SERIES = "noise alone"
+_WITHOUT = "without CEM"
+
+
+def _order(vals: Sequence[Any]) -> list[Any]:
+    """Strengths in order: numbers ascending, anything else after them by its text."""
+    return sorted(vals, key=lambda v: (not isinstance(v, int | float), v
+                                       if isinstance(v, int | float) else 0, str(v)))
+
+
+def _point(val: Any, rs: Sequence[FrontierRun]) -> CurvePoint:
+    return CurvePoint.of(format_value(val), [r.accuracy for r in rs],
+                         [r.metric("mse") for r in rs], [r.metric("ssim") for r in rs])
+
+
+def _defense_panels(g: _Grouped, keyed: Sequence[tuple[tuple[str, Any, float], dict[str, Any]]]
+                   ) -> dict[str, dict[str, list[CurvePoint]]]:
+    """``defenses.png``'s panels (:func:`~splitcem.report.plot_panels`): one per defense
+    curve (the cut layer, no defense, left out), noise first: the noise-only curve it is
+    compared with (:data:`NOISE_SERIES`), the defense without CEM over its strength, and one
+    series per CEM lambda over the strengths it ran at, labelled with its matched gain
+    against its own curve where it ran at one strength (the table's ``matched vs own
+    curve``)."""
+    verdict = {key: row for key, row in keyed}
+    cem: dict[str, dict[float, dict[Any, list[FrontierRun]]]] = defaultdict(
+        lambda: defaultdict(dict))
+    for (curve, val, lam), rs in g.cem.items():
+        cem[curve][lam][val] = rs
+    curves = [c for c in {**g.own, **cem} if g.labels[c][0] != "cut"]
+    curves.sort(key=lambda c: (g.labels[c][0] != "noise", g.labels[c][0]))
+    panels: dict[str, dict[str, list[CurvePoint]]] = {}
+    for curve in curves:
+        name, skey = g.labels[curve]
+        first = next(rs[0] for cells in (g.own.get(curve, {}), *cem[curve].values())
+                     for rs in cells.values() if rs)
+        series: dict[str, list[CurvePoint]] = {}
+        base = g.noise.get(_context(first), {})
+        if base:
+            series[NOISE_SERIES] = [_point(v, base[v]) for v in _order(list(base))]
+        own = g.own.get(curve, {})
+        if own and name != "noise":
+            series[_WITHOUT] = [_point(v, own[v]) for v in _order(list(own))]
+        for lam in sorted(cem[curve]):
+            cells = cem[curve][lam]
+            label = f"CEM lambda={format_value(lam)}"
+            if len(cells) == 1:
+                row = verdict[(curve, next(iter(cells)), lam)]
+                label += f": {_matched(row['vs_own'])}"
+            series[label] = [_point(v, cells[v]) for v in _order(list(cells))]
+        title, k = f"{name} (over {skey.rsplit('.', 1)[-1]})", 2
+        while title in panels:  # two curves of one defense (say, other contexts)
+            title, k = f"{name} (over {skey.rsplit('.', 1)[-1]}) #{k}", k + 1
+        panels[title] = series
+    return panels
 
 
 def curve_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict[str, Any]]:
@@ -317,8 +387,9 @@ def curve_table(runs: Sequence[FrontierRun], *, level: float = 0.95
 def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
                 title: str = "Defenses without and with CEM", failed: Sequence[str] = ()
                 ) -> dict[str, Any]:
-    """Write ``paper_table.md`` / ``.json`` (the CEM table, :func:`paper_table`) and
+    """Write ``paper_table.md`` / ``.json`` (the CEM table, :func:`paper_table`),
     ``defense_curves.json`` (the curves against noise alone, :func:`curve_table`, also in
+    ``paper_table.md``) and ``defenses.png`` (:func:`_defense_panels`, shown in
     ``paper_table.md``) for the finished runs under ``dirs`` into ``out``; intervals at the
     level that keeps 95% over ``looks`` looks (a study seeded until decided: its
     :func:`~splitcem.study.adaptive.looks`). ``failed``: trial names to list as failed.
@@ -326,8 +397,12 @@ def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
     its rows, "curves": the curves table (markdown), "curve_rows": its rows}``."""
     runs, notes = find_runs(dirs)
     level = sequential_level(looks)
-    table, rows = paper_table(runs, level=level)
+    g = _group(runs)
+    keyed = _keyed_rows(g, level)
+    rows = [row for _, row in keyed]
+    table = _table(rows)
     curves, crows = curve_table(runs, level=level)
+    panels = _defense_panels(g, keyed)
     where = ", ".join(str(d) for d in dirs)
     text = [f"# {title}", "",
             f"{len(runs)} finished runs in {where}; seed means (± one standard deviation "
@@ -340,17 +415,31 @@ def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
             "looks: seeds until decided), verdict "
             "and seeds (splitcem.study.frontier.compare). Higher = CEM made inversion "
             "harder. A row with one CEM seed has no interval: exploratory.", "",
-            table, "", "## Each defense's curve without CEM, against noise alone", "",
-            "Every strength of every defense but noise alone (the baseline) and the cut "
-            "layer (no defense), without CEM, by accuracy; matched vs noise as above, at "
-            "the point's accuracy. Higher = the defense leaks less than noise alone at "
-            "that accuracy.", "", curves, ""]
+            table, ""]
+    if panels:
+        text += [f"![each defense without and with CEM against noise alone]({PANELS_FILE})", "",
+                 "Each panel: one defense's curve without CEM (dashed), its CEM settings, and "
+                 "noise alone (solid black) in its context; test accuracy against worst-case "
+                 "MSE, mean ± sd over seeds, points labelled by strength (noise: sigma); a "
+                 "CEM setting at one strength labelled with its matched gain against its own "
+                 "curve.", ""]
+    text += ["## Each defense's curve without CEM, against noise alone", "",
+             "Every strength of every defense but noise alone (the baseline) and the cut "
+             "layer (no defense), without CEM, by accuracy; matched vs noise as above, at "
+             "the point's accuracy. Higher = the defense leaks less than noise alone at "
+             "that accuracy.", "", curves, ""]
     if failed:
         text += ["Failed trials (see their trial.json): " + ", ".join(failed), ""]
     if notes:
         text += ["Not finished yet: " + "; ".join(notes), ""]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if panels:  # before the table that shows it
+        plot_panels(panels, out / PANELS_FILE, baseline=NOISE_SERIES,
+                    title=f"{title}: each defense against noise alone (higher MSE = more "
+                          "private)")
+    else:
+        (out / PANELS_FILE).unlink(missing_ok=True)  # a stale one would show other runs
     write_text(out / "paper_table.md", "\n".join(text))
     write_json(out / "paper_table.json", rows)
     write_json(out / "defense_curves.json", crows)

@@ -6,8 +6,8 @@ baseline; every run attacked with the worst case of ``decoder`` and ``decoder_ad
 through :func:`splitcem.study.trials.run_grid`, so re-running continues where it stopped; then it
 writes ``paper_table.md`` / ``.json`` (per defense: CEM against the same defense without CEM
 at the same strength, the paper's measure, and at matched accuracy against its own curve and
-against noise alone; below it each defense's curve against noise alone:
-:mod:`splitcem.study.paper`) and the frontier report
+against noise alone; below it each defense's curve against noise alone; ``defenses.png``,
+one panel per defense: :mod:`splitcem.study.paper`) and the frontier report
 (:mod:`splitcem.study.frontier_report`) into the sweep's folder. :func:`list_reproduce`
 (``--list``) says what it would do and the core-hours left, running nothing.
 """
