@@ -176,7 +176,8 @@ def train_run(
 
     def log_epoch(rec: dict[str, Any]) -> None:  # TensorBoard: every number of the epoch
         nonlocal run
-        run = run.record_epoch(len(trainer.history), float(rec.get("wall_seconds") or 0.0))
+        run = run.record_epoch(len(trainer.history), float(rec.get("wall_seconds") or 0.0),
+                               cpu_seconds=rec.get("cpu_seconds"))
         if writer is not None:
             for k, v in rec.items():
                 if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool):
@@ -187,7 +188,8 @@ def train_run(
 
     def log_partial(done: dict[str, Any]) -> None:  # how far the epoch in flight is
         nonlocal run
-        run = run.record_within_epoch(done["batch"], done["batches"], done["train_seconds"])
+        run = run.record_within_epoch(done["batch"], done["batches"], done["train_seconds"],
+                                      cpu_seconds=done.get("cpu_seconds"))
 
     trainer = Trainer(
         p.model, p.stack, p.splits, cfg.train, device=p.device, seed=cfg.seed,
@@ -215,6 +217,8 @@ def train_run(
             "test_accuracy": result.test_accuracy,
             "test_loss": result.test_loss,
             "seconds": result.seconds,
+            # on a CPU, the process's CPU seconds (all threads; what --list counts as cost)
+            **({} if result.cpu_seconds is None else {"cpu_seconds": result.cpu_seconds}),
             "epochs": len(result.history),
             "history": result.history,
         },
@@ -305,10 +309,12 @@ def attack_run(
         specs = specs + [s for s in all_attack_specs() if s["name"] not in named]
     threats = parse_threats(cfg.attack.threat if threat is None else threat)
     target = AttackTarget(p.model.client, p.stack, p.splits.train.info, p.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rep = run_attacks(target, p.splits, specs, threat=threats,
                       progress=progress)
     attacked = {**rep.to_dict(), "seconds": time.perf_counter() - t0}
+    if p.device.type == "cpu":  # the process's CPU seconds, all threads (a GPU's cost is not)
+        attacked["cpu_seconds"] = time.process_time() - c0
     saved = _save_attack_decoder(run_dir, rep)
     if saved is not None:
         attacked["saved_decoder"] = saved

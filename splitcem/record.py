@@ -313,25 +313,33 @@ class RunRecord:
         write_json(self.path / METRICS_FILE, self.metrics)
         return self
 
-    def record_epoch(self, epoch: int, seconds: float) -> RunRecord:
+    def record_epoch(self, epoch: int, seconds: float, *,
+                     cpu_seconds: float | None = None) -> RunRecord:
         """Record that training finished (and checkpointed) ``epoch`` of the config's
-        epochs, the last of them in ``seconds``: ``progress`` in ``metrics.json``, what
-        ``--list`` shows of a trial in flight and how it estimates what is left."""
+        epochs, the last of them in ``seconds`` (on a CPU, ``cpu_seconds`` of the process's
+        CPU time): ``progress`` in ``metrics.json``, what ``--list`` shows of a trial in
+        flight and how it estimates what is left."""
         assert self.config is not None
+        cpu = {} if cpu_seconds is None else {"epoch_cpu_seconds": round(float(cpu_seconds), 3)}
         return self.save({**self.metrics, "progress": {
             "epoch": int(epoch), "of": self.config.train.epochs,
-            "epoch_seconds": round(float(seconds), 3), "at": _now()}})
+            "epoch_seconds": round(float(seconds), 3), **cpu, "at": _now()}})
 
-    def record_within_epoch(self, batch: int, batches: int, seconds: float) -> RunRecord:
+    def record_within_epoch(self, batch: int, batches: int, seconds: float, *,
+                            cpu_seconds: float | None = None) -> RunRecord:
         """Record a checkpoint within the epoch after the last recorded one: ``batch`` of
-        its ``batches`` done, in ``seconds`` of training (``progress``'s ``batch``,
-        ``batches`` and ``seconds``; the next :meth:`record_epoch` drops them)."""
+        its ``batches`` done, in ``seconds`` of training (and ``cpu_seconds`` of CPU time,
+        where known) (``progress``'s ``batch``, ``batches``, ``seconds`` and
+        ``cpu_seconds``; the next :meth:`record_epoch` drops them)."""
         assert self.config is not None
         prog = self.metrics.get("progress")
         prog = dict(prog) if isinstance(prog, dict) else {
             "epoch": 0, "of": self.config.train.epochs}
+        prog.pop("cpu_seconds", None)
         prog.update(batch=int(batch), batches=int(batches), seconds=round(float(seconds), 3),
                     at=_now())
+        if cpu_seconds is not None:
+            prog["cpu_seconds"] = round(float(cpu_seconds), 3)
         return self.save({**self.metrics, "progress": prog})
 
     @property

@@ -91,6 +91,9 @@ class TrainResult:
     test_loss: float = float("nan")
     #: wall time of all epochs, those trained before a resume included (evaluation counted)
     seconds: float = 0.0
+    #: on a CPU, the CPU seconds the training process used over the same epochs (all its
+    #: threads; a busy machine's other work not counted), if every epoch recorded them
+    cpu_seconds: float | None = None
     checkpoint: Path | None = None
     #: the numeric path that ran (bf16 / float32, layout, why; see splitcem.runtime)
     numerics: dict[str, Any] = field(default_factory=dict)
@@ -143,7 +146,8 @@ class Trainer:
         progress: Show progress: bars on a terminal, one log line per epoch otherwise.
         on_epoch_end: Optional callback ``(epoch_record) -> None`` (e.g. to stop early in tests).
         on_partial: Optional callback after each checkpoint within an epoch, with the
-            epoch's ``batch`` (done) and ``batches`` and its ``train_seconds`` so far.
+            epoch's ``batch`` (done) and ``batches`` and its ``train_seconds`` so far (and on
+            a CPU its ``cpu_seconds``, the process's CPU time, else None).
     """
 
     def __init__(
@@ -283,7 +287,9 @@ class Trainer:
         self._last_save = time.perf_counter()
         if self.on_partial is not None:
             self.on_partial({"batch": progress["batch"], "batches": len(self.loader),
-                             "train_seconds": progress["train_seconds"]})
+                             "train_seconds": progress["train_seconds"],
+                             "cpu_seconds": progress["cpu_seconds"]
+                             if self.device.type == "cpu" else None})  # None: not known
 
     def _furthest_checkpoint(self) -> dict[str, Any]:
         """The checkpoint to resume from: ``last.pt`` or, when further on (the epoch after
@@ -335,7 +341,10 @@ class Trainer:
         extra_sums: dict[str, Tensor] = dict(done.get("extra_sums", {}))
         seen = int(done.get("seen", 0))
         carried = float(done.get("train_seconds", 0.0))
-        t0 = time.perf_counter()
+        # None: resumed from a checkpoint within the epoch that did not count CPU seconds
+        carried_cpu = float(done["cpu_seconds"]) if done.get("cpu_seconds") is not None else \
+            None if done else 0.0
+        t0, c0 = time.perf_counter(), time.process_time()
         bar = progress_bar(self.loader, progress=self.progress, leave=False, initial=start,
                            total=len(self.loader),
                            desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}")
@@ -380,6 +389,8 @@ class Trainer:
                         "batch": i + 1, "seen": seen, "loss_sum": loss_sum,
                         "correct": correct, "extra_sums": extra_sums,
                         "train_seconds": carried + time.perf_counter() - t0,
+                        "cpu_seconds": None if carried_cpu is None
+                        else carried_cpu + time.process_time() - c0,
                     })
         bar.close()
         train_s = carried + time.perf_counter() - t0
@@ -419,12 +430,19 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             # an epoch resumed mid-way counts the seconds its earlier process trained it
             t_epoch = time.perf_counter() - float((self._in_epoch or {}).get("train_seconds", 0))
+            cpu_before = (self._in_epoch or {"cpu_seconds": 0.0}).get("cpu_seconds")
+            c_epoch = time.process_time() - float(cpu_before or 0.0)
+            # a CPU's own cost, where the whole epoch's is known (a checkpoint within it from
+            # before splitcem counted CPU seconds carries only wall seconds)
+            cpu_known = self.device.type == "cpu" and cpu_before is not None
             record = self.train_epoch()
             last = self.epoch + 1 == self.cfg.epochs
             if last or (self.epoch + 1) % self.cfg.eval_every == 0:
                 ev = evaluate(self.model, self.stack, self.splits.test, device=self.device)
                 record["test_accuracy"], record["test_loss"] = ev["accuracy"], ev["loss"]
             record["wall_seconds"] = time.perf_counter() - t_epoch
+            if cpu_known:  # on a GPU the process's CPU time is not the cost
+                record["cpu_seconds"] = time.process_time() - c_epoch
             self.history.append(record)
             self.epoch += 1
             self.save()  # atomic; RNG state is captured after evaluation
@@ -446,6 +464,8 @@ class Trainer:
             test_accuracy=float(last_rec.get("test_accuracy", float("nan"))),
             test_loss=float(last_rec.get("test_loss", float("nan"))),
             seconds=sum(_epoch_wall(r) for r in self.history),
+            cpu_seconds=sum(r["cpu_seconds"] for r in self.history)
+            if self.history and all("cpu_seconds" in r for r in self.history) else None,
             checkpoint=self.checkpoint_path,
             numerics=self.numerics.to_dict(),
         )

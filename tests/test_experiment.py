@@ -26,6 +26,10 @@ def test_run_directory_holds_everything(tiny_config, tmp_path):
         assert (run / f).is_file(), f
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["train"]["epochs"] == 2 and on_disk["noise_sigma"] == 0.1
+    # on a CPU both phases record their process's CPU seconds (what --list counts as cost)
+    assert on_disk["train"]["cpu_seconds"] == pytest.approx(
+        sum(r["cpu_seconds"] for r in on_disk["train"]["history"]))
+    assert on_disk["train"]["cpu_seconds"] > 0 and on_disk["attacks"]["cpu_seconds"] > 0
     m = on_disk["attacks"]["attacks"]["decoder"]["metrics"]
     assert 0 < m["mse"] < 1 and -1 <= m["ssim"] <= 1
     # the worst case is taken over both attacks: per metric, the better reconstruction
@@ -75,8 +79,8 @@ def test_train_run_records_the_epoch_in_flight(tiny_config, tmp_path, monkeypatc
     seen = []
     record_within_epoch = RunRecord.record_within_epoch
 
-    def spy(self, batch, batches, seconds):
-        rec = record_within_epoch(self, batch, batches, seconds)
+    def spy(self, batch, batches, seconds, **kw):
+        rec = record_within_epoch(self, batch, batches, seconds, **kw)
         seen.append(RunRecord.load(self.path).progress)  # as metrics.json has it
         return rec
 
@@ -86,7 +90,8 @@ def test_train_run_records_the_epoch_in_flight(tiny_config, tmp_path, monkeypatc
     experiment.train_run(cfg, tmp_path, progress=False)
     assert [(p["epoch"], p["batch"], p["batches"]) for p in seen] == [(0, 25, 32), (1, 25, 32)]
     assert "epoch_seconds" not in seen[0] and seen[1]["epoch_seconds"] > 0
-    assert all(p["seconds"] > 0 for p in seen)
+    assert seen[1]["epoch_cpu_seconds"] > 0  # on a CPU: the process's CPU time too
+    assert all(p["seconds"] > 0 and p["cpu_seconds"] > 0 for p in seen)
     assert RunRecord.load(tmp_path).progress is None  # trained: no epoch in flight
 
 

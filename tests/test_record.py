@@ -157,7 +157,8 @@ def test_a_changed_trial_killed_mid_training_is_rerun_never_reported(tiny_config
     assert prog is not None and prog["of"] == 4 and 1 <= prog["epoch"] < 4
     st, = list_trials([Trial("t", new, 0)], tmp_path / "sweep", device="cpu")
     assert st.state == "pending" and f"epoch {prog['epoch']}/4 done" in st.note, st.note
-    assert st.train_left == pytest.approx((4 - prog["epoch"]) * prog["epoch_seconds"])
+    # at its last epoch's core-seconds: the CPU time it recorded on this CPU
+    assert st.train_left == pytest.approx((4 - prog["epoch"]) * prog["epoch_cpu_seconds"])
     assert st.train_left > 0
 
     again = run_trials([Trial("t", new, 0)], tmp_path / "sweep", engine=LOOP)

@@ -49,9 +49,12 @@ def _cfg(name: str, seed: int, defenses: list[dict], lam: float = 0.0) -> RunCon
 
 def write_run(path: Path, cfg: RunConfig, acc: float, mse: float, *, train_s: float = 60.0,
               attack_s: float = 30.0, threads: int = 1, attacked: bool = True,
-              machine: Machine | None = None) -> RunRecord:
+              machine: Machine | None = None, cpu: tuple[float, float] | None = None
+              ) -> RunRecord:
     """A finished (trained + attacked) run directory, written by the record's own writers
-    (``attacked=False``: trained only; ``machine``: the one it records it trained on)."""
+    (``attacked=False``: trained only; ``machine``: the one it records it trained on;
+    ``cpu``: the (train, attack) CPU seconds it records, else none, as before splitcem
+    recorded them)."""
     rec = RunRecord.begin_training(path, cfg, resume=False, device="cpu")
     amp, cl = resolved_amp(cfg.train.amp, "cpu", cfg.train.channels_last)
     where = {} if machine is None else {"device": machine.device, "native_bf16":
@@ -61,13 +64,16 @@ def write_run(path: Path, cfg: RunConfig, acc: float, mse: float, *, train_s: fl
     rec = rec.finish_training({**rec.metrics, "numerics": {"amp": amp, "channels_last": cl,
                                                            "threads": threads, **where},
                                "train": {"test_accuracy": acc, "seconds": train_s,
-                                         "epochs": cfg.train.epochs}})
+                                         "epochs": cfg.train.epochs,
+                                         **({} if cpu is None else {"cpu_seconds": cpu[0]})}})
     if not attacked:
         return rec
     figures = {"mse": mse, "ssim": 1.0 - 20 * mse, "psnr": -10 * math.log10(mse)}
     worst = {m: {"attack": "decoder", "value": v} for m, v in figures.items()}
     return rec.record_attacks({"attacks": {"decoder": {"name": "decoder", "metrics": figures}},
-                               "worst": worst, "seconds": attack_s}, cfg, device="cpu")
+                               "worst": worst, "seconds": attack_s,
+                               **({} if cpu is None else {"cpu_seconds": cpu[1]})},
+                              cfg, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +142,12 @@ def test_list_says_finished_adopted_failed_pending_and_the_core_hours_left(tmp_p
     # the recorded cost: (train, attack) seconds x threads
     recorded = {n: (c[0] * c[2], c[1] * c[2]) for n, c in costs.items()}
     assert run_cost(RunRecord.load(out / "done")) == recorded["done"]
+    # a run that recorded its CPU seconds costs those (another job's load on a busy machine
+    # slows its wall clock, not its CPU time), whatever its threads
+    timed = _cfg("timed", 125, noise)
+    write_run(tmp_path / "timed", timed, 0.8, 0.01, train_s=100.0, attack_s=40.0, threads=2,
+              cpu=(150.0, 70.0))
+    assert run_cost(RunRecord.load(tmp_path / "timed")) == (150.0, 70.0)
     # per epoch (pace() compares runs by it): the trials' configs train 2 epochs
     assert states["done"].epoch_cost == recorded["done"][0] / 2
     assert states["adopt"].epoch_cost == recorded["adopt"][0] / 2

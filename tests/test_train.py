@@ -121,6 +121,8 @@ def test_resume_after_crash_matches_uninterrupted(tiny_config, tmp_path):
     walls = [r["wall_seconds"] for r in res.history]
     assert all(w > 0 for w in walls)
     assert res.seconds == pytest.approx(sum(walls)) and res.seconds > sum(walls[2:])
+    cpus = [r["cpu_seconds"] for r in res.history]  # and so does its CPU time, on a CPU
+    assert all(c > 0 for c in cpus) and res.cpu_seconds == pytest.approx(sum(cpus))
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(),
                          strict=True):
         assert torch.equal(a, b), k
@@ -138,7 +140,7 @@ _MID_EPOCH_STACKS = {
                                        {"name": "noise", "sigma": 0.1}]},
 }
 _TIMES = {"train_seconds", "images_per_second", "epoch_end_seconds", "wall_seconds",
-          "cem/refit_ms", "resumed_at_batch"}
+          "cpu_seconds", "cem/refit_ms", "resumed_at_batch"}
 
 
 @pytest.mark.slow
@@ -183,6 +185,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tiny_config, tmp_path, stack):
         assert {k: v for k, v in a.items() if k not in _TIMES} == \
             {k: v for k, v in b.items() if k not in _TIMES}
     assert res.history[1]["train_seconds"] > partial["in_epoch"]["train_seconds"] > 0
+    assert res.history[1]["cpu_seconds"] > partial["in_epoch"]["cpu_seconds"] > 0
 
 
 @pytest.mark.slow
@@ -299,3 +302,44 @@ def test_bf16_autocast_and_channels_last_train(tiny_config):
     assert losses[-1] < losses[0] - 0.1, losses
     assert res.history[-1]["train_accuracy"] > 0.15  # 10 classes: chance is 0.1
     assert "loss/cem" in res.history[-1]  # CEM's loss was active under autocast
+
+
+def test_an_epoch_records_the_cpu_time_its_process_used(tiny_config, monkeypatch):
+    """On a CPU each epoch records ``cpu_seconds``, the process's CPU time over the epoch
+    (the oracle: ``time.process_time`` read around it, here a fake clock that no wall time
+    moves), and the run their sum. An epoch resumed from a checkpoint within it
+    that did not count CPU time records none, and the run then has no total."""
+    import importlib
+    import time as time_mod
+
+    train_mod = importlib.import_module("splitcem.train")  # the package exports train()
+
+    clock = {"cpu": 0.0}
+
+    def process_time() -> float:  # every reading: 1.5 CPU seconds later
+        clock["cpu"] += 1.5
+        return clock["cpu"]
+
+    readings: list[float] = []
+
+    def reading() -> float:
+        readings.append(process_time())
+        return readings[-1]
+
+    monkeypatch.setattr(train_mod.time, "process_time", reading)
+    cfg = tiny_config(train={"epochs": 2, "batch_size": 8, "milestones": [1]},
+                      defenses=[{"name": "noise", "sigma": 0.1}])
+    tr = _trainer(cfg)
+    res = tr.fit()
+    # per epoch: read at the epoch's start (fit), the batches' start (train_epoch) and its end
+    assert len(readings) == 6
+    per_epoch = [readings[3 * e + 2] - readings[3 * e] for e in range(2)]
+    assert [r["cpu_seconds"] for r in res.history] == pytest.approx(per_epoch)
+    assert res.cpu_seconds == pytest.approx(sum(per_epoch))
+    monkeypatch.setattr(train_mod.time, "process_time", time_mod.process_time)
+    # resumed within an epoch from a checkpoint that carries wall seconds only
+    old = _trainer(cfg)
+    old._in_epoch = {"batch": 0, "train_seconds": 5.0, "defenses": old.stack.epoch_state()}
+    res = old.fit()
+    assert "cpu_seconds" not in res.history[0] and "cpu_seconds" in res.history[1]
+    assert res.cpu_seconds is None

@@ -19,8 +19,11 @@ through the run record and gives each trial one state:
   where it ran) is named in its note, and the listing ends with the ``--amp`` that would
   keep that path.
 
-The cost of a finished run is what it recorded: ``metrics.json``'s training seconds plus its
-attacks' seconds, times the threads it ran with (``numerics.threads``, else ``trial.json``'s
+The cost of a finished run is what it recorded: ``metrics.json``'s training core-seconds plus
+its attacks'. A run on a CPU records each phase's ``cpu_seconds``, its process's CPU time over
+all its threads: other work on a busy machine (another trial, a test run) slows its wall
+clock but not that. Runs from before splitcem recorded it, and runs on a GPU, count their
+seconds times the threads they ran with (``numerics.threads``, else ``trial.json``'s
 ``threads``, else 1: runs before either was recorded ran one thread). A trial left to do is
 estimated at the mean cost of the finished runs of its own defense with CEM on or off as it
 has it, else of its defense either way (adversarial learning trains about 3x longer than
@@ -29,8 +32,8 @@ attack parts are averaged separately, so a trial adoptable as trained costs its 
 A trial whose training recorded epochs (running, or killed and resuming from its checkpoint:
 ``metrics.json``'s ``progress``) shows them, and its training is estimated as the epochs left
 (less the share of the epoch in flight that a checkpoint within it recorded) times its last
-epoch's seconds (before a first epoch ends: that share's pace): measured on the machine
-running it, not on the machines that made the finished runs.
+epoch's core-seconds, counted as above (before a first epoch ends: that share's pace):
+measured on the machine running it, not on the machines that made the finished runs.
 
 Finished runs may come from other machines: a run records its device, CPU capability,
 numeric path and whether bf16 was native (``numerics``), and a trial left to do would run on
@@ -165,13 +168,21 @@ class TrialState:
     epoch_cost: float | None = None
 
 
+def _core_seconds(part: dict[str, Any] | None, threads: int) -> float:
+    """A phase's core-seconds: the CPU seconds it recorded, else its seconds x threads."""
+    part = part or {}
+    if part.get("cpu_seconds") is not None:
+        return float(part["cpu_seconds"])
+    return float(part.get("seconds") or 0.0) * threads
+
+
 def run_cost(rec: RunRecord) -> tuple[float, float]:
-    """(train, attack) core-seconds a finished run recorded (0 where a part is missing)."""
+    """(train, attack) core-seconds a finished run recorded (0 where a part is missing):
+    each part's CPU seconds where it recorded them (module docstring), else its seconds
+    times the threads it ran with."""
     m = rec.metrics
     threads = (m.get("numerics") or {}).get("threads") or rec.trial.get("threads") or 1
-    train = float((m.get("train") or {}).get("seconds") or 0.0)
-    attack = float((m.get("attacks") or {}).get("seconds") or 0.0)
-    return train * threads, attack * threads
+    return _core_seconds(m.get("train"), threads), _core_seconds(m.get("attacks"), threads)
 
 
 def _kind(trial: Trial) -> tuple[str, bool]:
@@ -319,9 +330,14 @@ def _state(t: Trial, rec: RunRecord, records: Sequence[RunRecord],
     left, done, per_epoch = None, "", None
     if prog is not None:  # training's last checkpoint: what is left of it
         part = prog["batch"] / prog["batches"] if prog.get("batches") else 0.0
-        seconds = prog.get("epoch_seconds") or (prog["seconds"] / part if part else None)
-        if seconds is not None:
-            per_epoch = float(seconds) * (rec.trial.get("threads") or 1)
+        threads = rec.trial.get("threads") or 1
+        if prog.get("epoch_seconds"):  # the last whole epoch
+            per_epoch = _core_seconds({"seconds": prog["epoch_seconds"],
+                                       "cpu_seconds": prog.get("epoch_cpu_seconds")}, threads)
+        elif part:  # the share of the first epoch done
+            per_epoch = _core_seconds({"seconds": prog["seconds"],
+                                       "cpu_seconds": prog.get("cpu_seconds")}, threads) / part
+        if per_epoch is not None:
             left = max(prog["of"] - prog["epoch"] - part, 0) * per_epoch
         done = ", ".join(n for n in (
             f"epoch {prog['epoch']}/{prog['of']} done ({prog['epoch_seconds'] / 60:.1f} min)"
@@ -522,7 +538,8 @@ def format_listing(states: Sequence[TrialState]) -> str:
         lines.append("core-hours left: unknown (no finished run has recorded times yet)")
     else:
         lines.append(f"core-hours left: about {hours:.1f} (from the recorded times of {n} "
-                     "finished run(s), train + attack seconds x threads, per defense with / "
+                     "finished run(s), train + attack core-seconds: CPU seconds where "
+                     "recorded, else seconds x threads; per defense with / "
                      "without CEM where it has finished runs, else per defense)")
         lines += _pace_lines(paces)
     return "\n".join(lines)
