@@ -14,7 +14,6 @@ Every run lives in one directory::
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from splitcem import report
+from splitcem._clock import Clock
 from splitcem._io import load_checkpoint
 from splitcem.config import RunConfig, load_config
 from splitcem.data import Augment, DataSplits, make_splits
@@ -309,12 +309,10 @@ def attack_run(
         specs = specs + [s for s in all_attack_specs() if s["name"] not in named]
     threats = parse_threats(cfg.attack.threat if threat is None else threat)
     target = AttackTarget(p.model.client, p.stack, p.splits.train.info, p.device)
-    t0, c0 = time.perf_counter(), time.process_time()
+    clock = Clock(p.device)
     rep = run_attacks(target, p.splits, specs, threat=threats,
                       progress=progress)
-    attacked = {**rep.to_dict(), "seconds": time.perf_counter() - t0}
-    if p.device.type == "cpu":  # the process's CPU seconds, all threads (a GPU's cost is not)
-        attacked["cpu_seconds"] = time.process_time() - c0
+    attacked = {**rep.to_dict(), **clock.times()}  # seconds; cpu_seconds on a CPU
     saved = _save_attack_decoder(run_dir, rep)
     if saved is not None:
         attacked["saved_decoder"] = saved
