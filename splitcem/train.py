@@ -340,10 +340,7 @@ class Trainer:
         correct = done.get("correct", zero).to(self.device).clone()
         extra_sums: dict[str, Tensor] = dict(done.get("extra_sums", {}))
         seen = int(done.get("seen", 0))
-        carried = float(done.get("train_seconds", 0.0))
-        # None: resumed from a checkpoint within the epoch that did not count CPU seconds
-        carried_cpu = float(done["cpu_seconds"]) if done.get("cpu_seconds") is not None else \
-            None if done else 0.0
+        carried, carried_cpu = _carried(done)
         t0, c0 = time.perf_counter(), time.process_time()
         bar = progress_bar(self.loader, progress=self.progress, leave=False, initial=start,
                            total=len(self.loader),
@@ -429,11 +426,10 @@ class Trainer:
                  self.device, self.numerics.describe(), self.numerics.reason)
         while self.epoch < self.cfg.epochs:
             # an epoch resumed mid-way counts the seconds its earlier process trained it
-            t_epoch = time.perf_counter() - float((self._in_epoch or {}).get("train_seconds", 0))
-            cpu_before = (self._in_epoch or {"cpu_seconds": 0.0}).get("cpu_seconds")
-            c_epoch = time.process_time() - float(cpu_before or 0.0)
-            # a CPU's own cost, where the whole epoch's is known (a checkpoint within it from
-            # before splitcem counted CPU seconds carries only wall seconds)
+            wall_before, cpu_before = _carried(self._in_epoch)
+            t_epoch = time.perf_counter() - wall_before
+            c_epoch = time.process_time() - (cpu_before or 0.0)
+            # a CPU's own cost, where the whole epoch's is known
             cpu_known = self.device.type == "cpu" and cpu_before is not None
             record = self.train_epoch()
             last = self.epoch + 1 == self.cfg.epochs
@@ -469,6 +465,16 @@ class Trainer:
             checkpoint=self.checkpoint_path,
             numerics=self.numerics.to_dict(),
         )
+
+
+def _carried(in_epoch: dict[str, Any] | None) -> tuple[float, float | None]:
+    """(wall, CPU) seconds an epoch resumed from a checkpoint within it had trained before
+    (both 0 for an epoch from its start); CPU None where that checkpoint, written before
+    splitcem counted CPU seconds, carries wall seconds only."""
+    if not in_epoch:
+        return 0.0, 0.0
+    cpu = in_epoch.get("cpu_seconds")
+    return float(in_epoch.get("train_seconds", 0.0)), None if cpu is None else float(cpu)
 
 
 def _epoch_wall(record: dict[str, Any]) -> float:

@@ -168,12 +168,11 @@ class TrialState:
     epoch_cost: float | None = None
 
 
-def _core_seconds(part: dict[str, Any] | None, threads: int) -> float:
+def _core_seconds(seconds: float | None, cpu_seconds: float | None, threads: int) -> float:
     """A phase's core-seconds: the CPU seconds it recorded, else its seconds x threads."""
-    part = part or {}
-    if part.get("cpu_seconds") is not None:
-        return float(part["cpu_seconds"])
-    return float(part.get("seconds") or 0.0) * threads
+    if cpu_seconds is not None:
+        return float(cpu_seconds)
+    return float(seconds or 0.0) * threads
 
 
 def run_cost(rec: RunRecord) -> tuple[float, float]:
@@ -182,7 +181,9 @@ def run_cost(rec: RunRecord) -> tuple[float, float]:
     times the threads it ran with."""
     m = rec.metrics
     threads = (m.get("numerics") or {}).get("threads") or rec.trial.get("threads") or 1
-    return _core_seconds(m.get("train"), threads), _core_seconds(m.get("attacks"), threads)
+    train, attack = m.get("train") or {}, m.get("attacks") or {}
+    return (_core_seconds(train.get("seconds"), train.get("cpu_seconds"), threads),
+            _core_seconds(attack.get("seconds"), attack.get("cpu_seconds"), threads))
 
 
 def _kind(trial: Trial) -> tuple[str, bool]:
@@ -332,11 +333,10 @@ def _state(t: Trial, rec: RunRecord, records: Sequence[RunRecord],
         part = prog["batch"] / prog["batches"] if prog.get("batches") else 0.0
         threads = rec.trial.get("threads") or 1
         if prog.get("epoch_seconds"):  # the last whole epoch
-            per_epoch = _core_seconds({"seconds": prog["epoch_seconds"],
-                                       "cpu_seconds": prog.get("epoch_cpu_seconds")}, threads)
+            per_epoch = _core_seconds(prog["epoch_seconds"], prog.get("epoch_cpu_seconds"),
+                                      threads)
         elif part:  # the share of the first epoch done
-            per_epoch = _core_seconds({"seconds": prog["seconds"],
-                                       "cpu_seconds": prog.get("cpu_seconds")}, threads) / part
+            per_epoch = _core_seconds(prog["seconds"], prog.get("cpu_seconds"), threads) / part
         if per_epoch is not None:
             left = max(prog["of"] - prog["epoch"] - part, 0) * per_epoch
         done = ", ".join(n for n in (

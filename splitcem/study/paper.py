@@ -314,7 +314,7 @@ def _defense_panels(g: _Grouped, keyed: Sequence[tuple[tuple[str, Any, float], d
     series per CEM lambda over the strengths it ran at, labelled with its matched gain
     against its own curve where it ran at one strength (the table's ``matched vs own
     curve``)."""
-    verdict = {key: row for key, row in keyed}
+    verdict = dict(keyed)
     cem: dict[str, dict[float, dict[Any, list[FrontierRun]]]] = defaultdict(
         lambda: defaultdict(dict))
     for (curve, val, lam), rs in g.cem.items():
