@@ -381,6 +381,31 @@ def test_groups_compare_the_numeric_path_that_ran_not_the_setting(monkeypatch, r
     assert len(odd) == 2 and any("train.amp=false" in g for g in odd)
 
 
+def test_a_group_label_names_what_varies_with_its_differences_not_only_the_differences():
+    """A context that differs from the main one only in ``model.bottleneck_stride`` sits
+    beside one that differs in the stride and the channel count: its label names its
+    channel count too (the default, 8), so the two read as two bottleneck widths. A
+    context differing in an unrelated key names that key alone."""
+    from pathlib import Path
+
+    from splitcem.config import load_config
+    from splitcem.study.groups import FrontierRun, group_runs
+
+    def run(name, model=None, epochs=1):
+        cfg = load_config({"name": name, "seed": 0, "model": model or {},
+                           "train": {"epochs": epochs},
+                           "defenses": [{"name": "noise", "sigma": 0.1}]})
+        return FrontierRun(Path(name), cfg, {})
+
+    runs = [run("a"), run("b"), run("wide", {"bottleneck_channels": 16, "bottleneck_stride": 2}),
+            run("narrow", {"bottleneck_stride": 2}), run("long", epochs=3)]
+    labels = {r.name: g for g, rs in group_runs(runs).items() for r in rs}
+    assert labels["a"] == labels["b"] == "noise"
+    assert labels["wide"] == "noise [model.bottleneck_channels=16, model.bottleneck_stride=2]"
+    assert labels["narrow"] == "noise [model.bottleneck_channels=8, model.bottleneck_stride=2]"
+    assert labels["long"] == "noise [train.epochs=3]"
+
+
 def test_a_setting_is_compared_only_with_baseline_runs_attacked_as_it_was():
     """Worst-case MSEs of two attack suites are not one scale: CEM runs attacked by suite B
     are compared with the noise runs attacked by B (their own group), never with suite A's

@@ -195,7 +195,10 @@ def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:
     """Set each run's family, strength, context and group label; return runs by group.
 
     Runs in the most common context get the family as their label; the others add what
-    differs from it, e.g. ``noise [model.bottleneck_channels=4]``.
+    differs from it, and the settings that vary with those in other contexts, e.g.
+    ``noise [model.bottleneck_channels=8, model.bottleneck_stride=2]`` beside
+    ``noise [model.bottleneck_channels=16, model.bottleneck_stride=2]`` (8 is the
+    default).
     """
     contexts: dict[str, dict[str, Any]] = {}
     counts: dict[str, int] = defaultdict(int)
@@ -215,18 +218,30 @@ def group_runs(runs: list[FrontierRun]) -> dict[str, list[FrontierRun]]:
     other = sorted({attacks(f) for f in contexts.values()} - {attacks(main)})
     suite = {a: "other attacks" + (f" {i}" if len(other) > 1 else "")
              for i, a in enumerate(other, 1)}
+    # a key differs if both have it and disagree (a CEM family's context has CEM's
+    # settings, the others have none: that absence is not a difference)
+    diffs = {c: frozenset(k for k in f if k in main and f[k] != main[k]
+                          and not k.startswith("attack.")) for c, f in contexts.items()}
     groups: dict[str, list[FrontierRun]] = defaultdict(list)
     for r in runs:
         flat = contexts[r.context]
-        # a key differs if both have it and disagree (a CEM family's context has CEM's
-        # settings, the others have none: that absence is not a difference)
-        diff = sorted(k for k in flat if k in main and flat[k] != main[k])
-        parts = [f"{k}={_short(flat[k])}" for k in diff if not k.startswith("attack.")]
+        parts = [f"{k}={_short(flat[k])}" for k in _shown(diffs[r.context], diffs, flat)]
         if attacks(flat) in suite:
             parts.append(suite[attacks(flat)])
         r.group = r.family + (f" [{', '.join(parts)}]" if parts else "")
         groups[r.group].append(r)
     return dict(groups)
+
+
+def _shown(own: frozenset[str], diffs: dict[str, frozenset[str]], flat: dict[str, Any]
+           ) -> list[str]:
+    """The keys a context's label names: those it differs in from the main context, and
+    those that vary with them elsewhere. A context that differs only in
+    ``model.bottleneck_stride`` beside one that differs in it and in
+    ``model.bottleneck_channels`` names both, so its label says its channel count too
+    rather than leave the reader to know the default."""
+    linked = set(own).union(*(d for d in diffs.values() if d & own))
+    return sorted(k for k in linked if k in flat)
 
 
 def seed_cells(runs: Sequence[FrontierRun], metric: str = "mse"
