@@ -217,9 +217,9 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
     trials = with_earlier_rounds(first, out, device=device, adopt=records)
     states = list_trials(trials, out, records=records, device=device)
     if any(s.state == "running" for s in states):  # a live sweep: the round it has queued
-        have = {t.name for t in trials}
-        later = [t for t in with_earlier_rounds(first, out, device=device, adopt=records,
-                                                queued=queued(out)) if t.name not in have]
+        # from the trials found above, so only the queued names are looked up again
+        later = with_earlier_rounds(trials, out, device=device, adopt=records,
+                                    queued=queued(out))[len(trials):]
         for s in (more := list_trials(later, out, records=records, device=device)):
             s.note = s.note or "queued by the sweep running here"
         trials, states = [*trials, *later], [*states, *more]

@@ -352,7 +352,11 @@ def curve_rows(runs: Sequence[FrontierRun], *, level: float = 0.95) -> list[dict
     baseline, and the cut layer, which is no defense, left out): seed means and spreads and
     the point's matched gain against the noise-only curve of its context (at ``level``);
     by defense and curve, then accuracy from high to low."""
-    g = _group(runs)
+    return _curve_rows(_group(runs), level)
+
+
+def _curve_rows(g: _Grouped, level: float) -> list[dict[str, Any]]:
+    """:func:`curve_rows` of grouped runs."""
     rows: list[tuple[str, str, float, dict[str, Any]]] = []
     for curve, cells in g.own.items():
         name, skey = g.labels[curve]
@@ -374,7 +378,11 @@ def curve_table(runs: Sequence[FrontierRun], *, level: float = 0.95
                 ) -> tuple[str, list[dict[str, Any]]]:
     """Every defense's curve without CEM against noise alone (markdown) and its rows
     (:func:`curve_rows`, at ``level``)."""
-    rows = curve_rows(runs, level=level)
+    return _curve_table(_curve_rows(_group(runs), level))
+
+
+def _curve_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """:func:`curve_table` of :func:`curve_rows`."""
     header = ["defense", "seeds", "accuracy %", "worst-case MSE", "SSIM", "PSNR",
               "matched vs noise", "note"]
     cells = [[w["defense"], str(w["seeds"]),
@@ -382,7 +390,8 @@ def curve_table(runs: Sequence[FrontierRun], *, level: float = 0.95
               _with_sd(w["mse"], w["mse_sd"], ".4f"), f"{w['ssim']:.3f}", f"{w['psnr']:.2f}",
               _matched(w["vs_noise"]), "exploratory (1 seed)" if w["exploratory"] else ""]
              for w in rows]
-    return markdown_table(header, cells), rows
+    return markdown_table(header, cells), list(rows)
+
 
 def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
                 title: str = "Defenses without and with CEM", failed: Sequence[str] = ()
@@ -401,7 +410,7 @@ def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
     keyed = _keyed_rows(g, level)
     rows = [row for _, row in keyed]
     table = _table(rows)
-    curves, crows = curve_table(runs, level=level)
+    curves, crows = _curve_table(_curve_rows(g, level))
     panels = _defense_panels(g, keyed)
     where = ", ".join(str(d) for d in dirs)
     text = [f"# {title}", "",
