@@ -378,11 +378,12 @@ def curve_table(runs: Sequence[FrontierRun], *, level: float = 0.95
                 ) -> tuple[str, list[dict[str, Any]]]:
     """Every defense's curve without CEM against noise alone (markdown) and its rows
     (:func:`curve_rows`, at ``level``)."""
-    return _curve_table(_curve_rows(_group(runs), level))
+    rows = curve_rows(runs, level=level)
+    return _curve_markdown(rows), rows
 
 
-def _curve_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """:func:`curve_table` of :func:`curve_rows`."""
+def _curve_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """:func:`curve_table`'s markdown of :func:`curve_rows`."""
     header = ["defense", "seeds", "accuracy %", "worst-case MSE", "SSIM", "PSNR",
               "matched vs noise", "note"]
     cells = [[w["defense"], str(w["seeds"]),
@@ -390,7 +391,7 @@ def _curve_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[dict[str, An
               _with_sd(w["mse"], w["mse_sd"], ".4f"), f"{w['ssim']:.3f}", f"{w['psnr']:.2f}",
               _matched(w["vs_noise"]), "exploratory (1 seed)" if w["exploratory"] else ""]
              for w in rows]
-    return markdown_table(header, cells), list(rows)
+    return markdown_table(header, cells)
 
 
 def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
@@ -410,7 +411,8 @@ def write_paper(dirs: Sequence[str | Path], out: str | Path, *, looks: int = 1,
     keyed = _keyed_rows(g, level)
     rows = [row for _, row in keyed]
     table = _table(rows)
-    curves, crows = _curve_table(_curve_rows(g, level))
+    crows = _curve_rows(g, level)
+    curves = _curve_markdown(crows)
     panels = _defense_panels(g, keyed)
     where = ", ".join(str(d) for d in dirs)
     text = [f"# {title}", "",
