@@ -408,11 +408,14 @@ def test_a_round_trial_killed_before_it_finished_is_listed_and_resumed_first(tmp
     assert fake_trials[n] == first.name, fake_trials[n:]
 
 
-def test_list_shows_the_round_a_live_sweep_has_queued(tmp_path, fake_trials, monkeypatch):
+def test_list_shows_the_round_a_live_sweep_has_queued(tmp_path, fake_trials, monkeypatch,
+                                                     caplog):
     """A live sweep writes the round it plans into its index before the round's trials
     start: while one of them runs here, ``--list`` shows the others as pending, queued, and
-    plans the next round with them as busy; once no trial runs, the index is stale and they
-    are not listed (the round is planned again when the sweep restarts)."""
+    plans the next round with them as busy; once its process is gone, ``--list`` still shows
+    them (queued by the sweep that stopped), and the restarted sweep runs the round where it
+    stopped, the started trial first, then the others in their planned order, before it plans
+    a round of its own (none of them is planned again)."""
     import os
     import socket
 
@@ -435,9 +438,10 @@ def test_list_shows_the_round_a_live_sweep_has_queued(tmp_path, fake_trials, mon
                          "host": socket.gethostname()})
         raise Killed
 
+    fake = engine.run_trial
     monkeypatch.setattr(engine, "run_trial", starts_then_dies)
-    with pytest.raises(Killed):
-        engine.run_trials(new, out, engine=LOOP)
+    with pytest.raises(Killed):  # under the sweep's name, as run_grid runs its rounds
+        engine.run_trials(new, out, name="tiny", engine=LOOP)
     states, text = list_sweep(load_sweep(spec), out)
     by_name = {s.name: s for s in states}
     assert by_name[new[0].name].state == "running", by_name[new[0].name]
@@ -452,7 +456,22 @@ def test_list_shows_the_round_a_live_sweep_has_queued(tmp_path, fake_trials, mon
     RunRecord.load(out / new[0].name).write_trial({"status": "running", "pid": -1,
                                                   "host": socket.gethostname()})
     states, _ = list_sweep(load_sweep(spec), out)
-    assert not {t.name for t in new[1:]} & {s.name for s in states}, states
+    by_name = {s.name: s for s in states}
+    for t in new[1:]:
+        assert (by_name[t.name].state, by_name[t.name].note) == \
+            ("pending", "queued by the sweep that stopped (it runs them first when "
+                        "restarted)"), by_name.get(t.name)
+
+    monkeypatch.setattr(engine, "run_trial", fake)
+    n = len(fake_trials)
+    with caplog.at_level("INFO", logger="splitcem.study.adaptive"):
+        engine.run_grid(spec, out=out, engine=LOOP)
+    assert fake_trials[n:n + len(new)] == [t.name for t in new], fake_trials[n:]
+    rounds = [r.getMessage() for r in caplog.records if "seeds until decided, round" in
+              r.getMessage()]
+    assert not [m for m in rounds if any(t.name in m for t in new)], rounds
+    # an index another sweep wrote is not this sweep's queue
+    assert engine.queued(out, sweep="another") == [] and engine.queued(out, sweep="tiny") == []
 
 
 @pytest.mark.parametrize("sigmas", [(0.1, 0.2, 0.3), (0.2, 0.3)])

@@ -82,9 +82,10 @@ def with_earlier_rounds(trials: Sequence[Trial], out: Path, *, device: str | Non
     the sweep copies instead of training (so a fresh ``--out`` that adopts an earlier sweep's
     runs starts where that sweep stood); and a trial a sweep started in ``out`` for a
     setting's config at another seed but did not finish (killed mid-round: it resumes, and
-    ``--list`` shows it); and one named in ``queued`` (a live sweep's round planned but not
-    started: :func:`splitcem.study.trials.queued`, which only ``--list`` passes). What a
-    sweep runs, lists and plans from."""
+    ``--list`` shows it); and one named in ``queued`` (the round the last sweep into ``out``
+    planned and had not started: :func:`splitcem.study.trials.queued`; a restarted sweep runs
+    it, ``--list`` shows it), those last, in their queued order. What a sweep runs, lists
+    and plans from."""
     have = {t.name for t in trials}
     found: list[Trial] = list(trials)
     if not adaptive(trials):
@@ -105,7 +106,9 @@ def with_earlier_rounds(trials: Sequence[Trial], out: Path, *, device: str | Non
                     or _finished_in(adopt, extra.cfg, device=device) is not None:
                 found.append(extra)
                 have.add(extra.name)
-    return found
+    order = {n: i for i, n in enumerate(queued)}  # the rest keep their place, before these
+    return [*found[:len(trials)],
+            *sorted(found[len(trials):], key=lambda t: order.get(t.name, -1))]
 
 
 def finished_cells(trials: Sequence[Trial], out: Path, *, device: str | None = None,
@@ -225,19 +228,22 @@ def run_until_decided(trials: Sequence[Trial], out: Path,
                                     GridResult], *,
                       device: str | None = None, baseline: str | None = None,
                       per_round: int | None = None,
-                      adopt: Sequence[RunRecord] = ()) -> GridResult:
+                      adopt: Sequence[RunRecord] = (),
+                      queued: Collection[str] = ()) -> GridResult:
     """Run ``trials`` (``run(trials, refill)``: the engine, e.g.
     :func:`splitcem.study.trials.run_trials` bound to its options; returns a
     :class:`~splitcem.study.trials.GridResult`), then add seeds in rounds until every
     adaptive setting is decided or at its ``max``; ``per_round`` caps the settings each
     round grows (:func:`plan_round`); ``adopt``: the runs of the engine's ``--adopt``
-    folders (a seed an earlier sweep added there joins this one, and ``run`` copies it).
+    folders (a seed an earlier sweep added there joins this one, and ``run`` copies it);
+    ``queued``: the round a stopped sweep into ``out`` planned and had not started
+    (:func:`splitcem.study.trials.queued`), which runs before any new round is planned.
 
     A round is planned as soon as a slot of the engine is free and nothing is queued (the
     engine calls ``refill``), not only once every trial has ended: the settings whose runs
     are still running wait for a later round (``busy``), the others are planned from the
     runs finished so far, so a round's last trial does not leave the other cores idle."""
-    todo = with_earlier_rounds(trials, out, device=device, adopt=adopt)
+    todo = with_earlier_rounds(trials, out, device=device, adopt=adopt, queued=queued)
     tried = {t.name for t in todo}
     rounds = 0
 

@@ -13,11 +13,11 @@ through the run record and gives each trial one state:
   host; another host's claim is shown as pending with that host named, since it cannot be
   checked from here);
 * ``pending``: anything else (not started, interrupted, trained here but not attacked, or
-  adoptable as *trained* only: in those two cases only its attacks are left; or, while a
-  trial runs here, queued by that sweep: a round it planned whose trials have not
-  started). A run made for it on another numeric path (``amp: auto`` resolved otherwise
-  where it ran) is named in its note, and the listing ends with the ``--amp`` that would
-  keep that path.
+  adoptable as *trained* only: in those two cases only its attacks are left; or queued by
+  the last sweep into the folder: a round it planned whose trials have not started, which
+  it runs next, or, stopped, first when it restarts). A run made for it on another numeric
+  path (``amp: auto`` resolved otherwise where it ran) is named in its note, and the
+  listing ends with the ``--amp`` that would keep that path.
 
 The cost of a finished run is what it recorded: ``metrics.json``'s training core-seconds plus
 its attacks'. A run on a CPU records each phase's ``cpu_seconds``, its process's CPU time over
@@ -205,10 +205,10 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
                device: str | None = None) -> tuple[list[TrialState], str]:
     """What running ``spec`` into ``out`` would do: the state of each of its trials and of
     the seeds earlier rounds added (:func:`~splitcem.study.adaptive.with_earlier_rounds`),
-    and the listing's text; nothing is run or written. While one of its trials runs here,
-    the trials the live sweep has queued but not started (its index,
-    :func:`~splitcem.study.trials.queued`) are listed too, pending. With seeds until
-    decided, the text ends with what the next round would add
+    and the listing's text; nothing is run or written. The trials the last sweep into
+    ``out`` queued but did not start (its index, :func:`~splitcem.study.trials.queued`) are
+    listed too, pending: a live sweep runs them next, a stopped one when it restarts. With
+    seeds until decided, the text ends with what the next round would add
     (:func:`~splitcem.study.adaptive.plan_round`: its notes, one per setting), planned from
     the runs finished so far here or in ``adopt`` (a fresh ``out`` that adopts an earlier
     sweep's runs plans as that sweep would)."""
@@ -216,13 +216,16 @@ def list_sweep(spec: SweepSpec, out: Path, *, adopt: Sequence[str | Path] = (),
     records = [r for d in adopt if Path(d).is_dir() for r in RunRecord.find([d])]
     trials = with_earlier_rounds(first, out, device=device, adopt=records)
     states = list_trials(trials, out, records=records, device=device)
-    if any(s.state == "running" for s in states):  # a live sweep: the round it has queued
-        # from the trials found above, so only the queued names are looked up again
-        later = with_earlier_rounds(trials, out, device=device, adopt=records,
-                                    queued=queued(out))[len(trials):]
-        for s in (more := list_trials(later, out, records=records, device=device)):
-            s.note = s.note or "queued by the sweep running here"
-        trials, states = [*trials, *later], [*states, *more]
+    # the round the last sweep planned and had not started: a live one runs it next, a
+    # stopped one when it restarts; from the trials found above, so only the queued names
+    # are looked up again
+    later = with_earlier_rounds(trials, out, device=device, adopt=records,
+                                queued=queued(out, sweep=spec.name))[len(trials):]
+    by = "the sweep running here" if any(s.state == "running" for s in states) else \
+        "the sweep that stopped (it runs them first when restarted)"
+    for s in (more := list_trials(later, out, records=records, device=device)):
+        s.note = s.note or f"queued by {by}"
+    trials, states = [*trials, *later], [*states, *more]
     text = format_listing(states)
     if found := {s.name: s.other for s in states if s.other is not None}:
         text += "\n" + pin_advice(trials, found, device=device)

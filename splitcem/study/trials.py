@@ -458,8 +458,11 @@ def run_grid(
 
     if adaptive(trials):  # seeds: {min, max, until: decided}: rounds of more seeds
         adopted = [r for d in eng.adopt if d.is_dir() for r in RunRecord.find([d])]
+        # the round a stopped sweep planned and had not started runs first, in its order,
+        # read before this sweep writes its own index over it
         return run_until_decided(trials, out_dir, run, device=eng.device,
-                                 per_round=spec.per_round, adopt=adopted)
+                                 per_round=spec.per_round, adopt=adopted,
+                                 queued=queued(out_dir, sweep=spec.name))
     return run(trials)
 
 
@@ -474,13 +477,17 @@ def _write_index(out: Path, name: str, source: str, trials: list[Trial],
     write_json(out / INDEX_FILE, {"sweep": name, "source": source, "trials": rows})
 
 
-def queued(out: str | Path) -> list[str]:
+def queued(out: str | Path, *, sweep: str | None = None) -> list[str]:
     """The trials the last sweep into ``out`` planned and had not finished when it last wrote
     its index (``trials.json``: a round's trials are written there when they are planned,
-    before any of them starts), in its order; ``[]`` without a readable index. Whether that
-    sweep still runs is the caller's question (:mod:`splitcem.study.listing` asks whether
-    one of its trials is running here)."""
-    rows = (read_json_object(Path(out) / INDEX_FILE) or {}).get("trials")
+    before any of them starts), in its order; ``[]`` without a readable index, or (``sweep``
+    given) when that index is another sweep's. A restarted sweep runs them before it plans
+    anything new (:func:`run_grid`), as it would have had it not stopped; ``--list`` shows
+    them (:mod:`splitcem.study.listing`)."""
+    index = read_json_object(Path(out) / INDEX_FILE) or {}
+    if sweep is not None and index.get("sweep") != sweep:
+        return []
+    rows = index.get("trials")
     if not isinstance(rows, list):
         return []
     return [r["name"] for r in rows if isinstance(r, dict) and r.get("status") == "pending"
