@@ -462,6 +462,10 @@ def test_list_shows_the_round_a_live_sweep_has_queued(tmp_path, fake_trials, mon
             ("pending", "queued by the sweep that stopped (it runs them first when "
                         "restarted)"), by_name.get(t.name)
 
+    # the stopped round is this sweep's queue; an index another sweep wrote is not
+    assert engine.queued(out, sweep="tiny") == [t.name for t in new]
+    assert engine.queued(out, sweep="another") == []
+
     monkeypatch.setattr(engine, "run_trial", fake)
     n = len(fake_trials)
     with caplog.at_level("INFO", logger="splitcem.study.adaptive"):
@@ -470,8 +474,7 @@ def test_list_shows_the_round_a_live_sweep_has_queued(tmp_path, fake_trials, mon
     rounds = [r.getMessage() for r in caplog.records if "seeds until decided, round" in
               r.getMessage()]
     assert not [m for m in rounds if any(t.name in m for t in new)], rounds
-    # an index another sweep wrote is not this sweep's queue
-    assert engine.queued(out, sweep="another") == [] and engine.queued(out, sweep="tiny") == []
+    assert engine.queued(out, sweep="tiny") == []  # the sweep ended with nothing queued
 
 
 @pytest.mark.parametrize("sigmas", [(0.1, 0.2, 0.3), (0.2, 0.3)])
